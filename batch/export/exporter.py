@@ -1,0 +1,92 @@
+"""`vlbatch export`: stream a Hugging Face InternVL folder into the CPU layout, one graph at a time.
+
+Out folder: vit.onnx, llm_layer_NN.onnx (one per decoder layer), post.onnx, embed_tokens.npy,
+manifest.json (written last: its presence marks a complete export), and copies of the config and
+tokenizer files, so the folder is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from batch.checkpoint import Checkpoint
+from batch.export.graphs import decoder_layer_graph, post_graph, vit_graph
+
+MANIFEST = "manifest.json"
+FORMAT = "vlbatch-onnx"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK = 128
+DEFAULT_KV_CAPACITY = 4096
+# graphs above this size keep their weights in a side file (protobuf caps a file at 2 GB)
+_EXTERNAL_DATA_BYTES = 256 * 1024 * 1024
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.json",
+)
+
+
+def export(
+    hf_dir: Path,
+    out_dir: Path,
+    kv_capacity: int = DEFAULT_KV_CAPACITY,
+    chunk: int = DEFAULT_CHUNK,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export `hf_dir` into `out_dir`; returns the manifest path."""
+    ckpt = Checkpoint(hf_dir)
+    ckpt.check_complete()
+    spec = ckpt.spec
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    step = progress or (lambda _msg: None)
+
+    step("vit")
+    _save(vit_graph(spec, ckpt.tensor), out_dir / "vit.onnx")
+    layers = []
+    for i in range(spec.text.num_layers):
+        step(f"layer {i + 1}/{spec.text.num_layers}")
+        name = f"llm_layer_{i:02d}.onnx"
+        _save(decoder_layer_graph(spec, i, ckpt.tensor), out_dir / name)
+        layers.append(name)
+    step("post")
+    _save(post_graph(spec, ckpt.tensor), out_dir / "post.onnx")
+    step("embeddings")
+    np.save(out_dir / "embed_tokens.npy", ckpt.tensor("language_model.model.embed_tokens.weight"))
+
+    for name in TOKENIZER_FILES + ("config.json",):
+        if (Path(hf_dir) / name).is_file():
+            shutil.copyfile(Path(hf_dir) / name, out_dir / name)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "source_layout": ckpt.layout,
+        "prefill_chunk": chunk,
+        "kv_capacity": min(kv_capacity, spec.text.max_position_embeddings),
+        "files": {"vit": "vit.onnx", "layers": layers, "post": "post.onnx", "embed": "embed_tokens.npy"},
+    }
+    path = out_dir / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if model.ByteSize() > _EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    else:
+        onnx.save_model(model, path)

@@ -1,0 +1,160 @@
+"""The three ONNX graphs of the CPU layout: ViT+projector, one decoder layer, and the post (norm + lm_head).
+
+They mirror the NPU files' contract (see README, "Model files"): a decoder layer takes the K/V history
+rows, the positions (`indices`), the chunk's hidden states (`input`) and an additive `mask` over
+history + chunk, and returns the chunk's new K/V rows and hidden states. On the CPU all lengths are
+dynamic and activations are float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from batch.errors import ModelFolderError
+from batch.export.onnx_builder import GraphBuilder
+from batch.modelspec import ModelSpec
+
+Weights = Callable[[str], np.ndarray]
+
+LAYER_INPUTS = ("K_cache", "V_cache", "indices", "input", "mask")
+LAYER_OUTPUTS = ("K_out", "V_out", "output")
+
+
+def _norm(g: GraphBuilder, x: str, prefix: str, w: Weights, kind: str, eps: float) -> str:
+    if kind == "rms_norm":
+        return g.rms_norm(x, prefix, w(prefix + ".weight"), eps)
+    return g.layer_norm(x, prefix, w(prefix + ".weight"), w(prefix + ".bias"), eps)
+
+
+def vit_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
+    """image (N, 3, S, S) float32 -> features (N, tokens_per_tile, llm_hidden) float32."""
+    v = spec.vision
+    if v.qk_normalization:
+        raise ModelFolderError("vision towers with qk_normalization (InternViT-6B) are not supported")
+    c, heads = v.hidden_size, v.num_heads
+    d = c // heads
+    g = GraphBuilder("internvl_vit")
+    image = g.input("image", np.float32, ["tiles", 3, v.image_size, v.image_size])
+
+    e = "vision_model.embeddings."
+    patches = g.op(
+        "Conv",
+        [
+            image,
+            g.weight(e + "patch.w", w(e + "patch_embedding.weight")),
+            g.weight(e + "patch.b", w(e + "patch_embedding.bias")),
+        ],
+        kernel_shape=[v.patch_size, v.patch_size],
+        strides=[v.patch_size, v.patch_size],
+    )  # (N, C, grid, grid)
+    patches = g.transpose(g.reshape(patches, [0, c, -1]), [0, 2, 1])  # (N, grid*grid, C)
+    batch = g.op("Slice", [g.op("Shape", [image]), g.const([0]), g.const([1])])
+    cls = g.op(
+        "Expand",
+        [g.weight(e + "cls", w(e + "class_embedding")), g.op("Concat", [batch, g.const([1, c])], axis=0)],
+    )
+    x = g.op("Concat", [cls, patches], axis=1)
+    x = g.op("Add", [x, g.weight(e + "pos", w(e + "position_embedding"))])  # (N, T, C)
+
+    for i in range(v.num_layers):
+        p = f"vision_model.encoder.layers.{i}."
+        h = _norm(g, x, p + "norm1", w, v.norm_type, v.layer_norm_eps)
+        qkv_b = w(p + "attn.qkv.bias") if v.qkv_bias else None
+        qkv = g.linear(h, p + "attn.qkv", w(p + "attn.qkv.weight"), qkv_b)
+        qkv = g.transpose(g.reshape(qkv, [0, 0, 3, heads, d]), [2, 0, 3, 1, 4])  # (3, N, heads, T, d)
+        q, k, val = (g.op("Squeeze", [t, g.const([0])]) for t in g.ops("Split", [qkv], 3, axis=0))
+        scores = g.op("MatMul", [q, g.transpose(k, [0, 1, 3, 2])])
+        scores = g.op("Mul", [scores, g.const(d**-0.5, np.float32)])
+        attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), val])  # (N, heads, T, d)
+        attn = g.reshape(g.transpose(attn, [0, 2, 1, 3]), [0, 0, c])
+        attn = g.linear(attn, p + "attn.proj", w(p + "attn.proj.weight"), w(p + "attn.proj.bias"))
+        x = g.op("Add", [x, g.op("Mul", [attn, g.weight(p + "ls1", w(p + "ls1"))])])
+        h = _norm(g, x, p + "norm2", w, v.norm_type, v.layer_norm_eps)
+        h = g.gelu(g.linear(h, p + "mlp.fc1", w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias")))
+        h = g.linear(h, p + "mlp.fc2", w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"))
+        x = g.op("Add", [x, g.op("Mul", [h, g.weight(p + "ls2", w(p + "ls2"))])])
+
+    # drop the class token, then pixel-shuffle 2x2 neighbours into channels (InternVL ps_version v2)
+    grid, r = v.grid, int(round(1 / spec.downsample_ratio))
+    x = g.op("Slice", [x, g.const([1]), g.const([2**62]), g.const([1])])
+    x = g.reshape(x, [-1, grid, grid // r, c * r])  # (N, grid, grid/r, C*r)
+    x = g.transpose(x, [0, 2, 1, 3])
+    x = g.reshape(x, [-1, grid // r, grid // r, c * r * r])
+    x = g.transpose(x, [0, 2, 1, 3])
+    x = g.reshape(x, [-1, (grid // r) ** 2, c * r * r])  # (N, tokens_per_tile, C*r*r)
+
+    x = g.layer_norm(x, "mlp1.0", w("mlp1.0.weight"), w("mlp1.0.bias"), 1e-5)  # nn.LayerNorm default eps
+    x = g.gelu(g.linear(x, "mlp1.1", w("mlp1.1.weight"), w("mlp1.1.bias")))
+    x = g.linear(x, "mlp1.3", w("mlp1.3.weight"), w("mlp1.3.bias"))
+    g.output(x, "features", np.float32, ["tiles", spec.image_tokens_per_tile, spec.text.hidden_size])
+    return g.build()
+
+
+def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelProto:
+    """One Qwen2 decoder layer over a chunk of S new tokens with P history rows (both dynamic)."""
+    t = spec.text
+    hid, nh, nkv, d = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
+    group = nh // nkv
+    p = f"language_model.model.layers.{layer}."
+    g = GraphBuilder(f"qwen2_layer_{layer}")
+    k_hist = g.input("K_cache", np.float32, [1, "history", t.kv_dim])
+    v_hist = g.input("V_cache", np.float32, [1, "history", t.kv_dim])
+    indices = g.input("indices", np.uint32, [1, "chunk"])
+    x = g.input("input", np.float32, [1, "chunk", hid])
+    mask = g.input("mask", np.float32, [1, "chunk", "total"])
+
+    # rotary tables from the positions: (1, S, 1, d), broadcast over heads
+    inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv_freq = (inv_freq / t.rope_scaling_factor).astype(np.float32)
+    pos = g.op("Unsqueeze", [g.op("Cast", [indices], to=onnx.TensorProto.FLOAT), g.const([2])])
+    freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq)])  # (1, S, d/2)
+    angles = g.op("Unsqueeze", [g.op("Concat", [freqs, freqs], axis=-1), g.const([2])])
+    cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
+
+    def rope(states: str) -> str:
+        first, second = g.ops("Split", [states], 2, axis=-1)
+        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
+        return g.op("Add", [g.op("Mul", [states, cos]), g.op("Mul", [rotated, sin])])
+
+    h = g.rms_norm(x, p + "input_layernorm", w(p + "input_layernorm.weight"), t.rms_norm_eps)
+    a = p + "self_attn."
+    q = g.linear(h, a + "q_proj", w(a + "q_proj.weight"), w(a + "q_proj.bias"))
+    k = g.linear(h, a + "k_proj", w(a + "k_proj.weight"), w(a + "k_proj.bias"))
+    v = g.linear(h, a + "v_proj", w(a + "v_proj.weight"), w(a + "v_proj.bias"))
+    q = rope(g.reshape(q, [1, -1, nh, d]))  # (1, S, nh, d)
+    k_new = g.reshape(rope(g.reshape(k, [1, -1, nkv, d])), [1, -1, t.kv_dim])  # (1, S, kv_dim)
+    g.output(k_new, "K_out", np.float32, [1, "chunk", t.kv_dim])
+    g.output(v, "V_out", np.float32, [1, "chunk", t.kv_dim])
+
+    keys = g.op("Concat", [k_hist, k_new], axis=1)  # (1, P+S, kv_dim)
+    values = g.op("Concat", [v_hist, v], axis=1)
+    q = g.transpose(g.reshape(q, [1, -1, nkv, group, d]), [0, 2, 3, 1, 4])  # (1, nkv, group, S, d)
+    keys = g.transpose(g.reshape(keys, [1, -1, nkv, 1, d]), [0, 2, 3, 4, 1])  # (1, nkv, 1, d, P+S)
+    values = g.transpose(g.reshape(values, [1, -1, nkv, 1, d]), [0, 2, 3, 1, 4])  # (1, nkv, 1, P+S, d)
+    scores = g.op("Mul", [g.op("MatMul", [q, keys]), g.const(d**-0.5, np.float32)])
+    scores = g.op("Add", [scores, g.op("Unsqueeze", [mask, g.const([1, 2])])])
+    attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), values])  # (1, nkv, group, S, d)
+    attn = g.reshape(g.transpose(attn, [0, 3, 1, 2, 4]), [1, -1, hid])
+    x = g.op("Add", [x, g.linear(attn, a + "o_proj", w(a + "o_proj.weight"))])
+
+    h = g.rms_norm(x, p + "post_attention_layernorm", w(p + "post_attention_layernorm.weight"), t.rms_norm_eps)
+    m = p + "mlp."
+    gate = g.silu(g.linear(h, m + "gate_proj", w(m + "gate_proj.weight")))
+    up = g.linear(h, m + "up_proj", w(m + "up_proj.weight"))
+    down = g.linear(g.op("Mul", [gate, up]), m + "down_proj", w(m + "down_proj.weight"))
+    g.output(g.op("Add", [x, down]), "output", np.float32, [1, "chunk", hid])
+    return g.build()
+
+
+def post_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
+    """input (1, S, hidden) -> logits (1, S, vocab): final RMSNorm and lm_head."""
+    t = spec.text
+    g = GraphBuilder("qwen2_post")
+    x = g.input("input", np.float32, [1, "chunk", t.hidden_size])
+    x = g.rms_norm(x, "norm", w("language_model.model.norm.weight"), t.rms_norm_eps)
+    head = "language_model.model.embed_tokens.weight" if t.tie_word_embeddings else "language_model.lm_head.weight"
+    g.output(g.linear(x, "lm_head", w(head)), "logits", np.float32, [1, "chunk", t.vocab_size])
+    return g.build()
