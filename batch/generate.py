@@ -1,0 +1,139 @@
+"""The generation ladder shared by every runtime: chunked prefill, one-token decode, sampling, timings."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from batch.kvcache import KVCache
+from batch.runtime.base import Backend
+from batch.sampling import make_sampler
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage of one request; ttft_ms runs from the request's start to its first token."""
+
+    preprocess_ms: float = 0.0
+    vit_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps (all but the first)
+    prompt_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        data = asdict(self)
+        data["tokens_per_s"] = self.tokens_per_s
+        return data
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    image_tokens: int
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens or a full cache)
+    timings: Timings = field(default_factory=Timings)
+    tiles: int = 0
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Step:
+    token: int
+    logits: np.ndarray  # (vocab,) float32 logits the token was drawn from
+
+
+def num_chunks(n: int, chunk: int) -> int:
+    """Chunks for n prompt tokens: ceil, so an exact multiple runs no empty chunk."""
+    return math.ceil(n / chunk)
+
+
+def prefill(backend: Backend, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
+    """Run the prompt's (S, hidden) embeddings through every layer in chunks; returns the last (1, 1, hidden)."""
+    chunk = backend.chunk_len
+    x = embeds[None, :0]
+    for c in range(num_chunks(len(embeds), chunk)):
+        start = c * chunk
+        x = embeds[None, start : start + chunk]  # (1, n, hidden)
+        for layer in range(backend.num_layers):
+            x = backend.prefill_chunk(layer, x, start, cache)
+        cache.length = start + x.shape[1]
+    return x[:, -1:]
+
+
+def decode_one_token(backend: Backend, embed: np.ndarray, cache: KVCache) -> np.ndarray:
+    """Feed one (1, 1, hidden) embedding at the cache's next position; returns next-token logits."""
+    pos = cache.length
+    x = embed
+    for layer in range(backend.num_layers):
+        x = backend.decode(layer, x, pos, cache)
+    cache.length = pos + 1
+    return backend.logits(x)
+
+
+def generate_steps(
+    backend: Backend,
+    embeddings: np.ndarray,
+    prompt_embeds: np.ndarray,
+    settings: GenerationSettings,
+    stop_ids: frozenset[int],
+    timings: Timings,
+    started: float,
+) -> Iterator[Step]:
+    """Yield sampled tokens until a stop token (unless ignore_eos), max_new_tokens or a full cache.
+
+    `started` is the request's perf_counter() start (for TTFT); `timings` is filled in as steps run.
+    """
+    sample = make_sampler(settings.temperature, settings.top_k, settings.top_p, settings.seed)
+    cache = backend.new_cache()
+    t = time.perf_counter()
+    logits = backend.logits(prefill(backend, prompt_embeds, cache))
+    token = sample(logits)
+    now = time.perf_counter()
+    timings.prefill_ms = (now - t) * 1e3
+    timings.prompt_tokens = len(prompt_embeds)
+    timings.ttft_ms = timings.preprocess_ms + (now - started) * 1e3
+    budget = min(settings.max_new_tokens, backend.kv_capacity - len(prompt_embeds) + 1)
+    produced = 1
+    while True:
+        yield Step(token, logits)
+        if (token in stop_ids and not settings.ignore_eos) or produced >= budget:
+            break
+        t = time.perf_counter()
+        logits = decode_one_token(backend, embeddings[token][None, None].astype(np.float32), cache)
+        token = sample(logits)
+        produced += 1
+        timings.decode_tokens = produced - 1
+        timings.decode_ms += (time.perf_counter() - t) * 1e3
