@@ -1,0 +1,221 @@
+"""One loaded model answering requests: media -> tiles -> prompt -> ViT -> prefill -> decode -> result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from batch.checkpoint import read_config
+from batch.detokenize import IncrementalDetokenizer
+from batch.errors import ModelFolderError, PromptTooLongError, VlbatchError
+from batch.generate import GenerationResult, GenerationSettings, Step, Timings, generate_steps
+from batch.media import MediaSettings, load_image, load_video_frames, media_kind, tile_image, to_pixel_values
+from batch.modelspec import ModelSpec
+from batch.prompt import DEFAULT_SYSTEM, END_OF_TEXT, IM_END, IMG_CONTEXT, IMG_END, IMG_START, PromptMedia, build_prompt
+from batch.runtime.axengine_backend import EMBED_FILE
+from batch.runtime.base import Backend
+from batch.runtime.select import folder_kind, open_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """A prompt ready for the model: token ids, pixel tiles and what it cost to prepare."""
+
+    ids: np.ndarray  # (S,) int64
+    pixels: np.ndarray | None  # (tiles, 3, S, S) float32
+    media: PromptMedia | None
+    preprocess_ms: float
+
+
+class Pipeline:
+    """A model loaded once: its runtime, tokenizer, embedding table and media settings."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer,
+        spec: ModelSpec,
+        embeddings: np.ndarray,
+        media: MediaSettings | None = None,
+        system: str | None = DEFAULT_SYSTEM,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.embeddings = embeddings
+        self.media = media or MediaSettings(max_tiles=spec.max_dynamic_patch, use_thumbnail=spec.use_thumbnail)
+        self.system = system
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT, IM_END) if t not in vocab]
+        if missing:
+            raise ModelFolderError(f"the tokenizer lacks the InternVL special tokens {', '.join(missing)}")
+        self.image_token = vocab[IMG_CONTEXT]
+        if spec.image_token_id not in (-1, self.image_token):
+            raise ModelFolderError(
+                f"config image_token_id {spec.image_token_id} differs from the tokenizer's {IMG_CONTEXT} "
+                f"({self.image_token})"
+            )
+        stops = {vocab[IM_END], vocab.get(END_OF_TEXT, -1), tokenizer.eos_token_id}
+        self.stop_ids = frozenset(int(t) for t in stops if t is not None and t >= 0)
+        if len(embeddings) < len(vocab):
+            raise ModelFolderError(f"embedding table has {len(embeddings)} rows, tokenizer {len(vocab)} tokens")
+
+    @classmethod
+    def open(
+        cls,
+        model_dir: Path,
+        backend: str = "auto",
+        hf_dir: Path | None = None,
+        threads: int | None = None,
+        media: MediaSettings | None = None,
+    ) -> Pipeline:
+        """Load the runtime, tokenizer and embedding table of a model folder once."""
+        model_dir = Path(model_dir)
+        kind = folder_kind(model_dir)
+        meta_dir = Path(hf_dir) if hf_dir else model_dir
+        if kind == "axengine" and hf_dir is None:
+            raise ModelFolderError(
+                f"{model_dir}: an axmodel folder needs the Hugging Face folder beside it for the config and "
+                "tokenizer (--hf-dir, or model.hf_dir in config.yaml)"
+            )
+        _, _, spec = read_config(meta_dir)
+        runtime = open_backend(model_dir, backend, threads=threads)
+        names = ("embed_tokens.npy", EMBED_FILE)
+        embed_file = next((model_dir / n for n in names if (model_dir / n).is_file()), None)
+        if embed_file is None:
+            raise ModelFolderError(f"{model_dir}: embedding table (.npy) is missing")
+        embeddings = np.load(embed_file, mmap_mode="r")
+        if embeddings.shape[1] != spec.text.hidden_size:
+            raise ModelFolderError(
+                f"{embed_file}: rows of width {embeddings.shape[1]}, "
+                f"but config.json says hidden {spec.text.hidden_size}"
+            )
+        return cls(runtime, load_tokenizer(meta_dir), spec, embeddings, media)
+
+    # request preparation ------------------------------------------------------------------------
+    def prepare(self, question: str, media: Sequence[Path] = (), settings: MediaSettings | None = None) -> Request:
+        """Decode and tile the media, build the prompt and check it fits the prefill capacity."""
+        started = time.perf_counter()
+        settings = settings or self.media
+        paths = [Path(p) for p in media]
+        kinds = [media_kind(p) for p in paths]
+        videos = [p for p, k in zip(paths, kinds, strict=True) if k == "video"]
+        if videos and len(paths) > 1:
+            raise VlbatchError(f"one video per question, without other media: {', '.join(p.name for p in paths)}")
+        capacity = self.backend.prefill_capacity
+        if videos:
+            frames = load_video_frames(videos[0], settings.video_frames)
+            tiles = [tile_image(f, 1, settings.image_size, use_thumbnail=False) for f in frames]
+            ids, prompt_media = self._encode(question, "video", tiles)
+        elif paths:
+            images = [load_image(p) for p in paths]
+            # lower the per-image tile cap until the prompt fits (the NPU's prefill holds far less than a CPU's)
+            for cap in range(settings.max_tiles, 0, -1):
+                tiles = [tile_image(im, cap, settings.image_size, settings.use_thumbnail) for im in images]
+                ids, prompt_media = self._encode(question, "image", tiles)
+                if len(ids) <= capacity:
+                    if cap < settings.max_tiles:
+                        log.info("max_tiles lowered from %d to %d so the prompt fits", settings.max_tiles, cap)
+                    break
+        else:
+            tiles = []
+            ids, prompt_media = self._encode(question, None, [])
+        if len(ids) > capacity:
+            raise PromptTooLongError(self._too_long(question, len(ids), prompt_media, capacity))
+        pixels = to_pixel_values([t for item in tiles for t in item], settings.image_size) if tiles else None
+        return Request(ids, pixels, prompt_media, (time.perf_counter() - started) * 1e3)
+
+    def _encode(self, question: str, kind, tiles: list) -> tuple[np.ndarray, PromptMedia | None]:
+        media = PromptMedia(kind, tuple(len(t) for t in tiles)) if tiles else None
+        text = build_prompt(question, media, self.spec.image_tokens_per_tile, self.system)
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64), media
+
+    def _too_long(self, question: str, n: int, media: PromptMedia | None, capacity: int) -> str:
+        text_only = len(self._encode(question, None, [])[0])
+        message = f"prompt is {n} tokens but this model prefills at most {capacity}"
+        if media is None:
+            return message + "; shorten the text"
+        per_item = (n - text_only) / len(media.tiles)
+        fit = max(0, int((capacity - text_only) // per_item))
+        what = "frames" if media.kind == "video" else "images"
+        return (
+            f"{message}: {text_only} of text and {len(media.tiles)} {what} at about {per_item:.0f} tokens each; "
+            f"{fit} {what} fit (fewer frames, fewer images or a lower max_tiles)"
+        )
+
+    # generation --------------------------------------------------------------------------------
+    def steps(self, request: Request, settings: GenerationSettings, timings: Timings) -> Iterator[Step]:
+        """Run the ViT, embed the prompt with image features in place, then yield tokens as they come."""
+        started = time.perf_counter()
+        timings.preprocess_ms = request.preprocess_ms
+        embeds = np.asarray(self.embeddings[request.ids], dtype=np.float32)  # (S, hidden)
+        if request.pixels is not None:
+            t = time.perf_counter()
+            features = self.backend.vit(request.pixels)  # (tiles, 256, hidden)
+            timings.vit_ms = (time.perf_counter() - t) * 1e3
+            slots = request.ids == self.image_token
+            embeds[slots] = features.reshape(-1, features.shape[-1])
+        return generate_steps(self.backend, self.embeddings, embeds, settings, self.stop_ids, timings, started)
+
+    def ask(
+        self,
+        question: str,
+        media: Sequence[Path] = (),
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+        media_settings: MediaSettings | None = None,
+    ) -> GenerationResult:
+        """Answer one question about zero or more images or one video; `on_text` receives the streamed text."""
+        settings = settings or GenerationSettings()
+        request = self.prepare(question, media, media_settings)
+        timings = Timings()
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        tokens: list[int] = []
+        finish = "length"
+        for step in self.steps(request, settings, timings):
+            if step.token in self.stop_ids and not settings.ignore_eos:
+                finish = "stop"
+                break
+            tokens.append(step.token)
+            piece = detok.add(step.token)
+            if piece and on_text:
+                on_text(piece)
+        rest = detok.flush()
+        if rest and on_text:
+            on_text(rest)
+        n_tiles = 0 if request.pixels is None else int(request.pixels.shape[0])
+        return GenerationResult(
+            text=detok.text,
+            token_ids=tokens,
+            prompt_tokens=len(request.ids),
+            image_tokens=int((request.ids == self.image_token).sum()),
+            finish_reason=finish,
+            timings=timings,
+            tiles=n_tiles,
+        )
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer through AutoTokenizer, never running code from the folder."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer also reads config.json, whose InternVL model_type it does not know: a harmless warning
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{folder}: cannot load the tokenizer ({exc})") from exc
+    finally:
+        hf_logging.set_verbosity(level)

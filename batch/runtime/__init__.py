@@ -1,0 +1,1 @@
+"""Runtimes that execute the exported graphs: onnxruntime on any CPU, axengine on the Axera NPU."""

@@ -1,0 +1,221 @@
+"""axengine (Axera NPU) over the prebuilt axmodel layout: fixed shape groups, bf16 hidden states and KV cache.
+
+Layout (as published for InternVL3-2B):
+    MODEL_DIR/model.embed_tokens.weight.npy
+    MODEL_DIR/<prefix>_l{N}_together.axmodel   one per decoder layer; shape group 0 = decode,
+                                              group k >= 1 = prefill chunk k-1
+    MODEL_DIR/<prefix>_post.axmodel            final norm + lm_head
+    MODEL_DIR/*vit*.axmodel or MODEL_DIR/../vit_axmodel/*.axmodel
+
+Every shape (chunk length, KV capacity, number of chunks) is read from the sessions.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from batch.errors import BackendError, ModelFolderError
+from batch.kvcache import KVCache, decode_mask, prefill_mask
+from batch.runtime.base import Backend
+
+_LAYER = re.compile(r"_l(\d+)_together\.axmodel$")
+EMBED_FILE = "model.embed_tokens.weight.npy"
+_INPUTS = ("K_cache", "V_cache", "indices", "input", "mask")
+
+
+def _layer_files(folder: Path) -> dict[int, Path]:
+    found = {}
+    for path in folder.glob("*_together.axmodel"):
+        match = _LAYER.search(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def is_axmodel_folder(folder: Path) -> bool:
+    folder = Path(folder)
+    return 0 in _layer_files(folder) and any(folder.glob("*_post.axmodel"))
+
+
+def find_vit(folder: Path) -> Path | None:
+    """The ViT axmodel: inside the folder, or in a `vit_axmodel` folder beside it."""
+    for candidate_dir in (folder, folder.parent / "vit_axmodel"):
+        found = sorted(candidate_dir.glob("*vit*.axmodel")) if candidate_dir.is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+def _numpy_dtype(declared: Any) -> np.dtype:
+    if str(declared) == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(declared)
+
+
+class _Node:
+    """One declared input or output of one shape group."""
+
+    def __init__(self, arg: Any) -> None:
+        self.name: str = arg.name
+        self.shape: tuple[int, ...] = tuple(int(d) for d in arg.shape)
+        self.dtype = _numpy_dtype(arg.dtype)
+
+    def cast(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=self.dtype)
+
+
+class _Session:
+    """An axengine session with its shape groups resolved to plain names, shapes and numpy dtypes."""
+
+    def __init__(self, axengine: Any, path: Path, providers: list[str] | None) -> None:
+        self.path = path
+        kwargs = {"providers": providers} if providers else {}
+        try:
+            self.session = axengine.InferenceSession(str(path), **kwargs)
+        except Exception as exc:  # the runtime reports load failures as RuntimeError or its own types
+            raise BackendError(f"{path}: axengine could not load it ({exc})") from exc
+        self.inputs: list[dict[str, _Node]] = []
+        self.outputs: list[list[_Node]] = []
+        for group in range(_group_count(self.session)):
+            self.inputs.append({a.name: _Node(a) for a in self.session.get_inputs(group)})
+            self.outputs.append([_Node(a) for a in self.session.get_outputs(group)])
+
+    @property
+    def groups(self) -> int:
+        return len(self.inputs)
+
+    def input(self, group: int, name: str) -> _Node:
+        try:
+            return self.inputs[group][name]
+        except KeyError:
+            raise ModelFolderError(
+                f"{self.path}: shape group {group} has no input {name!r} (it has {', '.join(self.inputs[group])})"
+            ) from None
+
+    def run(self, group: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [node.name for node in self.outputs[group]]
+        return self.session.run(names, feed, shape_group=group)
+
+
+def _group_count(session: Any) -> int:
+    """Shape groups of a session: probed through get_inputs(g), the public API."""
+    count = 0
+    while count < 64:
+        try:
+            if not session.get_inputs(count):
+                break
+        except (IndexError, ValueError, RuntimeError):
+            break
+        count += 1
+    if count == 0:
+        raise BackendError("axengine session declares no inputs")
+    return count
+
+
+class AxBackend(Backend):
+    name = "axengine"
+    hidden_dtype = np.dtype(ml_dtypes.bfloat16)
+
+    def __init__(self, folder: Path, providers: list[str] | None = None) -> None:
+        try:
+            import axengine
+        except ImportError as exc:
+            raise BackendError(
+                f"axengine cannot be imported ({exc}); the axmodel folder {folder} needs an Axera NPU with "
+                "pyaxengine installed. On other machines export the Hugging Face folder with `vlbatch export`."
+            ) from exc
+        self.folder = Path(folder)
+        files = _layer_files(self.folder)
+        missing = sorted(set(range(max(files) + 1)) - set(files)) if files else [0]
+        if missing:
+            raise ModelFolderError(f"{self.folder}: decoder layer files missing for layers {missing}")
+        posts = sorted(self.folder.glob("*_post.axmodel"))
+        if not posts:
+            raise ModelFolderError(f"{self.folder}: no *_post.axmodel")
+        vit = find_vit(self.folder)
+        if vit is None:
+            raise ModelFolderError(f"{self.folder}: no ViT axmodel (*vit*.axmodel here or in ../vit_axmodel)")
+
+        self._layers = [_Session(axengine, files[i], providers) for i in range(len(files))]
+        self._post = _Session(axengine, posts[0], providers)
+        self._vit = _Session(axengine, vit, providers)
+        self.num_layers = len(self._layers)
+        self._read_shapes()
+
+    def _read_shapes(self) -> None:
+        first = self._layers[0]
+        if first.groups < 2:
+            raise ModelFolderError(f"{first.path}: needs a decode group and at least one prefill group")
+        for name in _INPUTS:
+            first.input(0, name)
+        k_decode = first.input(0, "K_cache")
+        self.kv_capacity = k_decode.shape[1]
+        self._kv_dim = k_decode.shape[2]
+        self._kv_dtype = k_decode.dtype
+        self.hidden_size = first.input(0, "input").shape[-1]
+        self.chunk_len = first.input(1, "input").shape[1]
+        self.prefill_capacity = self.chunk_len * (first.groups - 1)
+        for layer in self._layers[1:]:
+            if layer.groups != first.groups or layer.input(0, "K_cache").shape != k_decode.shape:
+                raise ModelFolderError(f"{layer.path}: shape groups differ from {first.path}")
+        self._vit_in = next(iter(self._vit.inputs[0].values()))
+        self._post_in = next(iter(self._post.inputs[0].values()))
+
+    def vit(self, pixels: np.ndarray) -> np.ndarray:
+        rows = [self._vit.run(0, {self._vit_in.name: self._vit_in.cast(tile[None])})[0] for tile in pixels]
+        return np.concatenate(rows).astype(np.float32)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers, self.kv_capacity, self._kv_dim, self._kv_dtype)
+
+    def prefill_chunk(self, layer: int, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        session = self._layers[layer]
+        n, chunk = hidden.shape[1], self.chunk_len
+        group = start // chunk + 1
+        if start % chunk or group >= session.groups or n > chunk:
+            raise BackendError(f"prefill chunk at {start} of {n} tokens is outside the compiled groups")
+        k_node, v_node = session.input(group, "K_cache"), session.input(group, "V_cache")
+        if start == 0:
+            # the first chunk's graph takes a placeholder history whose declared shape it fixes
+            k_hist, v_hist = np.zeros(k_node.shape, k_node.dtype), np.zeros(v_node.shape, v_node.dtype)
+        else:
+            if k_node.shape[1] != start:
+                raise ModelFolderError(f"{session.path}: group {group} expects {k_node.shape[1]} history rows")
+            k_hist, v_hist = cache.history(layer, start)
+        x_node = session.input(group, "input")
+        x = np.zeros(x_node.shape, x_node.dtype)
+        x[:, :n] = hidden
+        mask_node = session.input(group, "mask")
+        feed = {
+            "K_cache": k_node.cast(k_hist),
+            "V_cache": v_node.cast(v_hist),
+            "indices": session.input(group, "indices").cast(np.arange(start, start + chunk)[None]),
+            "input": x,
+            "mask": mask_node.cast(prefill_mask(start, n, chunk, mask_node.shape[2])),
+        }
+        k_rows, v_rows, out = session.run(group, feed)
+        cache.write(layer, start, k_rows[:, :n], v_rows[:, :n])
+        return out[:, :n]
+
+    def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
+        session = self._layers[layer]
+        mask_node = session.input(0, "mask")
+        feed = {
+            "K_cache": cache.k[layer],
+            "V_cache": cache.v[layer],
+            "indices": session.input(0, "indices").cast(np.full((1, 1), pos)),
+            "input": session.input(0, "input").cast(hidden),
+            "mask": mask_node.cast(decode_mask(pos, mask_node.shape[2])),
+        }
+        k_row, v_row, out = session.run(0, feed)
+        cache.write(layer, pos, k_row, v_row)
+        return out
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        out = self._post.run(0, {self._post_in.name: self._post_in.cast(hidden)})[0]
+        return out.reshape(-1, out.shape[-1])[-1].astype(np.float32)

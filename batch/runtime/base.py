@@ -1,0 +1,52 @@
+"""The small interface every runtime implements; prompt building, chunking, sampling and timing stay shared."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from batch.kvcache import KVCache
+
+
+class Backend(ABC):
+    """Runs the ViT, one decoder layer at a time, and the post graph.
+
+    Shapes are discovered from the model files by each implementation: `chunk_len` (prefill chunk),
+    `prefill_capacity` (longest prompt), `kv_capacity` (positions the cache holds, prompt + answer).
+    Hidden states travel between layers in the runtime's own dtype (`hidden_dtype`).
+    """
+
+    name: str
+    chunk_len: int
+    prefill_capacity: int
+    kv_capacity: int
+    num_layers: int
+    hidden_dtype: np.dtype
+
+    @abstractmethod
+    def vit(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 tiles -> (N, tokens_per_tile, hidden) float32 features."""
+
+    @abstractmethod
+    def new_cache(self) -> KVCache:
+        """An empty KV cache of this runtime's capacity and dtype."""
+
+    @abstractmethod
+    def prefill_chunk(self, layer: int, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        """Run `layer` over the chunk's (1, n, hidden) states whose first position is `start`; n <= chunk_len.
+
+        The history is cache rows 0 .. start-1; the chunk's K/V rows are written to the cache.
+        Returns the chunk's (1, n, hidden) output states.
+        """
+
+    @abstractmethod
+    def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
+        """Run `layer` for one token at `pos` (history rows 0 .. pos-1); writes its K/V row."""
+
+    @abstractmethod
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """(1, 1, hidden) last state -> (vocab,) float32 logits."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions."""

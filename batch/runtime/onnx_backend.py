@@ -1,0 +1,103 @@
+"""onnxruntime (CPU) over the folder written by `vlbatch export`: dynamic lengths, float32 activations."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batch.errors import BackendError, ModelFolderError
+from batch.export.exporter import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.kvcache import KVCache, decode_mask, prefill_mask
+from batch.modelspec import ModelSpec
+from batch.runtime.base import Backend
+
+
+def is_onnx_folder(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ModelFolderError(f"{path}: not a vlbatch ONNX export of version {FORMAT_VERSION}")
+    files = manifest["files"]
+    for name in [files["vit"], files["post"], files["embed"], *files["layers"]]:
+        if not (path.parent / name).is_file():
+            raise ModelFolderError(f"{path.parent / name}: missing (re-run `vlbatch export`)")
+    return manifest
+
+
+class OnnxBackend(Backend):
+    name = "onnxruntime"
+    hidden_dtype = np.dtype(np.float32)
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError("onnxruntime is not installed: pip install 'vlbatch[cpu]'") from exc
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        self.spec = ModelSpec.from_dict(manifest["spec"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or _physical_cores()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+        def session(name: str) -> Any:
+            return ort.InferenceSession(
+                str(self.folder / name), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+
+        files = manifest["files"]
+        self._vit = session(files["vit"])
+        self._layers = [session(name) for name in files["layers"]]
+        self._post = session(files["post"])
+        self.num_layers = len(self._layers)
+        self.chunk_len = int(manifest["prefill_chunk"])
+        self.kv_capacity = int(manifest["kv_capacity"])
+        # at least one position must stay free for the answer's first decode step
+        self.prefill_capacity = self.kv_capacity - 1
+        self._kv_dim = self.spec.text.kv_dim
+
+    def vit(self, pixels: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._vit.run(None, {"image": pixels[i : i + 1]})[0] for i in range(len(pixels))])
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers, self.kv_capacity, self._kv_dim, np.float32)
+
+    def _run_layer(self, layer: int, hidden: np.ndarray, start: int, mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        n = hidden.shape[1]
+        k_hist, v_hist = cache.history(layer, start)
+        feed = {
+            "K_cache": k_hist,
+            "V_cache": v_hist,
+            "indices": np.arange(start, start + n, dtype=np.uint32)[None],
+            "input": np.ascontiguousarray(hidden, dtype=np.float32),
+            "mask": mask,
+        }
+        k_rows, v_rows, out = self._layers[layer].run(None, feed)
+        cache.write(layer, start, k_rows, v_rows)
+        return out
+
+    def prefill_chunk(self, layer: int, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        n = hidden.shape[1]
+        return self._run_layer(layer, hidden, start, prefill_mask(start, n, n, start + n), cache)
+
+    def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
+        return self._run_layer(layer, hidden, pos, decode_mask(pos, pos + 1), cache)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return self._post.run(None, {"input": np.ascontiguousarray(hidden, dtype=np.float32)})[0][0, -1]
+
+
+def _physical_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
