@@ -144,10 +144,11 @@ class Pipeline:
             return message + "; shorten the text"
         per_item = (n - text_only) / len(media.tiles)
         fit = max(0, int((capacity - text_only) // per_item))
-        what = "frames" if media.kind == "video" else "images"
+        what = "frame" if media.kind == "video" else "image"
+        fits = f"1 {what} fits" if fit == 1 else f"{fit} {what}s fit"
         return (
-            f"{message}: {text_only} of text and {len(media.tiles)} {what} at about {per_item:.0f} tokens each; "
-            f"{fit} {what} fit (fewer frames, fewer images or a lower max_tiles)"
+            f"{message}: {text_only} of text and {len(media.tiles)} {what}s at about {per_item:.0f} tokens each; "
+            f"at most {fits} (use fewer {what}s or a lower max_tiles)"
         )
 
     # generation --------------------------------------------------------------------------------
