@@ -140,12 +140,28 @@ class Checkpoint:
             names.append("language_model.lm_head.weight")
         return names
 
+    def shape(self, canonical: str) -> tuple[int, ...]:
+        """The shape of a weight without reading it (native q/k/v parts stacked as one qkv)."""
+        if self.layout == ORIGINAL:
+            names = [canonical]
+        else:
+            qkv = _QKV.fullmatch(canonical)
+            names = self._native_qkv_names(qkv) if qkv else [_native_name(canonical)]
+        shapes = [self._where[n].shape(n) for n in names]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
     def check_complete(self) -> None:
-        """Raise ModelFolderError naming the first missing or misshapen weight."""
+        """Raise ModelFolderError naming the first missing weight, or one whose shape config.json contradicts."""
         missing = [n for n in self.canonical_names() if not self.has(n)]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ModelFolderError(f"{self.path}: weight {missing[0]} is missing{more}")
+        for name, expected in expected_shapes(self.spec).items():
+            actual = self.shape(name)
+            if actual != expected:
+                raise ModelFolderError(
+                    f"{self.path}: weight {name} has shape {actual}, but config.json implies {expected}"
+                )
 
 
 def read_config(folder: Path) -> tuple[dict[str, Any], str, ModelSpec]:
@@ -156,6 +172,29 @@ def read_config(folder: Path) -> tuple[dict[str, Any], str, ModelSpec]:
         raise ModelFolderError(f"{folder / 'config.json'}: not an InternVL config (no llm_config or text_config)")
     layout = NATIVE if "text_config" in config else ORIGINAL
     return config, layout, _parse_spec(config, layout, folder / "config.json")
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes the config fixes for the weights that define each dimension (first layer of each tower)."""
+    v, t = spec.vision, spec.text
+    vl, tl = "vision_model.encoder.layers.0.", "language_model.model.layers.0."
+    shapes = {
+        "vision_model.embeddings.patch_embedding.weight": (v.hidden_size, 3, v.patch_size, v.patch_size),
+        "vision_model.embeddings.position_embedding": (1, v.grid * v.grid + 1, v.hidden_size),
+        vl + "attn.qkv.weight": (3 * v.hidden_size, v.hidden_size),
+        vl + "mlp.fc1.weight": (v.intermediate_size, v.hidden_size),
+        "mlp1.0.weight": (spec.projector_input,),
+        "mlp1.1.weight": (t.hidden_size, spec.projector_input),
+        "mlp1.3.weight": (t.hidden_size, t.hidden_size),
+        "language_model.model.embed_tokens.weight": (t.vocab_size, t.hidden_size),
+        tl + "self_attn.q_proj.weight": (t.num_heads * t.head_dim, t.hidden_size),
+        tl + "self_attn.k_proj.weight": (t.kv_dim, t.hidden_size),
+        tl + "self_attn.v_proj.weight": (t.kv_dim, t.hidden_size),
+        tl + "mlp.gate_proj.weight": (t.intermediate_size, t.hidden_size),
+    }
+    if not t.tie_word_embeddings:
+        shapes["language_model.lm_head.weight"] = (t.vocab_size, t.hidden_size)
+    return shapes
 
 
 def vision_layer_names(i: int, qkv_bias: bool = True, qk_norm: bool = False) -> list[str]:

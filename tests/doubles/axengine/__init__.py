@@ -37,6 +37,10 @@ class NodeArg:
         return f"NodeArg(name={self.name!r}, dtype={self.dtype!r}, shape={self.shape})"
 
 
+def _arg(node: dict[str, Any]) -> NodeArg:
+    return NodeArg(node["name"], node["dtype"], tuple(node["shape"]))
+
+
 def _np(dtype: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
@@ -52,8 +56,8 @@ class InferenceSession:
         options.intra_op_num_threads = 1
         self._ort = ort.InferenceSession(spec["onnx"], sess_options=options, providers=["CPUExecutionProvider"])
         self._groups = spec["groups"]
-        self._inputs = [[NodeArg(n["name"], n["dtype"], tuple(n["shape"])) for n in g["inputs"]] for g in self._groups]
-        self._outputs = [[NodeArg(n["name"], n["dtype"], tuple(n["shape"])) for n in g["outputs"]] for g in self._groups]
+        self._inputs = [[_arg(n) for n in g["inputs"]] for g in self._groups]
+        self._outputs = [[_arg(n) for n in g["outputs"]] for g in self._groups]
 
     def get_inputs(self, shape_group: int = 0) -> list[NodeArg]:
         return self._inputs[shape_group]
@@ -77,7 +81,8 @@ class InferenceSession:
             )
         for name, array in input_feed.items():
             arg = declared[name]
-            if not isinstance(array, np.ndarray) or list(array.shape) != list(arg.shape) or array.dtype != _np(arg.dtype):
+            ok = isinstance(array, np.ndarray) and list(array.shape) == list(arg.shape)
+            if not ok or array.dtype != _np(arg.dtype):
                 got = (getattr(array, "shape", None), getattr(array, "dtype", type(array)))
                 raise ContractError(
                     f"{self._name} group {shape_group}: input {name} expects shape {arg.shape} and dtype "
