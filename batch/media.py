@@ -1,0 +1,338 @@
+"""Media decoding and preprocessing: images and video into normalised 448x448 tiles, the InternVL way.
+
+This module owns everything between a file on disk and the float32 ``pixel_values`` the vision encoder eats:
+
+* recognising media by suffix (:func:`media_kind`);
+* decoding images with Pillow, honouring EXIF orientation and flattening every mode to 8-bit RGB
+  (:func:`load_image`);
+* InternVL's dynamic tiling (``dynamic_preprocess`` / ``find_closest_aspect_ratio`` from OpenGVLab's
+  reference code, reproduced exactly in :func:`closest_tile_grid` and :func:`tile_image`);
+* ImageNet normalisation into ``(N, 3, S, S)`` arrays (:func:`to_pixel_values`);
+* sampling video frames at segment midpoints (InternVL's ``get_index``, :func:`frame_indices`) and decoding them
+  with decord, or PyAV where decord is missing (:func:`load_video_frames`).
+
+Problems a user can fix (missing, corrupt or unsupported files) are raised as :class:`batch.errors.MediaError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from batch.errors import MediaError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"})
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+DECODERS = ("decord", "pyav")
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """How media becomes tiles: tile side, tile budget per image, thumbnail, frames sampled per video."""
+
+    image_size: int = 448
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    video_frames: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "max_tiles", "video_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"media setting `{name}` must be a positive integer, got {value!r}")
+        if not isinstance(self.use_thumbnail, bool):
+            raise ValueError(f"media setting `use_thumbnail` must be true or false, got {self.use_thumbnail!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kinds
+
+
+def media_kind(path: Path) -> str:
+    """``"image"`` or ``"video"`` by the file's suffix (case-insensitive); MediaError for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    raise MediaError(
+        path,
+        f"unsupported file type {suffix or '(no extension)'!r}; "
+        f"images: {' '.join(sorted(IMAGE_EXTENSIONS))}; videos: {' '.join(sorted(VIDEO_EXTENSIONS))}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Decode an image file to an upright 8-bit RGB image (EXIF orientation applied, transparency over white)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(path, "file not found" if not path.exists() else "not a regular file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright)
+    except Image.DecompressionBombError as exc:
+        raise MediaError(path, f"image is too large to decode safely ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise MediaError(
+            path, "not a readable image (corrupt file, or its extension does not match its format)"
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise MediaError(path, f"corrupt or truncated image data ({exc}); re-export or re-download the file") from exc
+    except Exception as exc:  # malformed metadata (EXIF) and other decoder failures: one bad file, not a crash
+        raise MediaError(path, f"cannot decode the image ({type(exc).__name__}: {exc})") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha composited over white, 16-bit scaled down, palettes and CMYK converted."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(img)
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return _over_white(img)
+    return img.convert("RGB")
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    values = np.asarray(img)
+    if img.mode == "I":
+        values = np.clip(values, 0, 65535)
+    eight = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    return Image.fromarray(eight, "L").convert("RGB")
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiling (InternVL dynamic_preprocess)
+
+
+def _target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    # Built as a set and then sorted by tile count, exactly like the reference: the order of grids with the same
+    # tile count comes from set iteration, which is deterministic for int tuples and decides some ties.
+    ratios = set(
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    )
+    return sorted(ratios, key=lambda r: r[0] * r[1])
+
+
+def closest_tile_grid(
+    width: int, height: int, max_tiles: int, min_tiles: int = 1, image_size: int = 448
+) -> tuple[int, int]:
+    """The (cols, rows) grid InternVL picks for an image: closest aspect ratio, ties to more tiles if large enough."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+    aspect_ratio = width / height
+    area = width * height
+    best_ratio_diff = float("inf")
+    best = (1, 1)
+    for ratio in _target_ratios(min_tiles, max_tiles):
+        target_aspect = ratio[0] / ratio[1]
+        diff = abs(aspect_ratio - target_aspect)
+        if diff < best_ratio_diff:
+            best_ratio_diff = diff
+            best = ratio
+        elif diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def tile_image(
+    image: Image.Image, max_tiles: int, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
+    """Resize to the chosen grid and cut it into row-major tiles, plus a whole-image thumbnail when tiled."""
+    cols, rows = closest_tile_grid(image.width, image.height, max_tiles, 1, image_size)
+    resized = image.resize((cols * image_size, rows * image_size), Image.Resampling.BICUBIC)
+    tiles = []
+    for i in range(cols * rows):
+        left, top = (i % cols) * image_size, (i // cols) * image_size
+        tiles.append(resized.crop((left, top, left + image_size, top + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def to_pixel_values(tiles: Sequence[Image.Image], image_size: int = 448) -> np.ndarray:
+    """Tiles to float32 ``(N, 3, S, S)``: RGB / 255, then ImageNet mean and std (torchvision's ToTensor+Normalize)."""
+    out = np.empty((len(tiles), 3, image_size, image_size), dtype=np.float32)
+    for k, tile in enumerate(tiles):
+        if tile.mode != "RGB":
+            tile = tile.convert("RGB")
+        if tile.size != (image_size, image_size):
+            tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        unit = np.asarray(tile, dtype=np.float32) / np.float32(255)
+        out[k] = ((unit - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
+def preprocess_image(path: Path | str, settings: MediaSettings) -> np.ndarray:
+    """An image file to its normalised tiles, ``(tiles, 3, S, S)``."""
+    tiles = tile_image(load_image(path), settings.max_tiles, settings.image_size, settings.use_thumbnail)
+    return to_pixel_values(tiles, settings.image_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Video (InternVL load_video with max_num=1: one tile per frame)
+
+
+def frame_indices(num_frames_in_clip: int, segments: int) -> np.ndarray:
+    """Midpoints of ``segments`` equal segments of the clip (InternVL's ``get_index`` with no time bound)."""
+    if segments < 1:
+        raise ValueError(f"segments must be positive, got {segments}")
+    if num_frames_in_clip < 1:
+        raise ValueError(f"the clip has no frames ({num_frames_in_clip})")
+    max_frame, first_idx = num_frames_in_clip - 1, 0
+    start, end = -100000, 100000  # bound=None in the reference; with fps >= 1e-5 these span the whole clip
+    start_idx = max(first_idx, start)
+    end_idx = min(end, max_frame)
+    seg_size = float(end_idx - start_idx) / segments
+    indices = np.array([int(start_idx + (seg_size / 2) + np.round(seg_size * idx)) for idx in range(segments)])
+    return np.clip(indices, 0, max_frame).astype(np.int64)
+
+
+def load_video_frames(path: Path | str, segments: int, decoder: str | None = None) -> list[Image.Image]:
+    """``segments`` RGB frames sampled at segment midpoints; decord if importable, else PyAV (or the one forced)."""
+    path = Path(path)
+    if decoder is not None and decoder not in DECODERS:
+        raise ValueError(f"unknown video decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+    if not path.is_file():
+        raise MediaError(path, "file not found" if not path.exists() else "not a regular file")
+    if decoder is not None:
+        return _DECODE[decoder](path, segments, _import_decoder(path, decoder))
+    try:
+        module = _import_decoder(path, "decord")
+    except MediaError:
+        return _read_pyav(path, segments, _import_decoder(path, "pyav"))
+    try:
+        return _read_decord(path, segments, module)
+    except MediaError as decord_error:
+        try:
+            pyav = _import_decoder(path, "pyav")
+        except MediaError:
+            raise decord_error from None
+        return _read_pyav(path, segments, pyav)
+
+
+def preprocess_video(path: Path | str, settings: MediaSettings) -> np.ndarray:
+    """A video file to ``(frames, 3, S, S)``: each sampled frame one tile, no dynamic tiling."""
+    frames = load_video_frames(path, settings.video_frames)
+    tiles = [tile_image(frame, 1, settings.image_size, use_thumbnail=False)[0] for frame in frames]
+    return to_pixel_values(tiles, settings.image_size)
+
+
+def _import_decoder(path: Path, name: str) -> Any:
+    try:
+        if name == "decord":
+            import decord
+
+            return decord
+        import av
+
+        return av
+    except ImportError as exc:
+        package = "decord" if name == "decord" else "av"
+        raise MediaError(path, f"video decoder {name} is not installed (pip install {package})") from exc
+
+
+def _read_decord(path: Path, segments: int, decord: Any) -> list[Image.Image]:
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        count = len(reader)
+        if count < 1:
+            raise MediaError(path, "the video has no frames")
+        batch = reader.get_batch(frame_indices(count, segments).tolist()).asnumpy()
+    except MediaError:
+        raise
+    except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors
+        raise MediaError(path, f"cannot decode the video with decord ({_first_line(exc)})") from exc
+    return [Image.fromarray(frame).convert("RGB") for frame in batch]
+
+
+def _read_pyav(path: Path, segments: int, av: Any) -> list[Image.Image]:
+    try:
+        count = _count_pyav_packets(path, av)
+        if count < 1:
+            raise MediaError(path, "the video has no frames")
+        frames, decoded = _decode_pyav(path, av, frame_indices(count, segments))
+        if frames is None:  # fewer frames decode than packets: sample again over what really decodes
+            if decoded < 1:
+                raise MediaError(path, "no frame of the video could be decoded")
+            frames, _ = _decode_pyav(path, av, frame_indices(decoded, segments))
+        if frames is None:
+            raise MediaError(path, "the video decodes inconsistently (frame count changed between passes)")
+    except MediaError:
+        raise
+    except Exception as exc:  # av.error.FFmpegError and friends
+        raise MediaError(path, f"cannot decode the video with PyAV ({_first_line(exc)})") from exc
+    return frames
+
+
+def _count_pyav_packets(path: Path, av: Any) -> int:
+    """Frames in the first video stream, counted by demuxing (stream.frames is often 0 or approximate)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise MediaError(path, "the file has no video stream")
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+
+
+def _decode_pyav(path: Path, av: Any, indices: np.ndarray) -> tuple[list[Image.Image] | None, int]:
+    """Decode frames in order up to the last wanted one, keeping RGB copies of those at ``indices``.
+
+    Returns the frames in ``indices`` order (None when the stream ended first) and how many frames were decoded.
+    """
+    wanted = {int(i) for i in indices}
+    last = max(wanted)
+    kept: dict[int, Image.Image] = {}
+    decoded = 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for position, frame in enumerate(container.decode(stream)):
+            decoded = position + 1
+            if position in wanted:
+                kept[position] = Image.fromarray(frame.to_ndarray(format="rgb24"))
+            if position == last:
+                return [kept[int(i)] for i in indices], decoded
+    return None, decoded
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without decord's ``[hh:mm:ss] file.cc:123:`` prefix."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0]) if lines else ""
+    return text or type(exc).__name__
+
+
+_DECODE = {"decord": _read_decord, "pyav": _read_pyav}
