@@ -47,6 +47,7 @@ class MediaSettings:
     max_tiles: int = 12
     use_thumbnail: bool = True
     video_frames: int = 8
+    video_decoder: str = "auto"  # auto (decord, else PyAV) | decord | pyav
 
     def __post_init__(self) -> None:
         for name in ("image_size", "max_tiles", "video_frames"):
@@ -55,6 +56,13 @@ class MediaSettings:
                 raise ValueError(f"media setting `{name}` must be a positive integer, got {value!r}")
         if not isinstance(self.use_thumbnail, bool):
             raise ValueError(f"media setting `use_thumbnail` must be true or false, got {self.use_thumbnail!r}")
+        if self.video_decoder not in ("auto", *DECODERS):
+            raise ValueError(f"media setting `video_decoder` must be auto, {' or '.join(DECODERS)}")
+
+    @property
+    def decoder(self) -> str | None:
+        """The decoder to force, or None to pick automatically."""
+        return None if self.video_decoder == "auto" else self.video_decoder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +254,7 @@ def load_video_frames(path: Path | str, segments: int, decoder: str | None = Non
 
 def preprocess_video(path: Path | str, settings: MediaSettings) -> np.ndarray:
     """A video file to ``(frames, 3, S, S)``: each sampled frame one tile, no dynamic tiling."""
-    frames = load_video_frames(path, settings.video_frames)
+    frames = load_video_frames(path, settings.video_frames, settings.decoder)
     tiles = [tile_image(frame, 1, settings.image_size, use_thumbnail=False)[0] for frame in frames]
     return to_pixel_values(tiles, settings.image_size)
 

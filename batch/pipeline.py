@@ -111,7 +111,7 @@ class Pipeline:
             raise VlbatchError(f"one video per question, without other media: {', '.join(p.name for p in paths)}")
         capacity = self.backend.prefill_capacity
         if videos:
-            frames = load_video_frames(videos[0], settings.video_frames)
+            frames = load_video_frames(videos[0], settings.video_frames, settings.decoder)
             tiles = [tile_image(f, 1, settings.image_size, use_thumbnail=False) for f in frames]
             ids, prompt_media = self._encode(question, "video", tiles)
         elif paths:

@@ -74,6 +74,7 @@ def test_ask_reads_the_model_from_config_yaml(run, tiny_onnx, tmp_path):
         ("generation:\n  max_new_tokens: 0\n", "max_new_tokens must be at least 1"),
         ("generation:\n  temprature: 1\n", "unknown key(s) in `generation`: temprature"),
         ("media:\n  max_tiles: many\n", "bad value in `media`"),
+        ("media:\n  video_decoder: ffmpeg\n", "video_decoder` must be auto, decord or pyav"),
     ],
 )
 def test_bad_config_is_named(run, tmp_path, config, message):
