@@ -65,7 +65,8 @@ def make_sampler(
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
-        x = _as_logits(logits) / temperature
+        with np.errstate(over="ignore"):  # a tiny temperature overflows to inf, handled below
+            x = _as_logits(logits) / temperature
         candidates = _top_k_indices(x, k) if 0 < k < x.size else np.arange(x.size)
         scores = x[candidates]
         best = scores.max()
