@@ -128,7 +128,7 @@ def ask(
     if as_json:
         click.echo(json.dumps(result_dict(result), ensure_ascii=False, indent=2))
     else:
-        click.echo()
+        _echo_stream("\n")
         click.echo(timing_table(result), err=True)
 
 
