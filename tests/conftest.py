@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from synthetic import synthetic_image, write_video
 
 from batch.export.exporter import export
 from batch.tinymodel import convert_to_native, make_model
@@ -34,36 +34,6 @@ def tiny_onnx(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth colour field with a few sharp shapes, so every tile differs."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    phase = rng.uniform(0, 6.28, 3)
-    rgb = np.stack([127 + 120 * np.sin(x / (17 + 9 * c) + y / (23 + 5 * c) + phase[c]) for c in range(3)], -1)
-    for _ in range(6):
-        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(4, max(5, min(width, height) // 4))
-        rgb[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-
-
-def write_video(path: Path, frames: int = 40, size: tuple[int, int] = (96, 64), fps: int = 10) -> Path:
-    """An mp4 whose frame i is a moving pattern with brightness rising with i (PyAV, mpeg4)."""
-    import av
-
-    width, height = size
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            image = np.asarray(synthetic_image(width, height, seed=i), dtype=np.float32) * 0.5 + 4 * i
-            frame = av.VideoFrame.from_ndarray(image.clip(0, 255).astype(np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic images of several shapes and an 8+-frame video."""
@@ -76,5 +46,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("photo.jpg", (640, 480), 5),
     ]:
         synthetic_image(w, h, seed).save(folder / name)
-    write_video(folder / "clip.mp4")
+    # frame i: a moving pattern whose brightness rises with i
+    frames = (np.asarray(synthetic_image(96, 64, seed=i)) * 0.5 + 4 * i for i in range(40))
+    write_video(folder / "clip.mp4", (f.clip(0, 255).astype(np.uint8) for f in frames))
     return folder

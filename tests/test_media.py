@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from synthetic import write_video
 
 from batch.errors import MediaError
 from batch.media import (
@@ -127,22 +127,10 @@ def gray_level(index: int) -> int:
 
 
 def write_gray_video(path: Path, frames: int = 40, gop: int = 1, b_frames: int = 0) -> Path:
-    """An mp4 (mpeg4, yuv420p, 64x48, 10 fps) whose frame i is a solid gray of level gray_level(i)."""
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.bit_rate = 5_000_000  # high enough that every frame keeps its level within about 1
-        stream.codec_context.gop_size = gop
-        stream.codec_context.max_b_frames = b_frames
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), gray_level(i), dtype=np.uint8), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, 10)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    """An mp4 (64x48, 10 fps) whose frame i is a solid gray of level gray_level(i)."""
+    pytest.importorskip("av")
+    images = (np.full((48, 64, 3), gray_level(i), dtype=np.uint8) for i in range(frames))
+    return write_video(path, images, gop=gop, b_frames=b_frames)
 
 
 @pytest.fixture(scope="module")
