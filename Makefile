@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_IMAGE ?= $(firstword $(wildcard ../shared/media/*.jpg ../shared/media/*.png))
+DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo ask-demo clean
 
 $(BIN)/vlbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,16 @@ models/tiny-hf/config.json: | install
 models/tiny-onnx/manifest.json: models/tiny-hf/config.json
 	$(BIN)/vlbatch export models/tiny-hf models/tiny-onnx
 
-demo: models/tiny-onnx/manifest.json  ## answer a question with the tiny random-weight model
+jobs/media/clip.mp4: | install
+	$(BIN)/python tests/synthetic.py jobs/media
+
+demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## the example jobs on the tiny random-weight model
+	$(BIN)/vlbatch submit jobs/examples/*.yaml
+	$(BIN)/vlbatch run
+	$(BIN)/vlbatch results
+
+ask-demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## one question straight to the tiny model
 	$(BIN)/vlbatch ask -p "$(DEMO_PROMPT)" --max-new-tokens 48 $(DEMO_IMAGE)
 
 clean:
-	rm -rf models .pytest_cache
+	rm -rf models .pytest_cache jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected vlbatch.db*

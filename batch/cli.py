@@ -6,7 +6,6 @@ Exit codes: 0 done, 1 a problem with the input, the model or the config (message
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,21 +13,12 @@ from typing import Any
 
 import click
 
+from batch import logs
 from batch.config import Config, find_config, load_config
 from batch.errors import VlbatchError
 from batch.generate import GenerationResult
 
-log = logging.getLogger("batch")
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 class _Group(click.Group):
@@ -52,14 +42,18 @@ class _Group(click.Group):
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    default="warning",
-    show_default=True,
+    help="Log detail on stderr (default: info for watch and run, warning otherwise).",
 )
 @click.version_option(package_name="vlbatch")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
-    """Answers and captions for photos and videos with InternVL3, on the Axera NPU or any CPU."""
-    _setup_logging(log_level)
+def main(ctx: click.Context, config_path: Path | None, log_level: str | None) -> None:
+    """Answers and captions for photos and videos with InternVL3, on the Axera NPU or any CPU.
+
+    Drop job files into the spool inbox and run `vlbatch watch` (or `vlbatch run` from cron); every
+    answer and its timings land in SQLite. `vlbatch ask` answers one question directly.
+    """
+    worker = ctx.invoked_subcommand in ("watch", "run")
+    logs.setup(log_level or ("info" if worker else "warning"))
     ctx.obj = config_path
 
 
@@ -200,3 +194,125 @@ def make_model(out_dir: Path, preset: str, layout: str, seed: int) -> None:
 
     build(out_dir, preset=preset, seed=seed, layout=layout)
     click.echo(f"wrote {preset} model to {out_dir}")
+
+
+# the spool ---------------------------------------------------------------------------------------
+def _worker_config(ctx: click.Context, model_dir: Path | None) -> Config:
+    config = _config(ctx)
+    if model_dir is not None:
+        config = replace(config, model=replace(config.model, dir=model_dir))
+    return config
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml).")
+@click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored.")
+@click.pass_context
+def watch(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
+    """Run jobs as they are dropped into the inbox, until SIGINT/SIGTERM.
+
+    The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
+    """
+    from batch.worker import Worker
+
+    worker = Worker.from_config(_worker_config(ctx, model_dir), force=force)
+    worker.install_signal_handlers()
+    try:
+        worker.watch()
+    finally:
+        worker.close()
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml).")
+@click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored.")
+@click.pass_context
+def run(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
+    """Run every job in the inbox once, then exit (for cron).
+
+    Exit code 0 when every job finished, 1 when any failed or was rejected. Overlapping runs share the
+    inbox safely: each job is claimed by exactly one of them.
+    """
+    from batch.worker import Worker
+
+    worker = Worker.from_config(_worker_config(ctx, model_dir), force=force)
+    worker.install_signal_handlers()
+    try:
+        outcomes = worker.drain()
+    finally:
+        worker.close()
+    bad = [o for o in outcomes if o.state in ("failed", "rejected")]
+    click.echo(f"{len(outcomes)} jobs: {len(outcomes) - len(bad)} done, {len(bad)} failed or rejected", err=True)
+    for outcome in bad:
+        click.echo(f"  {outcome.job_id}: {outcome.state}: {(outcome.reason or '').splitlines()[0]}", err=True)
+    if bad:
+        ctx.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def submit(ctx: click.Context, job_files: tuple[Path, ...]) -> None:
+    """Check JOB_FILES and put them into the inbox (atomically, under a temporary name first).
+
+    Relative media paths are resolved against each job file's own folder.
+    """
+    from batch.submit import submit_job
+
+    config = _config(ctx)
+    for path in job_files:
+        target = submit_job(path, config)
+        click.echo(f"submitted {path} as {target.name}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Jobs per state, recent failures with their reasons, and throughput."""
+    from batch.reports import status_report
+
+    report = status_report(_config(ctx))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo("spool:  " + "  ".join(f"{k}={v}" for k, v in report["spool"].items()))
+    click.echo("jobs:   " + ("  ".join(f"{k}={v}" for k, v in report["jobs"].items()) or "none yet"))
+    for window, figures in report["throughput"].items():
+        click.echo(
+            f"{window:>6}: {figures['answers']} answers, {figures['output_tokens']} tokens, "
+            f"{figures['tokens_per_s']:.2f} tok/s decode, mean TTFT {figures['mean_ttft_ms']:.0f} ms"
+        )
+    for failure in report["recent_failures"]:
+        click.echo(f"{failure['state']}: {failure['id']}: {(failure['error'] or '').splitlines()[0]}")
+
+
+@main.command()
+@click.option("--job", help="Only answers of this job id.")
+@click.option("--since", help="Created at or after this UTC time (ISO 8601, e.g. 2026-11-01).")
+@click.option("--until", help="Created before this UTC time.")
+@click.option("--tag", help="Only answers of jobs with this tag.")
+@click.option("-s", "--search", help="Full-text search of answers and prompts (SQLite FTS5 syntax).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=0), help="0 = no limit.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table", show_default=True
+)
+@click.pass_context
+def results(ctx: click.Context, fmt: str, **filters: Any) -> None:
+    """Stored answers with their timings, newest first."""
+    from batch.reports import format_results, query_results
+
+    rows = query_results(_config(ctx), **filters)
+    click.echo(format_results(rows, fmt), nl=False)
+
+
+@main.command("config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Print the effective configuration (file, environment and defaults combined) as YAML."""
+    import yaml
+
+    path = find_config(ctx.obj)
+    config = load_config(path)
+    click.echo(f"# from {path or 'built-in defaults'}")
+    click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -204,6 +205,18 @@ class Pipeline:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def model_identity(model_dir: Path) -> str:
+    """A short stable id of a model folder's contents: its name and a digest of its manifest or file list."""
+    model_dir = Path(model_dir)
+    manifest = model_dir / "manifest.json"
+    if manifest.is_file():
+        data = manifest.read_bytes()
+    else:
+        files = sorted((p.name, p.stat().st_size) for p in model_dir.iterdir() if p.suffix in (".axmodel", ".npy"))
+        data = repr(files).encode()
+    return f"{model_dir.resolve().name}@{hashlib.sha256(data).hexdigest()[:12]}"
 
 
 def load_tokenizer(folder: Path):

@@ -42,3 +42,23 @@ def write_video(path: Path, frames: Iterable[np.ndarray], fps: int = 10, gop: in
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_demo_media(folder: Path) -> None:
+    """The demo's media: four photos of different shapes and one short clip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (w, h), seed in [
+        ("beach.jpg", (800, 600), 1),
+        ("street.png", (640, 960), 2),
+        ("market.jpg", (1280, 480), 3),
+        ("harbor.png", (448, 448), 4),
+    ]:
+        synthetic_image(w, h, seed).save(folder / name)
+    frames = (np.asarray(synthetic_image(96, 64, seed=i)) * 0.5 + 4 * i for i in range(40))
+    write_video(folder / "clip.mp4", (f.clip(0, 255).astype(np.uint8) for f in frames))
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_demo_media(Path(sys.argv[1]))

@@ -1,0 +1,548 @@
+"""The job file format: parsing and validating one YAML job into a :class:`Job`, resolving its media safely.
+
+A job file is a small YAML mapping (``prompt``, ``inputs`` and optional overrides). Parsing never trusts it:
+the file is read with a size cap and without following a symlink, YAML is loaded with ``yaml.safe_load`` only,
+every key and type is checked, and every input is resolved to real paths that must lie under an allowed media
+folder (or the job's own folder). Media are recognised by suffix only; nothing is decoded here. Every problem
+becomes a :class:`JobRejected` whose reason tells the author what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import glob
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+import yaml
+
+from batch.errors import MediaError, VlbatchError
+from batch.generate import GenerationSettings
+from batch.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings, media_kind
+
+MAX_JOB_BYTES = 256 * 1024
+MAX_TOGETHER = 4
+JOB_SUFFIXES = (".yaml", ".yml")
+MODES = ("each", "together")
+
+_GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+_MEDIA_KEYS = ("video_frames", "max_tiles")
+_MAX_ID_CHARS = 128
+_GLOB_MAGIC = re.compile(r"[*?[]")
+_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+class JobRejected(VlbatchError):
+    """A job file that cannot run as written: unreadable, malformed, invalid, or pointing at forbidden media."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class _Invalid(Exception):
+    """Internal: a rejection reason, turned into JobRejected (with the job's path) by parse_job."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated job: what to ask, about which media files, with which settings."""
+
+    id: str
+    source: Path
+    prompt: str
+    mode: str = "each"
+    media: tuple[Path, ...] = ()
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    media_settings: MediaSettings = field(default_factory=MediaSettings)
+    sidecar: bool = False
+    sidecar_overwrite: bool = False
+    tags: list[str] | dict[str, Any] = field(default_factory=list)
+    content_sha256: str = ""
+    inputs: tuple[str, ...] = ()
+
+    def units(self) -> list[tuple[Path, ...]]:
+        """The units of work: one per media file in mode each, a single one with every file in mode together."""
+        if self.mode == "together":
+            return [tuple(self.media)] if self.media else []
+        return [(path,) for path in self.media]
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The generation and media settings that shape an answer, JSON-serialisable, for cache keys."""
+        gen = self.generation
+        ms = self.media_settings
+        return {
+            "generation": {
+                "max_new_tokens": int(gen.max_new_tokens),
+                "temperature": float(gen.temperature),
+                "top_k": int(gen.top_k),
+                "top_p": float(gen.top_p),
+                "seed": None if gen.seed is None else int(gen.seed),
+                "ignore_eos": bool(gen.ignore_eos),
+            },
+            "media": {
+                "image_size": int(ms.image_size),
+                "max_tiles": int(ms.max_tiles),
+                "use_thumbnail": bool(ms.use_thumbnail),
+                "video_frames": int(ms.video_frames),
+                "video_decoder": str(ms.video_decoder),
+            },
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_job(
+    path: Path,
+    *,
+    allowed_roots: Sequence[Path],
+    generation: GenerationSettings,
+    media: MediaSettings,
+    base_dir: Path | None = None,
+) -> Job:
+    """Read, validate and resolve one job file; JobRejected (with a specific reason) for anything wrong.
+
+    Relative inputs resolve against ``base_dir`` (default: the job file's folder). Media must really lie (after
+    following every symlink) under one of ``allowed_roots``, ``base_dir`` or the job file's own folder.
+    ``generation`` and ``media`` are the defaults the job's overrides are merged over.
+    """
+    path = Path(path)
+    data, mapping = load_job_text(path)
+    source = path.resolve()
+    base = Path(base_dir).resolve() if base_dir is not None else source.parent
+    try:
+        return _build_job(path, source, base, data, mapping, allowed_roots, generation, media)
+    except _Invalid as exc:
+        raise JobRejected(path, str(exc)) from None
+
+
+def load_job_text(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The job file's bytes and its YAML mapping; JobRejected for a symlink, oversize, non-UTF-8 or bad YAML."""
+    path = Path(path)
+    try:
+        data = _read_job_bytes(path)
+        return data, _load_mapping(_decode(data))
+    except _Invalid as exc:
+        raise JobRejected(path, str(exc)) from None
+
+
+def _build_job(
+    path: Path,
+    source: Path,
+    base: Path,
+    data: bytes,
+    mapping: dict[str, Any],
+    allowed_roots: Sequence[Path],
+    generation: GenerationSettings,
+    media: MediaSettings,
+) -> Job:
+    _check_keys(mapping)  # everything that needs no file system first, so a bad job touches no media folder
+    job_id, prompt, inputs, mode = _job_id(mapping, path), _prompt(mapping), _inputs(mapping), _mode(mapping)
+    gen_settings, media_settings = _generation(mapping, generation), _media_settings(mapping, media)
+    sidecar = _optional(mapping, "sidecar", _is_bool, "true or false", False)
+    sidecar_overwrite = _optional(mapping, "sidecar_overwrite", _is_bool, "true or false", False)
+    if sidecar and mode == "together":
+        raise _Invalid("sidecar: true needs mode each (a together answer covers several files, not one)")
+    tags = _tags(mapping)
+    files = _Resolver(_roots([*allowed_roots, base, source.parent]), base).resolve_all(inputs)
+    if mode == "together":
+        _check_together(files)
+    return Job(
+        id=job_id,
+        source=source,
+        prompt=prompt,
+        mode=mode,
+        media=files,
+        generation=gen_settings,
+        media_settings=media_settings,
+        sidecar=sidecar,
+        sidecar_overwrite=sidecar_overwrite,
+        tags=tags,
+        content_sha256=hashlib.sha256(data).hexdigest(),
+        inputs=inputs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and YAML
+
+
+def _read_job_bytes(path: Path) -> bytes:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise _Invalid("job file not found") from None
+    except OSError as exc:
+        raise _Invalid(f"cannot read the job file ({exc.strerror})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise _Invalid("job file is a symlink; put the job file itself in the folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise _Invalid("job file is not a regular file")
+    _check_size(info.st_size)
+    try:  # O_NOFOLLOW: a symlink swapped in after the lstat above is refused, not followed
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(MAX_JOB_BYTES + 1)
+    except OSError as exc:
+        raise _Invalid(f"cannot read the job file ({exc.strerror})") from None
+    _check_size(len(data))
+    return data
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_JOB_BYTES:
+        raise _Invalid(f"job file is too large ({size} bytes; the limit is {MAX_JOB_BYTES} bytes)")
+
+
+def _decode(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid(
+            f"job file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _load_mapping(text: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        raise _Invalid(_constructor_reason(exc)) from None
+    except yaml.MarkedYAMLError as exc:
+        raise _Invalid(f"malformed YAML{_where(exc.problem_mark)}: {_yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise _Invalid(f"malformed YAML: {' '.join(str(exc).split())}") from None
+    if loaded is None:
+        raise _Invalid("job file is empty; it needs at least `prompt:` and `inputs:`")
+    if not isinstance(loaded, dict):
+        raise _Invalid(f"job file must be a YAML mapping of keys to values, got {_describe(loaded)}")
+    return loaded
+
+
+def _constructor_reason(exc: yaml.MarkedYAMLError) -> str:
+    match = re.search(r"tag '([^']*)'", exc.problem or "")
+    if match is None:
+        return f"malformed YAML{_where(exc.problem_mark)}: {_yaml_problem(exc)}"
+    tag = match.group(1)
+    tag = "!!" + tag.removeprefix(_TAG_PREFIX) if tag.startswith(_TAG_PREFIX) else tag
+    return f"unsupported YAML tag '{tag}'{_where(exc.problem_mark)}; job files take plain values only"
+
+
+def _where(mark: Any) -> str:
+    return "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    parts = [exc.problem or "", f"({exc.context})" if exc.context else ""]
+    return " ".join(part for part in parts if part) or "cannot parse"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keys and values
+
+
+def _check_keys(mapping: dict[Any, Any]) -> None:
+    known = ("id", "prompt", "inputs", "mode", *_GENERATION_KEYS, *_MEDIA_KEYS, "sidecar", "sidecar_overwrite", "tags")
+    problems = []
+    for key in mapping:
+        if key in known and isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+        problems.append(f"unknown key '{key}'{hint}")
+    if problems:
+        raise _Invalid("; ".join(problems))
+
+
+def _describe(value: Any) -> str:
+    """A YAML author's name for a value's type, with the value when short."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"true/false ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"text ({shown!r})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__} ({value})"
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+_VALUE_TYPES: dict[str, tuple[Any, str]] = {
+    "max_new_tokens": (_is_int, "an integer"),
+    "temperature": (_is_number, "a number"),
+    "top_p": (_is_number, "a number"),
+    "top_k": (_is_int, "an integer"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "video_frames": (_is_int, "an integer"),
+    "max_tiles": (_is_int, "an integer"),
+}
+
+
+def _optional(mapping: dict[str, Any], key: str, check: Any, expected: str, default: Any) -> Any:
+    if key not in mapping:
+        return default
+    value = mapping[key]
+    if not check(value):
+        hint = "; quote it to keep it as text" if expected == "text" and _is_number(value) else ""
+        raise _Invalid(f"'{key}' must be {expected}, got {_describe(value)}{hint}")
+    return value
+
+
+def _prompt(mapping: dict[str, Any]) -> str:
+    if "prompt" not in mapping:
+        raise _Invalid("missing required key 'prompt' (the question or instruction for every media file)")
+    prompt = _optional(mapping, "prompt", _is_str, "text", "")
+    if not prompt.strip():
+        raise _Invalid("'prompt' is empty")
+    return prompt.strip()
+
+
+def _inputs(mapping: dict[str, Any]) -> tuple[str, ...]:
+    if "inputs" not in mapping:
+        raise _Invalid("missing required key 'inputs' (files, folders or globs of images and videos)")
+    value = mapping["inputs"]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        shown = next((item for item in items if not isinstance(item, str)), None) if isinstance(items, list) else value
+        raise _Invalid(f"'inputs' must be text or a list of text (paths, folders, globs), got {_describe(shown)}")
+    if not items:
+        raise _Invalid("'inputs' is empty; name at least one file, folder or glob")
+    if any(not item.strip() for item in items):
+        raise _Invalid("'inputs' holds an empty entry")
+    return tuple(items)
+
+
+def _mode(mapping: dict[str, Any]) -> str:
+    mode = _optional(mapping, "mode", _is_str, "text", "each")
+    if mode not in MODES:
+        raise _Invalid(f"'mode' must be 'each' or 'together', got {mode!r}")
+    return mode
+
+
+def _job_id(mapping: dict[str, Any], path: Path) -> str:
+    job_id = _optional(mapping, "id", _is_str, "text", None)
+    where = "'id'" if job_id is not None else f"the job's file name {path.stem!r} (used as its id)"
+    job_id = path.stem if job_id is None else job_id
+    if not job_id or job_id != job_id.strip():
+        raise _Invalid(f"{where} must be non-empty, without leading or trailing spaces")
+    if len(job_id) > _MAX_ID_CHARS:
+        raise _Invalid(f"{where} is longer than {_MAX_ID_CHARS} characters")
+    if job_id.startswith(".") or any(ch in "/\\" or not ch.isprintable() for ch in job_id):
+        raise _Invalid(f"{where} must not start with '.' or hold slashes or control characters")
+    return job_id
+
+
+def _generation(mapping: dict[str, Any], defaults: GenerationSettings) -> GenerationSettings:
+    overrides = _overrides(mapping, _GENERATION_KEYS)
+    temperature = overrides.get("temperature", 0)
+    if temperature < 0:
+        raise _Invalid(f"'temperature' must be 0 (greedy) or more, got {temperature}")
+    try:
+        return dataclasses.replace(defaults, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise _Invalid(f"invalid generation setting: {exc}") from None
+
+
+def _media_settings(mapping: dict[str, Any], defaults: MediaSettings) -> MediaSettings:
+    try:
+        return dataclasses.replace(defaults, **_overrides(mapping, _MEDIA_KEYS))
+    except (ValueError, TypeError) as exc:
+        raise _Invalid(f"invalid media setting: {exc}") from None
+
+
+def _overrides(mapping: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    out = {}
+    for key in keys:
+        if key in mapping:
+            check, expected = _VALUE_TYPES[key]
+            out[key] = _optional(mapping, key, check, expected, None)
+    return out
+
+
+def _tags(mapping: dict[str, Any]) -> list[str] | dict[str, Any]:
+    tags = mapping.get("tags", [])
+    if isinstance(tags, list):
+        return [_tag_item(item) for item in tags]
+    if isinstance(tags, dict):
+        return {_tag_key(key): _tag_value(key, value) for key, value in tags.items()}
+    raise _Invalid(f"'tags' must be a list of text or a mapping of names to values, got {_describe(tags)}")
+
+
+def _tag_item(item: Any) -> str:
+    # Unquoted YAML turns `2024` into a number and `2024-06-01` into a date: keep them as the text written.
+    if isinstance(item, str):
+        return item
+    if isinstance(item, (datetime.date, datetime.datetime)):
+        return item.isoformat()
+    if _is_number(item):
+        return str(item)
+    raise _Invalid(f"'tags' list entries must be text, got {_describe(item)}")
+
+
+def _tag_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise _Invalid(f"'tags' mapping keys must be text, got {_describe(key)}")
+    return key
+
+
+def _tag_value(key: str, value: Any) -> Any:
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise _Invalid(f"tag '{key}' must be a single value (text, number, true/false or null), got {_describe(value)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Media
+
+
+def _roots(paths: Iterable[Path]) -> tuple[Path, ...]:
+    unique: dict[Path, None] = {}
+    for root in paths:
+        unique[Path(os.path.realpath(os.path.expanduser(root)))] = None
+    return tuple(unique)
+
+
+def _is_media_name(path: str) -> bool:
+    suffix = os.path.splitext(path)[1].lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS
+
+
+def _check_together(files: tuple[Path, ...]) -> None:
+    videos = [path for path in files if media_kind(path) == "video"]
+    if videos:
+        raise _Invalid(f"mode together takes images only, but the inputs include the video {videos[0].name!r}")
+    if len(files) > MAX_TOGETHER:
+        raise _Invalid(f"mode together takes at most {MAX_TOGETHER} images, but the inputs match {len(files)}")
+
+
+class _Resolver:
+    """Turns input strings (files, folders, globs) into real media paths inside the allowed roots."""
+
+    def __init__(self, roots: tuple[Path, ...], base: Path) -> None:
+        self.roots = roots
+        self.base = base
+
+    def resolve_all(self, inputs: Iterable[str]) -> tuple[Path, ...]:
+        found: set[Path] = set()
+        for spec in inputs:
+            try:
+                found.update(self.resolve(spec))
+            except OSError as exc:  # a folder we may not list or stat, say
+                raise _Invalid(f"input {spec!r}: cannot read {exc.filename or 'it'} ({exc.strerror})") from None
+        return tuple(sorted(found, key=lambda p: p.parts))
+
+    def resolve(self, spec: str) -> list[Path]:
+        candidate = self.base / os.path.expanduser(spec)
+        if _GLOB_MAGIC.search(spec) and not os.path.lexists(candidate):
+            return self._glob(spec)
+        real = self._inside(candidate, spec)
+        if not real.exists():
+            raise _Invalid(f"input {spec!r} not found (looked for {candidate})")
+        if real.is_dir():
+            return self._folder(real, spec)
+        if not real.is_file():
+            raise _Invalid(f"input {spec!r} is not a regular file or folder")
+        try:
+            media_kind(real)
+        except MediaError as exc:
+            raise _Invalid(f"input {spec!r}: {exc.reason}") from None
+        return [real]
+
+    def _inside(self, path: Path | str, spec: str) -> Path:
+        """The real path, after every symlink and '..'; rejected unless it lies under an allowed root."""
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(root) for root in self.roots):
+            shown = "" if str(path) == str(self.base / spec) else f" ({path})"
+            allowed = ", ".join(str(root) for root in self.roots)
+            raise _Invalid(f"input {spec!r}{shown} is outside the allowed media folders ({allowed})")
+        return real
+
+    def _folder(self, folder: Path, spec: str) -> list[Path]:
+        files = list(self._walk(folder, spec))
+        if not files:
+            raise _Invalid(f"folder {spec!r} holds no images or videos")
+        return files
+
+    def _walk(self, folder: Path, spec: str) -> Iterator[Path]:
+        """Media files under a folder, recursively; hidden names skipped, symlinks followed but checked."""
+        pending, seen = [folder], {folder}
+        while pending:
+            current = pending.pop()
+            try:
+                entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+            except OSError as exc:
+                raise _Invalid(f"input {spec!r}: cannot list folder {current} ({exc.strerror})") from None
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                target = Path(os.path.realpath(entry.path))
+                if target.is_dir():
+                    if target not in seen:  # a link back to a folder already walked (or a loop)
+                        seen.add(self._inside(entry.path, spec))
+                        pending.append(target)
+                elif _is_media_name(str(target)) and target.is_file():
+                    yield self._inside(entry.path, spec)
+
+    def _glob(self, spec: str) -> list[Path]:
+        pattern = os.path.expanduser(spec)
+        self._inside(self.base / _literal_prefix(pattern), spec)  # never scan outside the roots
+        root_dir = None if os.path.isabs(pattern) else self.base
+        matches = sorted(glob.glob(pattern, root_dir=root_dir, recursive=True))
+        if not matches:
+            raise _Invalid(f"glob {spec!r} matches nothing")
+        files = []
+        for match in matches:
+            path = self.base / match
+            if path.name.startswith(".") or not _is_media_name(os.path.realpath(path)) or path.is_dir():
+                continue
+            real = self._inside(path, spec)
+            if real.is_file():
+                files.append(real)
+        if not files:
+            raise _Invalid(f"glob {spec!r} matches no images or videos")
+        return files
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The leading path components of a glob that hold no wildcard (the folder it searches)."""
+    parts = []
+    for part in PurePath(pattern).parts:
+        if _GLOB_MAGIC.search(part):
+            break
+        parts.append(part)
+    return str(PurePath(*parts)) if parts else "."

@@ -1,0 +1,91 @@
+"""A temporary vlbatch installation for worker tests: config.yaml, spool, database and media in one folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+from synthetic import synthetic_image
+
+from batch.config import Config, load_config
+
+
+@dataclass
+class SpoolEnv:
+    root: Path
+    model: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "jobs" / "inbox"
+
+    @property
+    def media(self) -> Path:
+        return self.root / "media"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "vlbatch.db"
+
+    def write_config(self, lease: float = 2.0, settle: float = 0.2, rescan: float = 1.0) -> None:
+        self.config_path.write_text(
+            f"model:\n  dir: {self.model}\n"
+            "generation:\n  max_new_tokens: 12\n"
+            f"spool:\n  dir: jobs\n  database: vlbatch.db\n  media_roots: [media]\n"
+            f"  lease_seconds: {lease}\n  settle_seconds: {settle}\n  rescan_seconds: {rescan}\n"
+        )
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def image(self, name: str, seed: int = 0, size: tuple[int, int] = (160, 120)) -> Path:
+        path = self.media / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synthetic_image(*size, seed=seed).save(path)
+        return path
+
+    def drop(self, name: str, text: str, when: float | None = None) -> Path:
+        """Write a job into the inbox as a finished file (written under a temp name, then renamed)."""
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        tmp = self.inbox / f".{name}.tmp"
+        tmp.write_text(text)
+        if when is not None:
+            os.utime(tmp, (when, when))
+        os.rename(tmp, self.inbox / name)
+        return self.inbox / name
+
+    def db(self) -> sqlite_utils.Database:
+        return sqlite_utils.Database(self.db_path)
+
+    def job(self, job_id: str) -> dict | None:
+        if not self.db_path.exists():
+            return None
+        rows = list(self.db().query("select * from jobs where id = ?", [job_id]))
+        return rows[0] if rows else None
+
+    def cli(self, *args: str) -> list[str]:
+        script = Path(sys.executable).parent / "vlbatch"
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "batch"]
+        return [*command, "--config", str(self.config_path), *args]
+
+    def spawn(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
