@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -228,8 +229,10 @@ def load_tokenizer(folder: Path):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"{folder}: cannot load the tokenizer ({exc})") from exc
     finally:
         hf_logging.set_verbosity(level)
+    tokenizer.model_max_length = sys.maxsize  # the model's own prefill capacity is checked instead
+    return tokenizer

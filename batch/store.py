@@ -10,6 +10,7 @@ Tables (see README, "The database"):
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -146,16 +147,33 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite_utils.Database(self.path)
         self.db.execute("PRAGMA busy_timeout = 30000")  # several workers share one file
-        self.db.enable_wal()
-        migrations.apply(self.db)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time switches to WAL and migrates
+            self.db.enable_wal()
+            migrations.apply(self.db)
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
-        with self.db.atomic():
+        """A write transaction that takes the write lock up front (BEGIN IMMEDIATE).
+
+        With several workers on one file, a plain deferred transaction that reads and then writes can fail
+        at once with "database is locked"; an immediate one waits its turn (busy_timeout) instead.
+        """
+        conn = self.db.conn
+        if conn.in_transaction:
+            with self.db.atomic():  # nested: a savepoint
+                yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.execute("COMMIT")
 
     # jobs ---------------------------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -164,7 +182,7 @@ class Store:
 
     def start_job(self, job_id: str, fields: dict[str, Any], worker: str) -> int:
         """Mark a job running; returns its attempt number (a job found still running was interrupted)."""
-        with self.db.atomic():
+        with self.atomic():
             previous = self.job(job_id)
             resumed = previous is not None and previous["state"] == "running"
             attempts = previous["attempts"] + 1 if resumed else 1
@@ -195,7 +213,7 @@ class Store:
 
     def finish_job(self, job_id: str, state: str, error: str | None = None, traceback: str | None = None) -> None:
         assert state in JOB_STATES
-        with self.db.atomic():
+        with self.atomic():
             counts = self.db.execute(
                 "SELECT count(*), coalesce(sum(jr.reused), 0), coalesce(sum(r.error IS NOT NULL), 0) "
                 "FROM job_results jr JOIN results r ON r.id = jr.result_id WHERE jr.job_id = ?",
@@ -250,7 +268,7 @@ class Store:
         """Insert one answer (or one media failure) and link it to the job, in one transaction."""
         unknown = set(row) - set(RESULT_COLUMNS)
         assert not unknown, unknown
-        with self.db.atomic():
+        with self.atomic():
             result_id = self.db["results"].insert({**row, "job_id": job_id, "created_utc": utc_now()}).last_pk
             self.link(job_id, result_id, reused=False)
         return int(result_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -69,7 +70,10 @@ class SpoolEnv:
     def job(self, job_id: str) -> dict | None:
         if not self.db_path.exists():
             return None
-        rows = list(self.db().query("select * from jobs where id = ?", [job_id]))
+        try:
+            rows = list(self.db().query("select * from jobs where id = ?", [job_id]))
+        except sqlite3.OperationalError:  # tables not created yet
+            return None
         return rows[0] if rows else None
 
     def cli(self, *args: str) -> list[str]:
