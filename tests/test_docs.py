@@ -1,0 +1,41 @@
+"""The README documents every command, and every command has help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from batch.cli import main
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_command_is_in_the_readme_and_has_help():
+    expected = {"ask", "submit", "watch", "run", "status", "results", "config", "export", "make-model"}
+    assert set(main.commands) == expected
+    for name, command in main.commands.items():
+        assert f"`vlbatch {name}`" in README, name
+        result = CliRunner().invoke(main, [name, "--help"])
+        assert result.exit_code == 0 and command.help.splitlines()[0] in result.stdout, name
+
+
+def test_every_database_column_is_documented(tmp_path):
+    from batch.store import Store
+
+    store = Store(tmp_path / "docs.db")
+    for table in ("jobs", "results", "job_results", "sidecars"):
+        assert f"`{table}`" in README, table
+        for column in store.db[table].columns_dict:
+            assert f"`{column}`" in README, f"{table}.{column}"
+    store.close()
+
+
+def test_every_config_setting_is_in_config_yaml():
+    from batch.config import Config
+
+    text = (Path(__file__).resolve().parents[1] / "config.yaml").read_text()
+    for section, values in Config().to_dict().items():
+        assert f"{section}:" in text
+        for key in values:
+            assert f"  {key}:" in text, f"{section}.{key}"
