@@ -17,7 +17,7 @@ def test_every_command_is_in_the_readme_and_has_help():
     for name, command in main.commands.items():
         assert f"`vlbatch {name}`" in README, name
         result = CliRunner().invoke(main, [name, "--help"])
-        assert result.exit_code == 0 and command.help.splitlines()[0] in result.stdout, name
+        assert result.exit_code == 0 and command.help.split(".")[0][:40] in " ".join(result.stdout.split()), name
 
 
 def test_every_database_column_is_documented(tmp_path):
