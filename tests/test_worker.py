@@ -293,3 +293,50 @@ def test_results_and_status_commands(env):
     assert status["throughput"]["1h"]["answers"] == 3
     assert "spool:" in cli("status")
     assert "media_roots" in cli("config")
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(env):
+    env.image("x.png")
+    store = Store(env.db_path)
+    store.start_job("doomed", {"source": "doomed.yaml"}, "host:1")
+    for _ in range(2):  # two more starts that "died": the row is still running, attempts 3
+        store.start_job("doomed", {"source": "doomed.yaml"}, "host:1")
+    store.close()
+    env.drop("doomed.yaml", "prompt: hi\ninputs: ../../media/x.png\n")
+    outcome = drain(env)["doomed"]
+    assert outcome.state == "failed" and "gave up after 3 attempts" in outcome.reason
+    assert env.job("doomed")["attempts"] == 4 and results_of(env, "doomed") == []
+
+
+def test_temp_hidden_and_partial_names_are_never_read(env):
+    spool = Spool(env.root / "jobs", settle_seconds=0).ensure()
+    for name in [".hidden.yaml", "job.yaml.tmp", "job.yaml.part", "notes.txt", "real.yml"]:
+        (spool.inbox / name).write_text("prompt: hi\n")
+    (spool.inbox / "folder.yaml").mkdir()
+    assert [p.name for p in spool.pending()[0]] == ["real.yml"]
+
+
+def test_submit_resolves_paths_from_the_job_folder_and_refuses_media_outside_the_roots(env, tmp_path):
+    env.image("sub/a.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.png").write_bytes((env.media / "sub" / "a.png").read_bytes())
+    (env.media / "sub" / "job.yaml").write_text("prompt: hi\ninputs: a.png\n")
+    (elsewhere / "job.yaml").write_text("prompt: hi\ninputs: b.png\n")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["--config", str(env.config_path), "submit", str(env.media / "sub" / "job.yaml")])
+    assert ok.exit_code == 0, ok.stderr
+    assert str(env.media / "sub" / "a.png") in (env.inbox / "job.yaml").read_text()
+    refused = runner.invoke(main, ["--config", str(env.config_path), "submit", str(elsewhere / "job.yaml")])
+    assert refused.exit_code == 1 and "outside the allowed media folders" in refused.stderr
+    assert sorted(p.name for p in env.inbox.iterdir()) == ["job.yaml"]
+    assert drain(env)["job"].state == "done"
+
+
+def test_environment_overrides_the_config_file(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLBATCH_DATABASE", str(tmp_path / "other.db"))
+    monkeypatch.setenv("VLBATCH_SPOOL_DIR", str(tmp_path / "spool2"))
+    config = env.config()
+    assert config.spool.database == tmp_path / "other.db" and config.spool.dir == tmp_path / "spool2"
+    shown = CliRunner().invoke(main, ["--config", str(env.config_path), "config"]).stdout
+    assert str(tmp_path / "other.db") in shown
