@@ -340,3 +340,16 @@ def test_environment_overrides_the_config_file(env, monkeypatch, tmp_path):
     assert config.spool.database == tmp_path / "other.db" and config.spool.dir == tmp_path / "spool2"
     shown = CliRunner().invoke(main, ["--config", str(env.config_path), "config"]).stdout
     assert str(tmp_path / "other.db") in shown
+
+
+def test_a_second_stop_signal_hands_the_job_back(env):
+    env.image("x.png")
+    env.drop("back.yaml", "prompt: hi\ninputs: ../../media/x.png\n")
+    w = worker(env)
+    claim = w.spool.claim(w.spool.pending(now=1e12)[0][0])
+    w.stop_requested = w.abort_requested = True  # as after two SIGTERMs
+    outcome = w.process(claim)
+    w.close()
+    assert outcome.state == "handed_back"
+    assert (env.inbox / "back.yaml").exists() and not list((env.root / "jobs" / "work").iterdir())
+    assert drain(env)["back"].state == "done" and env.job("back")["attempts"] == 2
