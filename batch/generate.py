@@ -54,10 +54,6 @@ class Timings:
     def tokens_per_s(self) -> float:
         return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
 
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
-
     def to_dict(self) -> dict[str, float]:
         data = asdict(self)
         data["tokens_per_s"] = self.tokens_per_s

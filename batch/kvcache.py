@@ -29,10 +29,6 @@ class KVCache:
         """Views (no copy) of the first `length` rows of one layer: (1, length, kv_dim) each."""
         return self.k[layer][:, :length], self.v[layer][:, :length]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-
 
 def prefill_mask(start: int, n: int, rows: int, cols: int, dtype: type = np.float32) -> np.ndarray:
     """(1, rows, cols) mask for a chunk whose first token sits at position `start`.

@@ -50,10 +50,3 @@ def build_prompt(
     parts.append(f"{IM_START}user\n{user_content(question, media, tokens_per_tile)}{IM_END}\n")
     parts.append(f"{IM_START}assistant\n")
     return "".join(parts)
-
-
-def tokens_for(media: PromptMedia | None, tokens_per_tile: int) -> int:
-    """Prompt tokens taken by the placeholders alone (context tokens plus <img> and </img>)."""
-    if media is None:
-        return 0
-    return sum(n * tokens_per_tile + 2 for n in media.tiles)

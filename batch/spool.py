@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-JOB_SUFFIXES = (".yaml", ".yml")
+from batch.jobfile import JOB_SUFFIXES
+
 IGNORED_SUFFIXES = (".tmp", ".part")
 FOLDERS = ("inbox", "work", "done", "failed", "rejected")
 LEASE = ".lease"

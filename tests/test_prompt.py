@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from batch.prompt import DEFAULT_SYSTEM, PromptMedia, build_prompt, tokens_for, user_content
+from batch.prompt import DEFAULT_SYSTEM, PromptMedia, build_prompt, user_content
 from batch.tiny_tokenizer import build_tokenizer
 
 TOKENS_PER_TILE = 256  # InternVL3: (448 / 14 / 2) ** 2 tokens per 448x448 tile after pixel shuffle
@@ -104,7 +104,6 @@ def test_text_only(media: PromptMedia | None) -> None:
         QUESTION, "image", [], SYSTEM
     )
     assert user_content(QUESTION, media, TOKENS_PER_TILE) == QUESTION
-    assert tokens_for(media, TOKENS_PER_TILE) == 0
 
 
 @pytest.mark.parametrize(("kind", "tiles"), CASES)
@@ -151,28 +150,6 @@ def test_question_kept_verbatim() -> None:
     assert prompt.endswith(f"</img>\n{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
-# --- tokens_for ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("kind", "tiles"), CASES)
-@pytest.mark.parametrize("tokens_per_tile", [1, 256])
-def test_tokens_for(kind: str, tiles: list[int], tokens_per_tile: int) -> None:
-    media = PromptMedia(kind, tuple(tiles))
-    expected = sum(n * tokens_per_tile + 2 for n in tiles)
-    assert tokens_for(media, tokens_per_tile) == expected
-    # Equal to the placeholder characters counted in the built prompt, one token each.
-    prompt = build_prompt(QUESTION, media, tokens_per_tile, system=None)
-    placeholders = prompt.count("<IMG_CONTEXT>") + prompt.count("<img>") + prompt.count("</img>")
-    assert tokens_for(media, tokens_per_tile) == placeholders
-
-
-def test_tokens_for_examples() -> None:
-    assert tokens_for(None, 256) == 0
-    assert tokens_for(PromptMedia("image", (1,)), 256) == 258
-    assert tokens_for(PromptMedia("image", (6, 1)), 256) == 6 * 256 + 2 + 256 + 2
-    assert tokens_for(PromptMedia("video", (1,) * 8), 256) == 8 * 258
-
-
 # --- tokenization with the tiny tokenizer -------------------------------------------------------------------
 
 
@@ -212,8 +189,8 @@ def test_special_tokens_never_split(tok, kind: str, tiles: list[int], system: st
         assert [f"{label}{i}: " in text for i in range(1, len(tiles) + 1)] == [True] * len(tiles)
 
 
-def test_tokens_for_matches_tokenizer(tok) -> None:
+def test_placeholders_are_one_token_each(tok) -> None:
     media = PromptMedia("image", (3, 1))
     with_media = tok.encode(build_prompt("Q", media, TOKENS_PER_TILE, system=None), add_special_tokens=False)
     special = set(tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]))
-    assert sum(t in special for t in with_media) == tokens_for(media, TOKENS_PER_TILE)
+    assert sum(t in special for t in with_media) == (3 + 1) * TOKENS_PER_TILE + 2 * 2
