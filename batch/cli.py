@@ -163,7 +163,14 @@ def timing_table(result: GenerationResult) -> str:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--kv-capacity", default=4096, show_default=True, type=click.IntRange(min=2), help="Positions held.")
 @click.option("--chunk", default=128, show_default=True, type=click.IntRange(min=1), help="Prefill chunk length.")
-def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int) -> None:
+@click.option(
+    "--weights",
+    type=click.Choice(["fp32", "int8", "int4"]),
+    default="fp32",
+    show_default=True,
+    help="Weight-only quantization of every matrix multiply (onnxruntime MatMulNBits).",
+)
+def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int, weights: str) -> None:
     """Export a Hugging Face InternVL folder (HF_DIR) into ONNX graphs for the CPU runtime (OUT_DIR)."""
     from tqdm import tqdm
 
@@ -178,7 +185,7 @@ def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int) -> None:
             if step != "vit":
                 bar.update()
 
-        manifest = run_export(hf_dir, out_dir, kv_capacity=kv_capacity, chunk=chunk, progress=progress)
+        manifest = run_export(hf_dir, out_dir, kv_capacity=kv_capacity, chunk=chunk, progress=progress, weights=weights)
         bar.update()
     click.echo(f"exported to {manifest.parent}")
 

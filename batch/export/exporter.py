@@ -7,7 +7,9 @@ tokenizer files, so the folder is self-contained.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ FORMAT = "vlbatch-onnx"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK = 128
 DEFAULT_KV_CAPACITY = 4096
+WEIGHT_FORMATS = {"fp32": 32, "int8": 8, "int4": 4}
 # graphs above this size keep their weights in a side file (protobuf caps a file at 2 GB)
 _EXTERNAL_DATA_BYTES = 256 * 1024 * 1024
 TOKENIZER_FILES = (
@@ -43,8 +46,15 @@ def export(
     kv_capacity: int = DEFAULT_KV_CAPACITY,
     chunk: int = DEFAULT_CHUNK,
     progress: Callable[[str], None] | None = None,
+    weights: str = "fp32",
 ) -> Path:
-    """Export `hf_dir` into `out_dir`; returns the manifest path."""
+    """Export `hf_dir` into `out_dir`; returns the manifest path.
+
+    `weights`: fp32, or int8 / int4 weight-only quantization of every MatMul (onnxruntime's MatMulNBits,
+    symmetric, blocks of 32, accuracy level 4 = int8 arithmetic on the activations).
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     ckpt = Checkpoint(hf_dir)
     ckpt.check_complete()
     spec = ckpt.spec
@@ -54,15 +64,16 @@ def export(
     step = progress or (lambda _msg: None)
 
     step("vit")
-    _save(vit_graph(spec, ckpt.tensor), out_dir / "vit.onnx")
+    save = functools.partial(_save, weights=weights)
+    save(vit_graph(spec, ckpt.tensor), out_dir / "vit.onnx")
     layers = []
     for i in range(spec.text.num_layers):
         step(f"layer {i + 1}/{spec.text.num_layers}")
         name = f"llm_layer_{i:02d}.onnx"
-        _save(decoder_layer_graph(spec, i, ckpt.tensor), out_dir / name)
+        save(decoder_layer_graph(spec, i, ckpt.tensor), out_dir / name)
         layers.append(name)
     step("post")
-    _save(post_graph(spec, ckpt.tensor), out_dir / "post.onnx")
+    save(post_graph(spec, ckpt.tensor), out_dir / "post.onnx")
     step("embeddings")
     np.save(out_dir / "embed_tokens.npy", ckpt.tensor("language_model.model.embed_tokens.weight"))
 
@@ -76,6 +87,7 @@ def export(
         "source_layout": ckpt.layout,
         "prefill_chunk": chunk,
         "kv_capacity": min(kv_capacity, spec.text.max_position_embeddings),
+        "weights": weights,
         "files": {"vit": "vit.onnx", "layers": layers, "post": "post.onnx", "embed": "embed_tokens.npy"},
     }
     path = out_dir / MANIFEST
@@ -83,7 +95,23 @@ def export(
     return path
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
+def _quantize(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    return quantizer.model.model
+
+
+def _save(model: onnx.ModelProto, path: Path, weights: str = "fp32") -> None:
+    if weights != "fp32":
+        model = _quantize(model, WEIGHT_FORMATS[weights])
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     if model.ByteSize() > _EXTERNAL_DATA_BYTES:
