@@ -22,6 +22,7 @@ from batch.prompt import DEFAULT_SYSTEM, END_OF_TEXT, IM_END, IMG_CONTEXT, IMG_E
 from batch.runtime.axengine_backend import EMBED_FILE
 from batch.runtime.base import Backend
 from batch.runtime.select import folder_kind, open_backend
+from batch.vit_cache import VitCache
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Pipeline:
         self.embeddings = embeddings
         self.media = media or MediaSettings(max_tiles=spec.max_dynamic_patch, use_thumbnail=spec.use_thumbnail)
         self.system = system
+        self.vit_cache = VitCache()
         vocab = tokenizer.get_vocab()
         missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT, IM_END) if t not in vocab]
         if missing:
@@ -161,7 +163,11 @@ class Pipeline:
         embeds = np.asarray(self.embeddings[request.ids], dtype=np.float32)  # (S, hidden)
         if request.pixels is not None:
             t = time.perf_counter()
-            features = self.backend.vit(request.pixels)  # (tiles, 256, hidden)
+            key = VitCache.key(request.pixels)
+            features = self.vit_cache.get(key)
+            if features is None:
+                features = self.backend.vit(request.pixels)  # (tiles, 256, hidden)
+                self.vit_cache.put(key, features)
             timings.vit_ms = (time.perf_counter() - t) * 1e3
             slots = request.ids == self.image_token
             embeds[slots] = features.reshape(-1, features.shape[-1])

@@ -9,6 +9,7 @@ from batch.errors import PromptTooLongError
 from batch.export.exporter import export
 from batch.generate import GenerationSettings, Timings, num_chunks
 from batch.kvcache import MASKED, decode_mask, prefill_mask
+from batch.media import MediaSettings
 from batch.pipeline import Pipeline, Request
 
 
@@ -82,3 +83,17 @@ def test_generation_stops_when_the_cache_is_full(tiny_hf, tmp_path):
     with pytest.raises(PromptTooLongError, match=r"prompt is \d+ tokens but this model prefills at most 199; shorten"):
         small.prepare("word " * 250)
     small.close()
+
+
+def test_a_second_question_about_the_same_image_skips_the_vit(pipeline, media_dir, monkeypatch):
+    calls = []
+    original = pipeline.backend.vit
+    monkeypatch.setattr(pipeline.backend, "vit", lambda pixels: calls.append(len(pixels)) or original(pixels))
+    settings = GenerationSettings(max_new_tokens=4)
+    first = pipeline.ask("What is this?", [media_dir / "wide.png"], settings)
+    again = pipeline.ask("And the colours?", [media_dir / "wide.png"], settings)
+    other = pipeline.ask("What is this?", [media_dir / "photo.jpg"], settings)
+    one_tile = MediaSettings(max_tiles=1)
+    smaller = pipeline.ask("What is this?", [media_dir / "wide.png"], settings, media_settings=one_tile)
+    assert calls == [4, other.tiles, 1]  # the repeat reused the first result; new pixels or fewer tiles did not
+    assert again.timings.vit_ms < first.timings.vit_ms and smaller.tiles == 1
