@@ -11,6 +11,7 @@ from batch.generate import GenerationSettings, Timings, num_chunks
 from batch.kvcache import MASKED, decode_mask, prefill_mask
 from batch.media import MediaSettings
 from batch.pipeline import Pipeline, Request
+from batch.vit_cache import VitCache
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def test_generation_stops_when_the_cache_is_full(tiny_hf, tmp_path):
 
 
 def test_a_second_question_about_the_same_image_skips_the_vit(pipeline, media_dir, monkeypatch):
+    monkeypatch.setattr(pipeline, "vit_cache", VitCache())  # earlier tests used the same images
     calls = []
     original = pipeline.backend.vit
     monkeypatch.setattr(pipeline.backend, "vit", lambda pixels: calls.append(len(pixels)) or original(pixels))
