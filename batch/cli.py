@@ -168,7 +168,7 @@ def timing_table(result: GenerationResult) -> str:
     type=click.Choice(["fp32", "int8", "int4"]),
     default="fp32",
     show_default=True,
-    help="Weight-only quantization of every matrix multiply (onnxruntime MatMulNBits).",
+    help="Weight-only quantization of the language model (onnxruntime MatMulNBits).",
 )
 def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int, weights: str) -> None:
     """Export a Hugging Face InternVL folder (HF_DIR) into ONNX graphs for the CPU runtime (OUT_DIR)."""

@@ -1,0 +1,132 @@
+"""vlbatch at InternVL3-2B's real shape (random weights): the upstream table's cases on this CPU.
+
+    python bench/run_bench.py [--weights int4 fp32] [--threads 2] [--decode-tokens 32] [--json out.json]
+
+Builds (once, cached under models/) the real-shape model and one export per weight format, then reports
+per export: model load time, ViT ms per 448 tile, TTFT for 0 images (128-token prompt), 1 image, 4 images
+and an 8-frame video, decode ms/token and tokens/s over a fixed number of tokens (end-of-turn ignored),
+and the process's peak RSS. A benchmark, not a test: nothing checks these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from synthetic import write_demo_media  # noqa: E402
+
+from batch.export.exporter import export  # noqa: E402
+from batch.generate import GenerationSettings, Timings  # noqa: E402
+from batch.media import MediaSettings  # noqa: E402
+from batch.pipeline import Pipeline, Request  # noqa: E402
+from batch.tinymodel import make_model  # noqa: E402
+
+MODELS = REPO / "models"
+
+
+def cached_export(weights: str) -> Path:
+    hf = MODELS / "real-shape-hf"
+    if not (hf / "config.json").exists():
+        make_model(hf, preset="real-shape")
+    out = MODELS / f"real-shape-{weights}"
+    if not (out / "manifest.json").exists():
+        export(hf, out, weights=weights)
+    return out
+
+
+def machine() -> dict[str, str | int]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count() or 0, "python": platform.python_version()}
+
+
+def run_case(pipeline: Pipeline, request: Request, decode_tokens: int) -> dict[str, float]:
+    timings = Timings()
+    settings = GenerationSettings(max_new_tokens=decode_tokens + 1, ignore_eos=True)
+    for _ in pipeline.steps(request, settings, timings):
+        pass
+    return {
+        "prompt_tokens": len(request.ids),
+        "vit_ms": timings.vit_ms,
+        "prefill_ms": timings.prefill_ms,
+        "ttft_ms": timings.ttft_ms,
+        "decode_ms_per_token": timings.decode_ms / max(1, timings.decode_tokens),
+        "decode_tok_s": timings.tokens_per_s,
+    }
+
+
+def bench_export(folder: Path, threads: int, decode_tokens: int, media: Path) -> dict[str, object]:
+    started = time.perf_counter()
+    pipeline = Pipeline.open(folder, threads=threads, media=MediaSettings(max_tiles=1))
+    load_s = time.perf_counter() - started
+    text = Request(np.random.default_rng(0).integers(0, 1000, 128), None, None, 0.0)
+    cases = {
+        "0 images": text,
+        "1 image": pipeline.prepare("Describe the image.", [media / "beach.jpg"]),
+        "4 images": pipeline.prepare(
+            "Compare.", [media / n for n in ("beach.jpg", "street.png", "market.jpg", "harbor.png")]
+        ),
+        "video 8 frames": pipeline.prepare("What happens?", [media / "clip.mp4"]),
+    }
+    results = {}
+    for name, request in cases.items():
+        pipeline.vit_cache = type(pipeline.vit_cache)()  # time the ViT every time
+        results[name] = run_case(pipeline, request, decode_tokens)
+        r = results[name]
+        print(
+            f"  {name:<15} {r['prompt_tokens']:>5} tokens  ViT {r['vit_ms']:8.0f} ms  TTFT {r['ttft_ms']:8.0f} ms  "
+            f"decode {r['decode_tok_s']:5.2f} tok/s",
+            flush=True,
+        )
+    pipeline.close()
+    one = results["1 image"]
+    return {
+        "load_s": load_s,
+        "vit_ms_per_tile": one["vit_ms"],
+        "prefill_tok_s": one["prompt_tokens"] / (one["prefill_ms"] / 1e3),
+        "cases": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", nargs="+", default=["int4", "fp32"], choices=["fp32", "int8", "int4"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    report: dict[str, object] = {"machine": {**machine(), "threads": args.threads}, "model": "real-shape, random"}
+    print(f"machine: {report['machine']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        media = Path(tmp)
+        write_demo_media(media)
+        for weights in args.weights:
+            folder = cached_export(weights)
+            print(f"{weights}:", flush=True)
+            report[weights] = bench_export(folder, args.threads, args.decode_tokens, media)
+            r = report[weights]
+            summary = f"ViT {r['vit_ms_per_tile']:.0f} ms/tile, prefill {r['prefill_tok_s']:.1f} tok/s"
+            print(f"  load {r['load_s']:.1f} s, {summary}")
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
