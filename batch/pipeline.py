@@ -182,8 +182,16 @@ class Pipeline:
         media_settings: MediaSettings | None = None,
     ) -> GenerationResult:
         """Answer one question about zero or more images or one video; `on_text` receives the streamed text."""
+        return self.answer(self.prepare(question, media, media_settings), settings, on_text)
+
+    def answer(
+        self,
+        request: Request,
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate the answer to a prepared request (see prepare(), which a caller may run ahead)."""
         settings = settings or GenerationSettings()
-        request = self.prepare(question, media, media_settings)
         timings = Timings()
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         tokens: list[int] = []

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from batch.config import Config
 from batch.errors import VlbatchError
 from batch.jobfile import Job, JobRejected, parse_job
 from batch.logs import event
-from batch.pipeline import Pipeline, model_identity
+from batch.pipeline import Pipeline, Request, model_identity
 from batch.spool import Claim, Spool
 from batch.store import Store, cache_key, file_sha256, worker_name
 
@@ -67,6 +68,7 @@ class Worker:
         self.stop_requested = False  # first signal: finish the current job, then stop
         self.abort_requested = False  # second signal: hand the current job back now
         self.wake = threading.Event()
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
     @classmethod
     def from_config(cls, config: Config, force: bool = False) -> Worker:
@@ -89,6 +91,7 @@ class Worker:
         return self._pipeline
 
     def close(self) -> None:
+        self._prefetch.shutdown(cancel_futures=True)
         if self._pipeline is not None:
             self._pipeline.close()
         self.store.close()
@@ -263,8 +266,13 @@ class Worker:
         failures: list[str] = []
         settings = job.settings_dict()
         units = job.units()
+        ahead: dict[int, Future[Request]] = {}  # the next unit's media, decoded while this one generates
+
+        def start(index: int) -> Future[Request]:
+            return self._prefetch.submit(self.pipeline.prepare, job.prompt, units[index], job.media_settings)
+
         bar = tqdm(units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
-        for unit in bar:
+        for index, unit in enumerate(bar):
             if self.abort_requested:
                 raise HandBack
             paths = [str(p) for p in unit]
@@ -293,9 +301,10 @@ class Worker:
                 "model_id": self.model_id,
             }
             try:
-                result = self.pipeline.ask(
-                    job.prompt, unit, job.generation, on_text=self._check_abort, media_settings=job.media_settings
-                )
+                request = ahead.pop(index, None) or start(index)
+                if index + 1 < len(units):
+                    ahead[index + 1] = start(index + 1)
+                result = self.pipeline.answer(request.result(), job.generation, on_text=self._check_abort)
             except VlbatchError as exc:  # unreadable media, too long a prompt: this unit only
                 self.store.add_result(job.id, {**base, "cache_key": None, "error": str(exc)})
                 failures.append(str(exc))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,33 @@ def test_a_second_stop_signal_hands_the_job_back(env):
     assert outcome.state == "handed_back"
     assert (env.inbox / "back.yaml").exists() and not list((env.root / "jobs" / "work").iterdir())
     assert drain(env)["back"].state == "done" and env.job("back")["attempts"] == 2
+
+
+def test_the_next_units_media_is_prepared_while_the_current_one_generates(env, monkeypatch):
+    for i in range(3):
+        env.image(f"p/{i}.png", i)
+    env.drop("ahead.yaml", "prompt: Caption.\ninputs: ../../media/p/\n")
+    w = worker(env)
+    pipeline = w.pipeline
+    events: list[str] = []
+    prepare, answer = pipeline.prepare, pipeline.answer
+
+    def spy_prepare(question, media, settings=None):
+        events.append(f"prepare {Path(media[0]).stem}")
+        return prepare(question, media, settings)
+
+    def spy_answer(request, settings=None, on_text=None):
+        events.append("answer start")
+        result = answer(request, settings, on_text)
+        time.sleep(0.2)  # a slow model: the side thread has time to run
+        events.append("answer end")
+        return result
+
+    monkeypatch.setattr(pipeline, "prepare", spy_prepare)
+    monkeypatch.setattr(pipeline, "answer", spy_answer)
+    outcomes = w.drain()
+    w.close()
+    assert outcomes[0].state == "done"
+    first_end = events.index("answer end")
+    assert "prepare 1" in events[:first_end]  # unit 1 was decoded before unit 0's answer finished
+    assert events.count("prepare 1") == 1 and len(results_of(env, "ahead")) == 3
