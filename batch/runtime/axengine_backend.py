@@ -145,6 +145,7 @@ class AxBackend(Backend):
         self._post = _Session(axengine, posts[0], providers)
         self._vit = _Session(axengine, vit, providers)
         self.num_layers = len(self._layers)
+        self._step_inputs: tuple[int, np.ndarray, np.ndarray] | None = None
         self._read_shapes()
 
     def _read_shapes(self) -> None:
@@ -202,15 +203,24 @@ class AxBackend(Backend):
         cache.write(layer, start, k_rows[:, :n], v_rows[:, :n])
         return out[:, :n]
 
+    def _decode_step_inputs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """indices and mask for position `pos`: the same for every layer, so made once per token."""
+        if self._step_inputs is None or self._step_inputs[0] != pos:
+            first = self._layers[0]
+            mask_node = first.input(0, "mask")
+            indices = first.input(0, "indices").cast(np.full((1, 1), pos))
+            self._step_inputs = (pos, indices, mask_node.cast(decode_mask(pos, mask_node.shape[2])))
+        return self._step_inputs[1], self._step_inputs[2]
+
     def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
         session = self._layers[layer]
-        mask_node = session.input(0, "mask")
+        indices, mask = self._decode_step_inputs(pos)
         feed = {
-            "K_cache": cache.k[layer],
+            "K_cache": cache.k[layer],  # the full cache, as the decode graph is compiled; no copy on the host
             "V_cache": cache.v[layer],
-            "indices": session.input(0, "indices").cast(np.full((1, 1), pos)),
+            "indices": indices,
             "input": session.input(0, "input").cast(hidden),
-            "mask": mask_node.cast(decode_mask(pos, mask_node.shape[2])),
+            "mask": mask,
         }
         k_row, v_row, out = session.run(0, feed)
         cache.write(layer, pos, k_row, v_row)
