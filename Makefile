@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install test lint demo ask-demo clean
+.PHONY: install test lint demo ask-demo bench clean
 
 $(BIN)/vlbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## the example jobs on
 
 ask-demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## one question straight to the tiny model
 	$(BIN)/vlbatch ask -p "$(DEMO_PROMPT)" --max-new-tokens 48 $(DEMO_IMAGE)
+
+# llama.cpp built for AVX2/AVX512 without AMX: its AMX buffers crash on multi-token batches on AMX CPUs
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DLLAMA_CURL=OFF
+
+bench: install  ## real-shape speed table with the transformers and llama.cpp peers (needs .[bench], ~30 min)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run_bench.py --weights int4 fp32 --peers transformers llamacpp --json bench.json
 
 clean:
 	rm -rf models .pytest_cache jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected vlbatch.db*
