@@ -129,15 +129,7 @@ def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelPr
     g.output(k_new, "K_out", np.float32, [1, "chunk", t.kv_dim])
     g.output(v, "V_out", np.float32, [1, "chunk", t.kv_dim])
 
-    keys = g.op("Concat", [k_hist, k_new], axis=1)  # (1, P+S, kv_dim)
-    values = g.op("Concat", [v_hist, v], axis=1)
-    q = g.transpose(g.reshape(q, [1, -1, nkv, group, d]), [0, 2, 3, 1, 4])  # (1, nkv, group, S, d)
-    keys = g.transpose(g.reshape(keys, [1, -1, nkv, 1, d]), [0, 2, 3, 4, 1])  # (1, nkv, 1, d, P+S)
-    values = g.transpose(g.reshape(values, [1, -1, nkv, 1, d]), [0, 2, 3, 1, 4])  # (1, nkv, 1, P+S, d)
-    scores = g.op("Mul", [g.op("MatMul", [q, keys]), g.const(d**-0.5, np.float32)])
-    scores = g.op("Add", [scores, g.op("Unsqueeze", [mask, g.const([1, 2])])])
-    attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), values])  # (1, nkv, group, S, d)
-    attn = g.reshape(g.transpose(attn, [0, 3, 1, 2, 4]), [1, -1, hid])
+    attn = _attention(g, q, k_hist, v_hist, k_new, v, mask, nkv, group, d)  # (1, S, hidden)
     x = g.op("Add", [x, g.linear(attn, a + "o_proj", w(a + "o_proj.weight"))])
 
     h = g.rms_norm(x, p + "post_attention_layernorm", w(p + "post_attention_layernorm.weight"), t.rms_norm_eps)
@@ -147,6 +139,42 @@ def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelPr
     down = g.linear(g.op("Mul", [gate, up]), m + "down_proj", w(m + "down_proj.weight"))
     g.output(g.op("Add", [x, down]), "output", np.float32, [1, "chunk", hid])
     return g.build()
+
+
+def _attention(
+    g: GraphBuilder, q: str, k_hist: str, v_hist: str, k_new: str, v_new: str, mask: str, nkv: int, group: int, d: int
+) -> str:
+    """Grouped-query attention over history + chunk that reads the history rows where they lie.
+
+    Each query head is spread into a row of width kv_dim holding its values in its KV group's slice and zeros
+    elsewhere, so scores against all KV heads at once are one Gemm with the (P, kv_dim) history as it is
+    (transB, no transpose, no concatenation with the new rows); the values come back the same way and each
+    head keeps its own group's slice. Only the small score and probability rows are ever concatenated or
+    split, so a decode step costs no copy of the cache.
+    """
+    kv_dim, heads = nkv * d, nkv * group
+    onehot = np.eye(nkv, dtype=np.float32).reshape(1, nkv, 1, nkv, 1)  # (1, g, 1, slot, 1)
+    spread = g.weight("attn.group_onehot", onehot)
+    q5 = g.op("Unsqueeze", [g.reshape(q, [-1, nkv, group, d]), g.const([3])])  # (S, g, group, 1, d)
+    q_rows = g.reshape(g.op("Mul", [q5, spread]), [-1, kv_dim])  # (S*heads, kv_dim)
+    k_hist2, v_hist2 = g.reshape(k_hist, [-1, kv_dim]), g.reshape(v_hist, [-1, kv_dim])  # (P, kv_dim) views
+    k_new2, v_new2 = g.reshape(k_new, [-1, kv_dim]), g.reshape(v_new, [-1, kv_dim])  # (S, kv_dim)
+    scale = float(d**-0.5)
+    past = g.op("Gemm", [q_rows, k_hist2], transB=1, alpha=scale)  # (S*heads, P)
+    now = g.op("Gemm", [q_rows, k_new2], transB=1, alpha=scale)  # (S*heads, S)
+    joined = g.op("Concat", [past, now], axis=1)  # (S*heads, T) with T = P+S
+    total = g.op("Shape", [joined], start=1, end=2)
+    scores = g.op("Reshape", [joined, g.op("Concat", [g.const([-1, heads]), total], axis=0)])  # (S, heads, T)
+    scores = g.op("Add", [scores, g.op("Transpose", [mask], perm=[1, 0, 2])])  # mask (1, S, T) -> (S, 1, T)
+    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.op("Concat", [g.const([-1]), total], axis=0)])
+    history = g.op("Shape", [k_hist2], start=0, end=1)
+    p_past, p_now = g.ops(
+        "Split", [probs, g.op("Concat", [history, g.op("Shape", [k_new2], start=0, end=1)], axis=0)], 2, axis=1
+    )
+    out = g.op("Add", [g.op("MatMul", [p_past, v_hist2]), g.op("MatMul", [p_now, v_new2])])  # (S*heads, kv_dim)
+    out = g.op("Mul", [g.reshape(out, [-1, nkv, group, nkv, d]), spread])
+    out = g.op("ReduceSum", [out, g.const([3])], keepdims=0)  # (S, g, group, d): each head's own group
+    return g.reshape(out, [1, -1, heads * d])
 
 
 def post_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
