@@ -48,7 +48,7 @@ class OnnxBackend(Backend):
         manifest = read_manifest(self.folder)
         self.spec = ModelSpec.from_dict(manifest["spec"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _physical_cores()
+        options.intra_op_num_threads = threads or _usable_cpus()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ~30 sessions run one after another: threads left spinning by one would starve the next
@@ -101,5 +101,5 @@ class OnnxBackend(Backend):
         return self._post.run(None, {"input": np.ascontiguousarray(hidden, dtype=np.float32)})[0][0, -1]
 
 
-def _physical_cores() -> int:
+def _usable_cpus() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
