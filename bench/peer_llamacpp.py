@@ -5,7 +5,8 @@
 Writes GGUF_DIR/model-f16.gguf from the InternVL folder's language model (the `gguf` package; a byte-level
 vocabulary of the model's size), quantizes it with `llama_model_quantize`, and prints one JSON object with
 prefill tokens/s per prompt length and decode tokens/s for each quantization. Needs `pip install
-'vlbatch[bench]'` (llama-cpp-python compiles from source, about 10 minutes).
+'vlbatch[bench]'` (llama-cpp-python compiles from source, 5-10 minutes); `make bench` builds it without
+AMX, whose buffers crashed llama.cpp on multi-token batches on an AMX-capable Xeon.
 """
 
 from __future__ import annotations
