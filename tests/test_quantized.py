@@ -10,7 +10,7 @@ from batch.export.exporter import export
 from batch.generate import GenerationSettings, Timings
 from batch.pipeline import Pipeline
 
-# measured on the tiny model (hidden 64, sharp random logits): int8 cos 0.9993, int4 cos 0.973
+# measured on the tiny model (hidden 64, sharp random logits): int8 cos 0.9993, int4 cos 0.964
 BOUNDS = {"int8": 0.995, "int4": 0.95}
 
 
