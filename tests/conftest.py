@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from synthetic import synthetic_image, write_video
+from synthetic import write_media
 
 from batch.export.exporter import export
 from batch.tinymodel import convert_to_native, make_model
@@ -37,16 +36,11 @@ def tiny_onnx(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic images of several shapes and an 8+-frame video."""
-    folder = tmp_path_factory.mktemp("media")
-    for name, (w, h), seed in [
+    shapes = [
         ("square.png", (448, 448), 1),
         ("wide.png", (1344, 448), 2),
         ("tall.jpg", (300, 700), 3),
         ("small.png", (200, 150), 4),
         ("photo.jpg", (640, 480), 5),
-    ]:
-        synthetic_image(w, h, seed).save(folder / name)
-    # frame i: a moving pattern whose brightness rises with i
-    frames = (np.asarray(synthetic_image(96, 64, seed=i)) * 0.5 + 4 * i for i in range(40))
-    write_video(folder / "clip.mp4", (f.clip(0, 255).astype(np.uint8) for f in frames))
-    return folder
+    ]
+    return write_media(tmp_path_factory.mktemp("media"), shapes)

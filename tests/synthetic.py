@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -44,18 +44,28 @@ def write_video(path: Path, frames: Iterable[np.ndarray], fps: int = 10, gop: in
     return path
 
 
-def write_demo_media(folder: Path) -> None:
-    """The demo's media: four photos of different shapes and one short clip."""
+def write_media(folder: Path, images: Sequence[tuple[str, tuple[int, int], int]]) -> Path:
+    """Photos given as (name, (width, height), seed), plus clip.mp4: 40 frames of a moving pattern whose
+    brightness rises with the frame number."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (w, h), seed in [
-        ("beach.jpg", (800, 600), 1),
-        ("street.png", (640, 960), 2),
-        ("market.jpg", (1280, 480), 3),
-        ("harbor.png", (448, 448), 4),
-    ]:
+    for name, (w, h), seed in images:
         synthetic_image(w, h, seed).save(folder / name)
     frames = (np.asarray(synthetic_image(96, 64, seed=i)) * 0.5 + 4 * i for i in range(40))
     write_video(folder / "clip.mp4", (f.clip(0, 255).astype(np.uint8) for f in frames))
+    return folder
+
+
+DEMO_PHOTOS = [
+    ("beach.jpg", (800, 600), 1),
+    ("street.png", (640, 960), 2),
+    ("market.jpg", (1280, 480), 3),
+    ("harbor.png", (448, 448), 4),
+]
+
+
+def write_demo_media(folder: Path) -> Path:
+    """The demo's media: four photos of different shapes and one short clip."""
+    return write_media(folder, DEMO_PHOTOS)
 
 
 if __name__ == "__main__":
