@@ -203,8 +203,7 @@ class Store:
 
     def clear_links(self, job_id: str) -> None:
         """Forget which answers belong to a job before a fresh run of it (the answers stay)."""
-        self.db.execute("DELETE FROM job_results WHERE job_id = ?", [job_id])
-        self.db.conn.commit()
+        self.db.execute("DELETE FROM job_results WHERE job_id = ?", [job_id])  # sqlite-utils commits it
 
     def finished_claim(self, claim: str) -> dict[str, Any] | None:
         """The job row that a claim committed as finished, if any (for a crash before the final move)."""
