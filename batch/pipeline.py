@@ -15,6 +15,7 @@ import numpy as np
 from batch.checkpoint import read_config
 from batch.detokenize import IncrementalDetokenizer
 from batch.errors import ModelFolderError, PromptTooLongError, VlbatchError
+from batch.export.manifest import MANIFEST
 from batch.generate import GenerationResult, GenerationSettings, Step, Timings, generate_steps
 from batch.media import MediaSettings, load_image, load_video_frames, media_kind, tile_image, to_pixel_values
 from batch.modelspec import ModelSpec
@@ -225,7 +226,7 @@ class Pipeline:
 def model_identity(model_dir: Path) -> str:
     """A short stable id of a model folder's contents: its name and a digest of its manifest or file list."""
     model_dir = Path(model_dir)
-    manifest = model_dir / "manifest.json"
+    manifest = model_dir / MANIFEST
     if manifest.is_file():
         data = manifest.read_bytes()
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,3 +139,13 @@ def test_wrong_backend_and_missing_hf_dir_are_explained(ax_folder, tiny_onnx, ti
         Pipeline.open(ax_folder)
     with pytest.raises(ModelFolderError, match="vlbatch export"):
         folder_kind(tiny_hf)
+
+
+def test_the_npu_path_imports_without_the_cpu_runtime():
+    """Boards have axengine but neither onnx nor onnxruntime (the cpu extra): nothing on the path may need them."""
+    code = (
+        "import sys\n"
+        "for name in ('onnx', 'onnxruntime', 'torch'): sys.modules[name] = None\n"
+        "import batch.cli, batch.pipeline, batch.worker, batch.runtime.select, batch.runtime.axengine_backend\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

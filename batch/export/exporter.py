@@ -19,10 +19,8 @@ import onnx
 
 from batch.checkpoint import Checkpoint
 from batch.export.graphs import decoder_layer_graph, post_graph, vit_graph
+from batch.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 
-MANIFEST = "manifest.json"
-FORMAT = "vlbatch-onnx"
-FORMAT_VERSION = 1
 DEFAULT_CHUNK = 128
 DEFAULT_KV_CAPACITY = 4096
 WEIGHT_FORMATS = {"fp32": 32, "int8": 8, "int4": 4}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.export.exporter import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 from batch.kvcache import KVCache, decode_mask, prefill_mask
 from batch.modelspec import ModelSpec
 from batch.runtime.base import Backend
