@@ -31,6 +31,17 @@ def is_job_name(name: str) -> bool:
     return name.lower().endswith(JOB_SUFFIXES)
 
 
+def free_path(folder: Path, name: str) -> Path:
+    """folder/name, or folder/stem.N.suffix with the first N that is not taken."""
+    target = folder / name
+    stem, dot, suffix = name.rpartition(".")
+    n = 1
+    while target.exists() or target.is_symlink():
+        target = folder / f"{stem}.{n}{dot}{suffix}"
+        n += 1
+    return target
+
+
 @dataclass(frozen=True)
 class Claim:
     """A job file this worker holds in work/."""
@@ -177,12 +188,7 @@ class Spool:
         return target
 
     def _move(self, claim: Claim, folder: Path) -> Path:
-        target = folder / claim.name
-        n = 1
-        while target.exists() or target.is_symlink():
-            stem, dot, suffix = claim.name.rpartition(".")
-            target = folder / f"{stem}.{n}{dot}{suffix}"
-            n += 1
+        target = free_path(folder, claim.name)
         os.rename(claim.path, target)
         claim.lease_path.unlink(missing_ok=True)
         return target

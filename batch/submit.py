@@ -9,7 +9,7 @@ import yaml
 
 from batch.config import Config
 from batch.jobfile import JobRejected, parse_job
-from batch.spool import Spool
+from batch.spool import Spool, free_path
 
 
 def submit_job(path: Path, config: Config) -> Path:
@@ -33,10 +33,6 @@ def submit_job(path: Path, config: Config) -> Path:
     except JobRejected as exc:
         tmp.unlink()
         raise JobRejected(path, f"{exc.reason} (the worker reads media only under spool.media_roots)") from None
-    target = spool.inbox / path.name
-    n = 1
-    while target.exists():
-        target = spool.inbox / f"{path.stem}.{n}{path.suffix}"
-        n += 1
+    target = free_path(spool.inbox, path.name)
     os.rename(tmp, target)
     return target
