@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from batch import logs
+from batch.service import logs
 from batch.config import Config, find_config, load_config
 from batch.errors import VlbatchError
-from batch.generate import GenerationResult
+from batch.infer.generate import GenerationResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -92,7 +92,7 @@ def ask(
 
     The answer streams to stdout; the timing table goes to stderr.
     """
-    from batch.pipeline import Pipeline
+    from batch.infer.pipeline import Pipeline
 
     config = _config(ctx)
     model = config.model
@@ -174,8 +174,8 @@ def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int, weights: s
     """Export a Hugging Face InternVL folder (HF_DIR) into ONNX graphs for the CPU runtime (OUT_DIR)."""
     from tqdm import tqdm
 
-    from batch.checkpoint import read_config
-    from batch.export.exporter import export as run_export
+    from batch.model.checkpoint import read_config
+    from batch.model.export.exporter import export as run_export
 
     _, _, spec = read_config(hf_dir)
     with tqdm(total=spec.text.num_layers + 3, unit="graph", desc="export", file=sys.stderr) as bar:
@@ -197,7 +197,7 @@ def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int, weights: s
 @click.option("--seed", default=0, show_default=True, type=int)
 def make_model(out_dir: Path, preset: str, layout: str, seed: int) -> None:
     """Write a random-weight InternVL-architecture model folder (for tests, the demo and benchmarks)."""
-    from batch.tinymodel import make_model as build
+    from batch.model.tinymodel import make_model as build
 
     build(out_dir, preset=preset, seed=seed, layout=layout)
     click.echo(f"wrote {preset} model to {out_dir}")
@@ -220,7 +220,7 @@ def watch(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
 
     The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
     """
-    from batch.worker import Worker
+    from batch.service.worker import Worker
 
     worker = Worker.from_config(_worker_config(ctx, model_dir), force=force)
     worker.install_signal_handlers()
@@ -240,7 +240,7 @@ def run(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
     Exit code 0 when every job finished, 1 when any failed or was rejected. Overlapping runs share the
     inbox safely: each job is claimed by exactly one of them.
     """
-    from batch.worker import Worker
+    from batch.service.worker import Worker
 
     worker = Worker.from_config(_worker_config(ctx, model_dir), force=force)
     worker.install_signal_handlers()
@@ -264,7 +264,7 @@ def submit(ctx: click.Context, job_files: tuple[Path, ...]) -> None:
 
     Relative media paths are resolved against each job file's own folder.
     """
-    from batch.submit import submit_job
+    from batch.service.submit import submit_job
 
     config = _config(ctx)
     for path in job_files:
@@ -277,7 +277,7 @@ def submit(ctx: click.Context, job_files: tuple[Path, ...]) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Jobs per state, recent failures with their reasons, and throughput."""
-    from batch.reports import status_report
+    from batch.service.reports import status_report
 
     report = status_report(_config(ctx))
     if as_json:
@@ -307,7 +307,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def results(ctx: click.Context, fmt: str, **filters: Any) -> None:
     """Stored answers with their timings, newest first."""
-    from batch.reports import format_results, query_results
+    from batch.service.reports import format_results, query_results
 
     rows = query_results(_config(ctx), **filters)
     click.echo(format_results(rows, fmt), nl=False)

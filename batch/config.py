@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from batch.errors import VlbatchError
-from batch.generate import GenerationSettings
-from batch.media import MediaSettings
+from batch.infer.generate import GenerationSettings
+from batch.infer.media import MediaSettings
 
 ENV_VAR = "VLBATCH_CONFIG"
 DEFAULT_FILE = "config.yaml"

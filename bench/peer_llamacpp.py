@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.checkpoint import Checkpoint
+from batch.model.checkpoint import Checkpoint
 
 
 def _byte_symbols() -> list[str]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.generate import prefill
-from batch.pipeline import Pipeline
-from batch.sampling import make_sampler
+from batch.infer.generate import prefill
+from batch.infer.pipeline import Pipeline
+from batch.infer.sampling import make_sampler
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.generate import prefill
-from batch.pipeline import Pipeline
+from batch.infer.generate import prefill
+from batch.infer.pipeline import Pipeline
 
 
 def first_logits(folder: Path, ids: np.ndarray, noise: float = 0.0) -> np.ndarray:

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from batch.spool import Spool
-from batch.store import Store, cache_key
+from batch.service.spool import Spool
+from batch.service.store import Store, cache_key
 
 
 def fill(store: Store, rows: int) -> list[str]:

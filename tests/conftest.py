@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from synthetic import write_media
 
-from batch.export.exporter import export
-from batch.tinymodel import convert_to_native, make_model
+from batch.model.export.exporter import export
+from batch.model.tinymodel import convert_to_native, make_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_MEDIA = REPO.parent / "shared" / "media"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from batch.errors import BackendError, ModelFolderError, PromptTooLongError
-from batch.generate import GenerationSettings, Timings
-from batch.pipeline import Pipeline, Request
-from batch.runtime.select import folder_kind, open_backend
+from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.pipeline import Pipeline, Request
+from batch.infer.runtime.select import folder_kind, open_backend
 
 DOUBLES = Path(__file__).parent / "doubles"
 sys.path.insert(0, str(DOUBLES))
@@ -146,6 +146,6 @@ def test_the_npu_path_imports_without_the_cpu_runtime():
     code = (
         "import sys\n"
         "for name in ('onnx', 'onnxruntime', 'torch'): sys.modules[name] = None\n"
-        "import batch.cli, batch.pipeline, batch.worker, batch.runtime.select, batch.runtime.axengine_backend\n"
+        "import batch.cli, batch.infer.pipeline, batch.service.worker, batch.infer.runtime.select, batch.infer.runtime.axengine_backend\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

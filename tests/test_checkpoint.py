@@ -10,12 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from batch.checkpoint import NATIVE, ORIGINAL, Checkpoint, read_config
+from batch.model.checkpoint import NATIVE, ORIGINAL, Checkpoint, read_config
 from batch.errors import ModelFolderError
-from batch.export.exporter import export
-from batch.generate import GenerationSettings, Timings
-from batch.pipeline import Pipeline
-from batch.safetensors_io import SafetensorsFile, save_file
+from batch.model.export.exporter import export
+from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.pipeline import Pipeline
+from batch.model.safetensors_io import SafetensorsFile, save_file
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from batch.cli import main
-from batch.generate import GenerationSettings
-from batch.pipeline import Pipeline
+from batch.infer.generate import GenerationSettings
+from batch.infer.pipeline import Pipeline
 
 
 @pytest.fixture

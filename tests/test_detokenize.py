@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from batch.detokenize import IncrementalDetokenizer
-from batch.tiny_tokenizer import SPECIAL_TOKENS, build_tokenizer
+from batch.infer.detokenize import IncrementalDetokenizer
+from batch.model.tiny_tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 TEXTS = [
     "你是书生·万象，英文名是InternVL。",

@@ -21,7 +21,7 @@ def test_every_command_is_in_the_readme_and_has_help():
 
 
 def test_every_database_column_is_documented(tmp_path):
-    from batch.store import Store
+    from batch.service.store import Store
 
     store = Store(tmp_path / "docs.db")
     for table in ("jobs", "results", "job_results", "sidecars"):

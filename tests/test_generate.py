@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from batch.errors import PromptTooLongError
-from batch.export.exporter import export
-from batch.generate import GenerationSettings, Timings, num_chunks
-from batch.kvcache import MASKED, decode_mask, prefill_mask
-from batch.media import MediaSettings
-from batch.pipeline import Pipeline, Request
-from batch.vit_cache import VitCache
+from batch.model.export.exporter import export
+from batch.infer.generate import GenerationSettings, Timings, num_chunks
+from batch.infer.kvcache import MASKED, decode_mask, prefill_mask
+from batch.infer.media import MediaSettings
+from batch.infer.pipeline import Pipeline, Request
+from batch.infer.vit_cache import VitCache
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""batch.jobfile: job files parsed, validated and resolved against real files, folders, globs and symlinks."""
+"""batch.service.jobfile: job files parsed, validated and resolved against real files, folders, globs and symlinks."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import yaml
 from PIL import Image
 
 from batch.errors import VlbatchError
-from batch.generate import GenerationSettings
-from batch.jobfile import JOB_SUFFIXES, MAX_JOB_BYTES, MAX_TOGETHER, Job, JobRejected, parse_job
-from batch.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings
+from batch.infer.generate import GenerationSettings
+from batch.service.jobfile import JOB_SUFFIXES, MAX_JOB_BYTES, MAX_TOGETHER, Job, JobRejected, parse_job
+from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "jobs" / "examples"

@@ -1,4 +1,4 @@
-"""batch.media against an independent copy of InternVL's reference preprocessing, on synthetic and example media."""
+"""batch.infer.media against an independent copy of InternVL's reference preprocessing, on synthetic and example media."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from synthetic import write_video
 
 from batch.errors import MediaError
-from batch.media import (
+from batch.infer.media import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     MediaSettings,

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch.generate import GenerationSettings, Timings
-from batch.media import MediaSettings
-from batch.pipeline import Pipeline, Request
+from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.media import MediaSettings
+from batch.infer.pipeline import Pipeline, Request
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Tests for batch.prompt against the InternVL chat format, written out here independently of the module."""
+"""Tests for batch.infer.prompt against the InternVL chat format, written out here independently of the module."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from batch.prompt import DEFAULT_SYSTEM, PromptMedia, build_prompt, user_content
-from batch.tiny_tokenizer import build_tokenizer
+from batch.infer.prompt import DEFAULT_SYSTEM, PromptMedia, build_prompt, user_content
+from batch.model.tiny_tokenizer import build_tokenizer
 
 TOKENS_PER_TILE = 256  # InternVL3: (448 / 14 / 2) ** 2 tokens per 448x448 tile after pixel shuffle
 SYSTEM = "You are a helpful assistant."

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from batch.export.exporter import export
-from batch.generate import GenerationSettings, Timings
-from batch.pipeline import Pipeline
+from batch.model.export.exporter import export
+from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.pipeline import Pipeline
 
 # measured on the tiny model (hidden 64, sharp random logits): int8 cos 0.9993, int4 cos 0.964
 BOUNDS = {"int8": 0.995, "int4": 0.95}

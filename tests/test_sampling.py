@@ -1,4 +1,4 @@
-"""Tests for batch.sampling.make_sampler: greedy, temperature, top-k, top-p, seeding and argument checks."""
+"""Tests for batch.infer.sampling.make_sampler: greedy, temperature, top-k, top-p, seeding and argument checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from batch.sampling import make_sampler
+from batch.infer.sampling import make_sampler
 
 LOGITS = np.array([1.0, 3.0, 2.5, -0.5, 0.0, 2.9, -2.0])
 NEG_INF = -np.inf

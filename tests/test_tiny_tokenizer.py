@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from batch.tiny_tokenizer import SPECIAL_TOKENS, build_tokenizer
+from batch.model.tiny_tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 TEXTS = [
     "A dog is sitting on the beach at sunset.",

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from spool_env import SpoolEnv
 
 from batch.cli import main
-from batch.spool import Spool
-from batch.store import Store
-from batch.worker import Worker
+from batch.service.spool import Spool
+from batch.service.store import Store
+from batch.service.worker import Worker
 
 
 @pytest.fixture

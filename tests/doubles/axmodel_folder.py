@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from batch.runtime.onnx_backend import read_manifest
+from batch.infer.runtime.onnx_backend import read_manifest
 
 
 def _node(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:

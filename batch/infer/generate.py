@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from batch.kvcache import KVCache
-from batch.runtime.base import Backend
-from batch.sampling import make_sampler
+from batch.infer.kvcache import KVCache
+from batch.infer.runtime.base import Backend
+from batch.infer.sampling import make_sampler
 
 
 @dataclass(frozen=True)

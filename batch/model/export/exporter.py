@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from batch.checkpoint import Checkpoint
-from batch.export.graphs import decoder_layer_graph, post_graph, vit_graph
-from batch.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.model.checkpoint import Checkpoint
+from batch.model.export.graphs import decoder_layer_graph, post_graph, vit_graph
+from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 
 DEFAULT_CHUNK = 128
 DEFAULT_KV_CAPACITY = 4096

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.jobfile import Job, JobRejected, parse_job
-from batch.logs import event
-from batch.pipeline import Pipeline, Request, model_identity
-from batch.spool import Claim, Spool
-from batch.store import Store, cache_key, file_sha256, worker_name
+from batch.service.jobfile import Job, JobRejected, parse_job
+from batch.service.logs import event
+from batch.infer.pipeline import Pipeline, Request, model_identity
+from batch.service.spool import Claim, Spool
+from batch.service.store import Store, cache_key, file_sha256, worker_name
 
-log = logging.getLogger("batch.worker")
+log = logging.getLogger("batch.service.worker")
 
 
 class HandBack(Exception):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from batch.errors import BackendError, ModelFolderError
-from batch.runtime.axengine_backend import is_axmodel_folder
-from batch.runtime.base import Backend
-from batch.runtime.onnx_backend import is_onnx_folder
+from batch.infer.runtime.axengine_backend import is_axmodel_folder
+from batch.infer.runtime.base import Backend
+from batch.infer.runtime.onnx_backend import is_onnx_folder
 
 BACKENDS = ("auto", "onnxruntime", "axengine")
 
@@ -39,9 +39,9 @@ def open_backend(model_dir: Path, backend: str = "auto", threads: int | None = N
     if backend != "auto" and backend != kind:
         raise BackendError(f"{model_dir} is a folder for {kind}, but backend {backend} was asked for")
     if kind == "axengine":
-        from batch.runtime.axengine_backend import AxBackend
+        from batch.infer.runtime.axengine_backend import AxBackend
 
         return AxBackend(Path(model_dir))
-    from batch.runtime.onnx_backend import OnnxBackend
+    from batch.infer.runtime.onnx_backend import OnnxBackend
 
     return OnnxBackend(Path(model_dir), threads=threads)

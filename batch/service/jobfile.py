@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from batch.errors import MediaError, VlbatchError
-from batch.generate import GenerationSettings
-from batch.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings, media_kind
+from batch.infer.generate import GenerationSettings
+from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings, media_kind
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_TOGETHER = 4

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from batch.errors import ModelFolderError
-from batch.export.onnx_builder import GraphBuilder
-from batch.modelspec import ModelSpec
+from batch.model.export.onnx_builder import GraphBuilder
+from batch.model.modelspec import ModelSpec
 
 Weights = Callable[[str], np.ndarray]
 

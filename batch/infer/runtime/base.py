@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from batch.kvcache import KVCache
+from batch.infer.kvcache import KVCache
 
 
 class Backend(ABC):

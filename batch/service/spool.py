@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch.jobfile import JOB_SUFFIXES
+from batch.service.jobfile import JOB_SUFFIXES
 
 IGNORED_SUFFIXES = (".tmp", ".part")
 FOLDERS = ("inbox", "work", "done", "failed", "rejected")

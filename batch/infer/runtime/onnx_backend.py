@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
-from batch.kvcache import KVCache, decode_mask, prefill_mask
-from batch.modelspec import ModelSpec
-from batch.runtime.base import Backend
+from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
+from batch.model.modelspec import ModelSpec
+from batch.infer.runtime.base import Backend
 
 
 def is_onnx_folder(folder: Path) -> bool:

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from batch.config import Config
-from batch.jobfile import JobRejected, parse_job
-from batch.spool import Spool, free_path
+from batch.service.jobfile import JobRejected, parse_job
+from batch.service.spool import Spool, free_path
 
 
 def submit_job(path: Path, config: Config) -> Path:

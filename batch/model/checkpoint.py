@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from batch.errors import ModelFolderError
-from batch.modelspec import ModelSpec, TextSpec, VisionSpec
-from batch.safetensors_io import SafetensorsFile
+from batch.model.modelspec import ModelSpec, TextSpec, VisionSpec
+from batch.model.safetensors_io import SafetensorsFile
 
 ORIGINAL = "internvl"
 NATIVE = "transformers"

@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.kvcache import KVCache, decode_mask, prefill_mask
-from batch.runtime.base import Backend
+from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
+from batch.infer.runtime.base import Backend
 
 _LAYER = re.compile(r"_l(\d+)_together\.axmodel$")
 EMBED_FILE = "model.embed_tokens.weight.npy"

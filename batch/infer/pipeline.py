@@ -12,18 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.checkpoint import read_config
-from batch.detokenize import IncrementalDetokenizer
+from batch.model.checkpoint import read_config
+from batch.infer.detokenize import IncrementalDetokenizer
 from batch.errors import ModelFolderError, PromptTooLongError, VlbatchError
-from batch.export.manifest import MANIFEST
-from batch.generate import GenerationResult, GenerationSettings, Step, Timings, generate_steps
-from batch.media import MediaSettings, load_image, load_video_frames, media_kind, tile_image, to_pixel_values
-from batch.modelspec import ModelSpec
-from batch.prompt import DEFAULT_SYSTEM, END_OF_TEXT, IM_END, IMG_CONTEXT, IMG_END, IMG_START, PromptMedia, build_prompt
-from batch.runtime.axengine_backend import EMBED_FILE
-from batch.runtime.base import Backend
-from batch.runtime.select import folder_kind, open_backend
-from batch.vit_cache import VitCache
+from batch.model.export.manifest import MANIFEST
+from batch.infer.generate import GenerationResult, GenerationSettings, Step, Timings, generate_steps
+from batch.infer.media import MediaSettings, load_image, load_video_frames, media_kind, tile_image, to_pixel_values
+from batch.model.modelspec import ModelSpec
+from batch.infer.prompt import DEFAULT_SYSTEM, END_OF_TEXT, IM_END, IMG_CONTEXT, IMG_END, IMG_START, PromptMedia, build_prompt
+from batch.infer.runtime.axengine_backend import EMBED_FILE
+from batch.infer.runtime.base import Backend
+from batch.infer.runtime.select import folder_kind, open_backend
+from batch.infer.vit_cache import VitCache
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.spool import Spool
-from batch.store import Store
+from batch.service.spool import Spool
+from batch.service.store import Store
 
 TABLE_COLUMNS = ("id", "job_id", "media", "answer", "output_tokens", "ttft_ms", "tokens_per_s", "created_utc")
 

@@ -11,10 +11,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from batch.checkpoint import ORIGINAL, Checkpoint, _native_name
-from batch.modelspec import ModelSpec, TextSpec, VisionSpec
-from batch.safetensors_io import save_file
-from batch.tiny_tokenizer import build_tokenizer
+from batch.model.checkpoint import ORIGINAL, Checkpoint, _native_name
+from batch.model.modelspec import ModelSpec, TextSpec, VisionSpec
+from batch.model.safetensors_io import save_file
+from batch.model.tiny_tokenizer import build_tokenizer
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(

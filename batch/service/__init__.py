@@ -1,0 +1,1 @@
+"""Jobs and their records: job files, the spool, the SQLite store, the worker and its reports."""
