@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from batch.service import logs
 from batch.config import Config, find_config, load_config
 from batch.errors import VlbatchError
 from batch.infer.generate import GenerationResult
+from batch.service import logs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -10,8 +10,7 @@ from typing import Any
 import yaml
 
 from batch.errors import VlbatchError
-from batch.infer.generate import GenerationSettings
-from batch.infer.media import MediaSettings
+from batch.infer.settings import GenerationSettings, MediaSettings
 
 ENV_VAR = "VLBATCH_CONFIG"
 DEFAULT_FILE = "config.yaml"

@@ -24,8 +24,9 @@ sys.path[:0] = [str(REPO / "tests" / "doubles"), str(REPO / "tests")]
 import axengine  # noqa: E402  (the double)
 from axmodel_folder import build_axmodel_folder  # noqa: E402
 
-from batch.infer.generate import GenerationSettings, Timings  # noqa: E402
+from batch.infer.generate import Timings  # noqa: E402
 from batch.infer.pipeline import Pipeline, Request  # noqa: E402
+from batch.infer.settings import GenerationSettings  # noqa: E402
 
 
 def main() -> None:

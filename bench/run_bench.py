@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from synthetic import write_demo_media  # noqa: E402
 
-from batch.model.export.exporter import export  # noqa: E402
-from batch.infer.generate import GenerationSettings, Timings  # noqa: E402
+from batch.infer.generate import Timings  # noqa: E402
 from batch.infer.media import MediaSettings  # noqa: E402
 from batch.infer.pipeline import Pipeline, Request  # noqa: E402
+from batch.infer.settings import GenerationSettings  # noqa: E402
+from batch.model.export.exporter import export  # noqa: E402
 from batch.model.tinymodel import convert_to_native, make_model  # noqa: E402
 
 MODELS = REPO / "models"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from batch.errors import BackendError, ModelFolderError, PromptTooLongError
-from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.generate import Timings
 from batch.infer.pipeline import Pipeline, Request
-from batch.infer.runtime.select import folder_kind, open_backend
+from batch.infer.runtime.select import embeddings_file, folder_kind, model_identity, open_backend
+from batch.infer.settings import GenerationSettings
 
 DOUBLES = Path(__file__).parent / "doubles"
 sys.path.insert(0, str(DOUBLES))
@@ -141,11 +142,14 @@ def test_wrong_backend_and_missing_hf_dir_are_explained(ax_folder, tiny_onnx, ti
         folder_kind(tiny_hf)
 
 
-def test_the_npu_path_imports_without_the_cpu_runtime():
-    """Boards have axengine but neither onnx nor onnxruntime (the cpu extra): nothing on the path may need them."""
-    code = (
-        "import sys\n"
-        "for name in ('onnx', 'onnxruntime', 'torch'): sys.modules[name] = None\n"
-        "import batch.cli, batch.infer.pipeline, batch.service.worker, batch.infer.runtime.select, batch.infer.runtime.axengine_backend\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+def test_each_kind_of_folder_names_its_embeddings_and_identity(ax_folder, tiny_onnx, tmp_path):
+    assert embeddings_file(ax_folder).name == "model.embed_tokens.weight.npy"
+    assert embeddings_file(tiny_onnx).name == "embed_tokens.npy"
+    copy = shutil.copytree(ax_folder, tmp_path / ax_folder.name)
+    assert model_identity(copy) == model_identity(ax_folder)  # the contents, not the place
+    next(copy.glob("*_post.axmodel")).write_bytes(b"a different post graph")
+    assert model_identity(copy) != model_identity(ax_folder)
+    assert model_identity(tiny_onnx) != model_identity(ax_folder)
+    (copy / "model.embed_tokens.weight.npy").unlink()
+    with pytest.raises(ModelFolderError, match="embed_tokens"):
+        embeddings_file(copy)

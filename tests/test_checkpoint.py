@@ -10,11 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from batch.model.checkpoint import NATIVE, ORIGINAL, Checkpoint, read_config
 from batch.errors import ModelFolderError
-from batch.model.export.exporter import export
-from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.generate import Timings
 from batch.infer.pipeline import Pipeline
+from batch.infer.settings import GenerationSettings
+from batch.model.checkpoint import NATIVE, ORIGINAL, Checkpoint, read_config
+from batch.model.export.exporter import export
 from batch.model.safetensors_io import SafetensorsFile, save_file
 
 

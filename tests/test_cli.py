@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from batch.cli import main
-from batch.infer.generate import GenerationSettings
 from batch.infer.pipeline import Pipeline
+from batch.infer.settings import GenerationSettings
 
 
 @pytest.fixture
@@ -110,6 +110,7 @@ def test_every_command_has_help(run, command):
     assert result.exit_code == 0 and "Usage: " in result.stdout and len(result.stdout.splitlines()) > 5
 
 
+@pytest.mark.slow
 def test_installed_console_script_runs_end_to_end(tiny_onnx, media_dir):
     script = Path(sys.executable).parent / "vlbatch"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "batch"]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from batch.errors import PromptTooLongError
-from batch.model.export.exporter import export
-from batch.infer.generate import GenerationSettings, Timings, num_chunks
+from batch.infer.generate import Timings, num_chunks
 from batch.infer.kvcache import MASKED, decode_mask, prefill_mask
-from batch.infer.media import MediaSettings
 from batch.infer.pipeline import Pipeline, Request
+from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.infer.vit_cache import VitCache
+from batch.model.export.exporter import export
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import yaml
 from PIL import Image
 
 from batch.errors import VlbatchError
-from batch.infer.generate import GenerationSettings
-from batch.service.jobfile import JOB_SUFFIXES, MAX_JOB_BYTES, MAX_TOGETHER, Job, JobRejected, parse_job
-from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings
+from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.service.jobfile import MAX_JOB_BYTES, MAX_TOGETHER, Job, JobRejected, parse_job
+from batch.service.spool import is_job_name
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "jobs" / "examples"
@@ -245,8 +246,14 @@ def test_utf8_bom_and_non_ascii_are_fine(inbox: Path) -> None:
     assert parse(path).prompt == "Décris cette photo."
 
 
-def test_module_constants() -> None:
-    assert MAX_JOB_BYTES == 256 * 1024 and MAX_TOGETHER == 4 and JOB_SUFFIXES == (".yaml", ".yml")
+def test_a_job_file_of_exactly_the_size_limit_is_read(inbox: Path) -> None:
+    text = job_text()
+    path = write_job(inbox, text + "#" * (MAX_JOB_BYTES - len(text.encode()) - 1) + "\n")
+    assert path.stat().st_size == MAX_JOB_BYTES
+    assert parse(path).prompt
+
+
+def test_a_rejection_names_the_file_and_keeps_the_reason() -> None:
     assert issubclass(JobRejected, VlbatchError)
     error = JobRejected(Path("x.yaml"), "bad")
     assert (str(error), error.reason) == ("x.yaml: bad", "bad")
@@ -548,7 +555,7 @@ def _synthesise_media(job_file: Path) -> None:
 
 
 def _example_files() -> list[Path]:
-    return sorted(p for p in EXAMPLES.glob("*") if p.suffix in JOB_SUFFIXES) if EXAMPLES.is_dir() else []
+    return sorted(p for p in EXAMPLES.glob("*") if is_job_name(p.name)) if EXAMPLES.is_dir() else []
 
 
 @pytest.mark.parametrize("media", ["repo", "synthetic"])

@@ -1,4 +1,4 @@
-"""batch.infer.media against an independent copy of InternVL's reference preprocessing, on synthetic and example media."""
+"""batch.infer.media against an independent copy of InternVL's reference preprocessing, synthetic and example media."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from batch.errors import MediaError
 from batch.infer.media import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
-    MediaSettings,
     closest_tile_grid,
     frame_indices,
     load_image,
@@ -26,6 +25,7 @@ from batch.infer.media import (
     tile_image,
     to_pixel_values,
 )
+from batch.infer.settings import MediaSettings
 
 EXAMPLE_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 ORIENTATION = 0x0112

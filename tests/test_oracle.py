@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch.infer.generate import GenerationSettings, Timings
-from batch.infer.media import MediaSettings
+from batch.infer.generate import Timings
 from batch.infer.pipeline import Pipeline, Request
+from batch.infer.settings import GenerationSettings, MediaSettings
+
+pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from batch.infer.prompt import DEFAULT_SYSTEM, PromptMedia, build_prompt, user_content
+from batch.infer.prompt import PromptMedia, build_prompt, user_content
 from batch.model.tiny_tokenizer import build_tokenizer
 
 TOKENS_PER_TILE = 256  # InternVL3: (448 / 14 / 2) ** 2 tokens per 448x448 tile after pixel shuffle
@@ -61,8 +61,10 @@ CASES = [
 # --- text ---------------------------------------------------------------------------------------------------
 
 
-def test_default_system_is_internvl3() -> None:
-    assert DEFAULT_SYSTEM == INTERNVL3_SYSTEM
+def test_prompts_carry_the_internvl3_system_message_unless_told_otherwise() -> None:
+    media = PromptMedia("image", (2,))
+    assert build_prompt(QUESTION, media, TOKENS_PER_TILE) == reference_prompt(QUESTION, "image", [2], INTERNVL3_SYSTEM)
+    assert build_prompt(QUESTION, media, TOKENS_PER_TILE, system=None) == reference_prompt(QUESTION, "image", [2], None)
 
 
 def test_text_only_exact() -> None:

@@ -6,9 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from batch.model.export.exporter import export
-from batch.infer.generate import GenerationSettings, Timings
+from batch.infer.generate import Timings
 from batch.infer.pipeline import Pipeline
+from batch.infer.settings import GenerationSettings
+from batch.model.export.exporter import export
 
 # measured on the tiny model (hidden 64, sharp random logits): int8 cos 0.9993, int4 cos 0.964
 BOUNDS = {"int8": 0.995, "int4": 0.95}

@@ -9,6 +9,8 @@ import time
 import pytest
 from spool_env import SpoolEnv, wait_for
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def env(tmp_path, tiny_onnx) -> SpoolEnv:

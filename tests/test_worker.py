@@ -172,6 +172,7 @@ def test_a_crash_after_commit_is_settled_without_running_the_model(env):
     assert (env.root / "jobs" / "done" / "x.yaml").exists() and not list((env.root / "jobs" / "work").iterdir())
 
 
+@pytest.mark.slow
 def test_leases_of_dead_workers_expire_and_live_ones_are_kept(env):
     spool = Spool(env.root / "jobs", lease_seconds=60).ensure()
     env.drop("live.yaml", "prompt: hi\n")

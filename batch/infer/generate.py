@@ -12,30 +12,7 @@ import numpy as np
 from batch.infer.kvcache import KVCache
 from batch.infer.runtime.base import Backend
 from batch.infer.sampling import make_sampler
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to pick tokens and when to stop; temperature 0 is greedy, top_k 0 and top_p 1 are off."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
-        for name in ("temperature", "top_p"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
-        make_sampler(self.temperature, self.top_k, self.top_p, self.seed)  # validates the sampling values
+from batch.infer.settings import GenerationSettings
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batch.errors import MediaError
+from batch.infer.settings import DECODERS, MediaSettings
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"})
@@ -33,36 +33,8 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-DECODERS = ("decord", "pyav")
-
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
-
-@dataclass(frozen=True)
-class MediaSettings:
-    """How media becomes tiles: tile side, tile budget per image, thumbnail, frames sampled per video."""
-
-    image_size: int = 448
-    max_tiles: int = 12
-    use_thumbnail: bool = True
-    video_frames: int = 8
-    video_decoder: str = "auto"  # auto (decord, else PyAV) | decord | pyav
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "max_tiles", "video_frames"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"media setting `{name}` must be a positive integer, got {value!r}")
-        if not isinstance(self.use_thumbnail, bool):
-            raise ValueError(f"media setting `use_thumbnail` must be true or false, got {self.use_thumbnail!r}")
-        if self.video_decoder not in ("auto", *DECODERS):
-            raise ValueError(f"media setting `video_decoder` must be auto, {' or '.join(DECODERS)}")
-
-    @property
-    def decoder(self) -> str | None:
-        """The decoder to force, or None to pick automatically."""
-        return None if self.video_decoder == "auto" else self.video_decoder
 
 
 # ---------------------------------------------------------------------------------------------------------------

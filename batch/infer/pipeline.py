@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -12,18 +11,26 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.model.checkpoint import read_config
-from batch.infer.detokenize import IncrementalDetokenizer
 from batch.errors import ModelFolderError, PromptTooLongError, VlbatchError
-from batch.model.export.manifest import MANIFEST
-from batch.infer.generate import GenerationResult, GenerationSettings, Step, Timings, generate_steps
-from batch.infer.media import MediaSettings, load_image, load_video_frames, media_kind, tile_image, to_pixel_values
-from batch.model.modelspec import ModelSpec
-from batch.infer.prompt import DEFAULT_SYSTEM, END_OF_TEXT, IM_END, IMG_CONTEXT, IMG_END, IMG_START, PromptMedia, build_prompt
-from batch.infer.runtime.axengine_backend import EMBED_FILE
+from batch.infer.detokenize import IncrementalDetokenizer
+from batch.infer.generate import GenerationResult, Step, Timings, generate_steps
+from batch.infer.media import load_image, load_video_frames, media_kind, tile_image, to_pixel_values
+from batch.infer.prompt import (
+    DEFAULT_SYSTEM,
+    END_OF_TEXT,
+    IM_END,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    PromptMedia,
+    build_prompt,
+)
 from batch.infer.runtime.base import Backend
-from batch.infer.runtime.select import folder_kind, open_backend
+from batch.infer.runtime.select import embeddings_file, metadata_dir, open_backend
+from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.infer.vit_cache import VitCache
+from batch.model.checkpoint import read_config
+from batch.model.modelspec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +90,10 @@ class Pipeline:
     ) -> Pipeline:
         """Load the runtime, tokenizer and embedding table of a model folder once."""
         model_dir = Path(model_dir)
-        kind = folder_kind(model_dir)
-        meta_dir = Path(hf_dir) if hf_dir else model_dir
-        if kind == "axengine" and hf_dir is None:
-            raise ModelFolderError(
-                f"{model_dir}: an axmodel folder needs the Hugging Face folder beside it for the config and "
-                "tokenizer (--hf-dir, or model.hf_dir in config.yaml)"
-            )
+        meta_dir = metadata_dir(model_dir, hf_dir)
         _, _, spec = read_config(meta_dir)
         runtime = open_backend(model_dir, backend, threads=threads)
-        names = ("embed_tokens.npy", EMBED_FILE)
-        embed_file = next((model_dir / n for n in names if (model_dir / n).is_file()), None)
-        if embed_file is None:
-            raise ModelFolderError(f"{model_dir}: embedding table (.npy) is missing")
+        embed_file = embeddings_file(model_dir)
         embeddings = np.load(embed_file, mmap_mode="r")
         if embeddings.shape[1] != spec.text.hidden_size:
             raise ModelFolderError(
@@ -221,18 +219,6 @@ class Pipeline:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def model_identity(model_dir: Path) -> str:
-    """A short stable id of a model folder's contents: its name and a digest of its manifest or file list."""
-    model_dir = Path(model_dir)
-    manifest = model_dir / MANIFEST
-    if manifest.is_file():
-        data = manifest.read_bytes()
-    else:
-        files = sorted((p.name, p.stat().st_size) for p in model_dir.iterdir() if p.suffix in (".axmodel", ".npy"))
-        data = repr(files).encode()
-    return f"{model_dir.resolve().name}@{hashlib.sha256(data).hexdigest()[:12]}"
 
 
 def load_tokenizer(folder: Path):

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Callable
 
 import numpy as np
 
-
-def _validate(temperature: float, top_k: int, top_p: float) -> int:
-    """Check the sampling arguments; return top_k as a plain int."""
-    if math.isnan(temperature):
-        raise ValueError("temperature must be a number, got NaN")
-    if math.isinf(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    try:
-        k = operator.index(top_k)
-    except TypeError:
-        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}") from None
-    if k < 0:
-        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    return k
+from batch.infer.settings import check_sampling
 
 
 def _as_logits(logits: np.ndarray) -> np.ndarray:
@@ -53,7 +36,7 @@ def make_sampler(
     adds up to at least top_p (1 = off, never fewer than one token), and a token is drawn from the softmax of
     what is left with the sampler's own generator seeded by seed; numpy's global random state is not used.
     """
-    k = _validate(temperature, top_k, top_p)
+    k = check_sampling(temperature, top_k, top_p)
 
     if temperature <= 0:
 

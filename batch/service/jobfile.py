@@ -25,12 +25,11 @@ from typing import Any
 import yaml
 
 from batch.errors import MediaError, VlbatchError
-from batch.infer.generate import GenerationSettings
-from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaSettings, media_kind
+from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
+from batch.infer.settings import GenerationSettings, MediaSettings
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_TOGETHER = 4
-JOB_SUFFIXES = (".yaml", ".yml")
 MODES = ("each", "together")
 
 _GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")

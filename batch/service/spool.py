@@ -16,8 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch.service.jobfile import JOB_SUFFIXES
-
+JOB_SUFFIXES = (".yaml", ".yml")
 IGNORED_SUFFIXES = (".tmp", ".part")
 FOLDERS = ("inbox", "work", "done", "failed", "rejected")
 LEASE = ".lease"

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from batch.config import Config
 from batch.errors import VlbatchError
+from batch.infer.pipeline import Pipeline, Request
+from batch.infer.runtime.select import model_identity
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
-from batch.infer.pipeline import Pipeline, Request, model_identity
 from batch.service.spool import Claim, Spool
 from batch.service.store import Store, cache_key, file_sha256, worker_name
 

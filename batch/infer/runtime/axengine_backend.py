@@ -42,6 +42,20 @@ def is_axmodel_folder(folder: Path) -> bool:
     return 0 in _layer_files(folder) and any(folder.glob("*_post.axmodel"))
 
 
+def embeddings_file(folder: Path) -> Path:
+    """The published folder's token embedding table, read on the host (the NPU graphs take hidden states)."""
+    path = Path(folder) / EMBED_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: embedding table {EMBED_FILE} is missing")
+    return path
+
+
+def identity_bytes(folder: Path) -> bytes:
+    """What identifies a published folder's contents: the names and sizes of its model files."""
+    files = sorted((p.name, p.stat().st_size) for p in Path(folder).iterdir() if p.suffix in (".axmodel", ".npy"))
+    return repr(files).encode()
+
+
 def find_vit(folder: Path) -> Path | None:
     """The ViT axmodel: inside the folder, or in a `vit_axmodel` folder beside it."""
     for candidate_dir in (folder, folder.parent / "vit_axmodel"):

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
-from batch.model.modelspec import ModelSpec
 from batch.infer.runtime.base import Backend
+from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.model.modelspec import ModelSpec
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -33,6 +33,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if not (path.parent / name).is_file():
             raise ModelFolderError(f"{path.parent / name}: missing (re-run `vlbatch export`)")
     return manifest
+
+
+def embeddings_file(folder: Path) -> Path:
+    """The export's token embedding table (the manifest names it)."""
+    return Path(folder) / read_manifest(folder)["files"]["embed"]
+
+
+def identity_bytes(folder: Path) -> bytes:
+    """What identifies an export's contents: its manifest, which records the spec, weights format and files."""
+    return (Path(folder) / MANIFEST).read_bytes()
 
 
 class OnnxBackend(Backend):

@@ -1,13 +1,17 @@
-"""Choosing and opening a runtime for a model folder: `auto`, `onnxruntime` or `axengine`."""
+"""What a runnable model folder is and how it opens: its kind, embedding table, identity, metadata and runtime.
+
+The two kinds are a `vlbatch export` folder (onnxruntime) and the published axmodel layout (axengine); each
+backend module owns its own file names, and this module dispatches by kind.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from batch.errors import BackendError, ModelFolderError
-from batch.infer.runtime.axengine_backend import is_axmodel_folder
+from batch.infer.runtime import axengine_backend, onnx_backend
 from batch.infer.runtime.base import Backend
-from batch.infer.runtime.onnx_backend import is_onnx_folder
 
 BACKENDS = ("auto", "onnxruntime", "axengine")
 
@@ -17,9 +21,9 @@ def folder_kind(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelFolderError(f"{model_dir}: model folder not found")
-    if is_onnx_folder(model_dir):
+    if onnx_backend.is_onnx_folder(model_dir):
         return "onnxruntime"
-    if is_axmodel_folder(model_dir):
+    if axengine_backend.is_axmodel_folder(model_dir):
         return "axengine"
     if (model_dir / "config.json").is_file():
         raise ModelFolderError(
@@ -30,6 +34,32 @@ def folder_kind(model_dir: Path) -> str:
         f"{model_dir}: neither a `vlbatch export` folder (manifest.json) nor an axmodel folder "
         "(*_l0_together.axmodel, *_post.axmodel, model.embed_tokens.weight.npy)"
     )
+
+
+def metadata_dir(model_dir: Path, hf_dir: Path | None = None) -> Path:
+    """Where config.json and the tokenizer are: an export carries them, an axmodel folder needs its HF folder."""
+    model_dir = Path(model_dir)
+    if hf_dir is not None:
+        return Path(hf_dir)
+    if folder_kind(model_dir) == "axengine":
+        raise ModelFolderError(
+            f"{model_dir}: an axmodel folder needs the Hugging Face folder beside it for the config and "
+            "tokenizer (--hf-dir, or model.hf_dir in config.yaml)"
+        )
+    return model_dir
+
+
+def embeddings_file(model_dir: Path) -> Path:
+    """The folder's token embedding table (.npy, read with mmap on the host by either runtime)."""
+    module = onnx_backend if folder_kind(model_dir) == "onnxruntime" else axengine_backend
+    return module.embeddings_file(Path(model_dir))
+
+
+def model_identity(model_dir: Path) -> str:
+    """A short stable id of a model folder's contents: its name and a digest of its manifest or model files."""
+    model_dir = Path(model_dir)
+    module = onnx_backend if onnx_backend.is_onnx_folder(model_dir) else axengine_backend
+    return f"{model_dir.resolve().name}@{hashlib.sha256(module.identity_bytes(model_dir)).hexdigest()[:12]}"
 
 
 def open_backend(model_dir: Path, backend: str = "auto", threads: int | None = None) -> Backend:

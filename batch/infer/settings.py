@@ -1,0 +1,79 @@
+"""The settings that config.yaml, job files and generation share: plain frozen dataclasses, no model code.
+
+Importing this module pulls in nothing but the standard library, so the config and job-file readers stay light.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+DECODERS = ("decord", "pyav")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> int:
+    """Check the sampling arguments; return top_k as a plain int."""
+    if math.isnan(temperature):
+        raise ValueError("temperature must be a number, got NaN")
+    if math.isinf(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
+    try:
+        k = operator.index(top_k)
+    except TypeError:
+        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}") from None
+    if k < 0:
+        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    return k
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to pick tokens and when to stop; temperature 0 is greedy, top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+        for name in ("temperature", "top_p"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """How media becomes tiles: tile side, tile budget per image, thumbnail, frames sampled per video."""
+
+    image_size: int = 448
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    video_frames: int = 8
+    video_decoder: str = "auto"  # auto (decord, else PyAV) | decord | pyav
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "max_tiles", "video_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"media setting `{name}` must be a positive integer, got {value!r}")
+        if not isinstance(self.use_thumbnail, bool):
+            raise ValueError(f"media setting `use_thumbnail` must be true or false, got {self.use_thumbnail!r}")
+        if self.video_decoder not in ("auto", *DECODERS):
+            raise ValueError(f"media setting `video_decoder` must be auto, {' or '.join(DECODERS)}")
+
+    @property
+    def decoder(self) -> str | None:
+        """The decoder to force, or None to pick automatically."""
+        return None if self.video_decoder == "auto" else self.video_decoder
