@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from batch.model.tinymodel import convert_to_native, make_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_MEDIA = REPO.parent / "shared" / "media"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test runs in its own temp folder with no VLBATCH_* variable from the caller's shell."""
+    for name in list(os.environ):
+        if name.startswith("VLBATCH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.fixture(scope="session")
