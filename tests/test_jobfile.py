@@ -16,7 +16,18 @@ from PIL import Image
 from batch.errors import VlbatchError
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.jobfile import MAX_JOB_BYTES, MAX_TOGETHER, Job, JobRejected, parse_job
+from batch.service import jobfile
+from batch.service.jobfile import (
+    MAX_INPUTS,
+    MAX_JOB_BYTES,
+    MAX_MEDIA_FILES,
+    MAX_TOGETHER,
+    MAX_YAML_DEPTH,
+    Job,
+    JobRejected,
+    load_job_text,
+    parse_job,
+)
 from batch.service.spool import is_job_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,6 +332,84 @@ def test_two_documents(inbox: Path) -> None:
     assert "malformed YAML" in rejected(write_job(inbox, job_text() + "---\nprompt: q\n"))
 
 
+def test_duplicate_key_names_the_key_and_both_lines(inbox: Path) -> None:
+    reason = rejected(write_job(inbox, "prompt: Describe.\ninputs: a.png\nmode: each\nprompt: Other.\n"))
+    assert reason == "duplicate key `prompt` on line 4 (first on line 1)"
+
+
+def test_duplicate_key_inside_tags(inbox: Path) -> None:
+    reason = rejected(write_job(inbox, job_text(tags="{trip: Rome, trip: Paris}")))
+    assert reason == "duplicate key `trip` on line 3 (first on line 3)"
+
+
+@pytest.mark.parametrize(("opening", "closing"), [("[", "]"), ("{", "}")])
+def test_deeply_nested_job_file_is_refused_without_recursing(inbox: Path, opening: str, closing: str) -> None:
+    path = write_job(inbox, "prompt: p\ninputs: " + opening * 5_000 + closing * 5_000 + "\n")
+    assert 10_000 <= path.stat().st_size < 11_000
+    assert rejected(path) == f"nested deeper than {MAX_YAML_DEPTH} levels at line 2"
+
+
+def test_deepest_allowed_nesting_gets_to_the_type_checks(inbox: Path) -> None:
+    deep = "[" * (MAX_YAML_DEPTH - 1) + "]" * (MAX_YAML_DEPTH - 1)
+    assert "'inputs' must be text or a list of text" in rejected(write_job(inbox, f"prompt: p\ninputs: {deep}\n"))
+
+
+def test_alias_bomb_is_refused(inbox: Path) -> None:
+    lines = ["prompt: p", "inputs: a.png", 'tags: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"x{i}: &a{i} [" + ", ".join([f"*{'a' if i == 0 else f'a{i - 1}'}"] * 9) + "]" for i in range(8)]
+    reason = rejected(write_job(inbox, "\n".join(lines) + "\n"))
+    assert reason.startswith("aliases repeat more than ") and "values (limit reached by `*a" in reason
+
+
+def test_recursive_alias_is_refused(inbox: Path) -> None:
+    reason = rejected(write_job(inbox, "prompt: p\ninputs: &i [a.png, *i]\n"))
+    assert reason == "alias `*i` on line 2 refers to a collection that holds it"
+
+
+def test_unexpected_error_while_parsing_becomes_a_rejection(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(mapping: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(jobfile, "_tags", boom)
+    path = write_job(inbox, job_text())
+    with pytest.raises(JobRejected) as info:
+        parse(path)
+    assert info.value.reason == "cannot parse the job file (RuntimeError: boom)"
+    assert info.value.path == path and isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("helper", "error", "expected"),
+    [
+        ("_decode", RecursionError("maximum recursion depth exceeded"), "RecursionError: maximum recursion depth"),
+        ("_decode", UnicodeError("odd text"), "UnicodeError: odd text"),
+        ("_read_job_bytes", OSError(5, "Input/output error"), "OSError: [Errno 5] Input/output error"),
+        ("_load_mapping", TypeError("unhashable"), "TypeError: unhashable"),
+        ("_roots", ValueError("bad root"), "ValueError: bad root"),
+    ],
+)
+def test_unexpected_errors_anywhere_in_parsing_are_named(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch, helper: str, error: Exception, expected: str
+) -> None:
+    def raise_it(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(jobfile, helper, raise_it)
+    path = write_job(inbox, job_text())
+    assert rejected(path).startswith(f"cannot parse the job file ({expected}")
+    with pytest.raises(JobRejected):
+        load_job_text(path) if helper != "_roots" else parse(path)
+
+
+def test_memory_error_is_not_blamed_on_the_job(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(jobfile, "_decode", out_of_memory)
+    with pytest.raises(MemoryError):
+        parse(write_job(inbox, job_text()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Keys, types and values
 
@@ -509,6 +598,88 @@ def test_glob_matching_no_media(inbox: Path) -> None:
 
 def test_every_input_must_match_even_when_others_do(inbox: Path) -> None:
     assert "not found" in rejected(write_job(inbox, "prompt: p\ninputs: [a.png, b.png]\n"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caps on a job's size
+
+
+def test_default_caps() -> None:
+    assert (MAX_INPUTS, MAX_MEDIA_FILES) == (1_000, 100_000)
+
+
+def test_too_many_inputs(inbox: Path) -> None:
+    assert parse(write_job(inbox, job_text("[" + ", ".join(["a.png"] * MAX_INPUTS) + "]"))).media
+    reason = rejected(write_job(inbox, job_text("[" + ", ".join(["a.png"] * (MAX_INPUTS + 1)) + "]")))
+    assert reason == (
+        f"'inputs' has {MAX_INPUTS + 1} entries; a job takes at most {MAX_INPUTS}: split it into several job files"
+    )
+
+
+def _pictures(folder: Path, count: int) -> None:
+    for i in range(count):
+        touch(folder / f"{i:03}.png")
+
+
+@pytest.fixture
+def cap(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(jobfile, "MAX_MEDIA_FILES", 5)
+    return 5
+
+
+def test_folder_with_more_media_than_the_cap(tmp_path: Path, cap: int) -> None:
+    _pictures(tmp_path / "pics", cap)
+    assert len(parse(write_job(tmp_path, job_text("pics"))).media) == cap
+    touch(tmp_path / "pics" / "sub" / "extra.jpg")
+    reason = rejected(write_job(tmp_path, job_text("pics")))
+    assert reason == (
+        f"the inputs match more than {cap} media files (passed while reading 'pics'); "
+        f"a job takes at most {cap}: split it into several job files"
+    )
+
+
+def test_glob_with_more_media_than_the_cap(tmp_path: Path, cap: int) -> None:
+    _pictures(tmp_path / "pics", cap + 1)
+    reason = rejected(write_job(tmp_path, job_text("'pics/*.png'")))
+    assert f"more than {cap} media files (passed while reading 'pics/*.png')" in reason and "split" in reason
+
+
+def test_the_cap_counts_all_inputs_together_but_each_file_once(tmp_path: Path, cap: int) -> None:
+    _pictures(tmp_path / "one", 3)
+    _pictures(tmp_path / "two", 3)
+    assert len(parse(write_job(tmp_path, "prompt: p\ninputs: [one, one/, 'one/*.png', one/000.png]\n")).media) == 3
+    reason = rejected(write_job(tmp_path, "prompt: p\ninputs: [one, 'two/*.png']\n"))
+    assert f"more than {cap} media files (passed while reading 'two/*.png')" in reason
+
+
+def test_walking_stops_as_soon_as_the_cap_is_passed(tmp_path: Path, cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _pictures(tmp_path / "pics", 60)
+    yielded = []
+    walk = jobfile._Resolver._walk
+
+    def counting_walk(self: object, folder: Path, spec: str):  # type: ignore[no-untyped-def]
+        for path in walk(self, folder, spec):
+            yielded.append(path)
+            yield path
+
+    monkeypatch.setattr(jobfile._Resolver, "_walk", counting_walk)
+    assert "more than 5 media files" in rejected(write_job(tmp_path, job_text("pics")))
+    assert len(yielded) == cap + 1
+
+
+def test_globbing_stops_as_soon_as_the_cap_is_passed(tmp_path: Path, cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _pictures(tmp_path / "pics", 60)
+    produced = []
+    iglob = jobfile.glob.iglob
+
+    def counting_iglob(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for match in iglob(*args, **kwargs):
+            produced.append(match)
+            yield match
+
+    monkeypatch.setattr(jobfile.glob, "iglob", counting_iglob)
+    assert "more than 5 media files" in rejected(write_job(tmp_path, job_text("'pics/*.png'")))
+    assert len(produced) == cap + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

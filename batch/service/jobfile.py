@@ -1,14 +1,17 @@
 """The job file format: parsing and validating one YAML job into a :class:`Job`, resolving its media safely.
 
 A job file is a small YAML mapping (``prompt``, ``inputs`` and optional overrides). Parsing never trusts it:
-the file is read with a size cap and without following a symlink, YAML is loaded with ``yaml.safe_load`` only,
-every key and type is checked, and every input is resolved to real paths that must lie under an allowed media
-folder (or the job's own folder). Media are recognised by suffix only; nothing is decoded here. Every problem
-becomes a :class:`JobRejected` whose reason tells the author what to fix.
+the file is read with a size cap and without following a symlink, YAML is loaded with the strict safe loader of
+:mod:`batch.service.strict_yaml` only (no duplicate keys, bounded nesting and aliases), every key and type is
+checked, and every input is resolved to real paths that must lie under an allowed media folder (or the job's own
+folder), within caps on the number of inputs and of media files. Media are recognised by suffix only; nothing is
+decoded here. Every problem, an unexpected error while parsing included, becomes a :class:`JobRejected` whose
+reason tells the author what to fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -27,9 +30,13 @@ import yaml
 from batch.errors import MediaError, VlbatchError
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
 from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.service import strict_yaml
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_TOGETHER = 4
+MAX_INPUTS = 1_000  # entries in `inputs`
+MAX_MEDIA_FILES = 100_000  # media files matched by all the inputs of one job together
+MAX_YAML_DEPTH = strict_yaml.MAX_DEPTH  # levels of nested mappings and lists in a job file
 MODES = ("each", "together")
 
 _GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
@@ -117,23 +124,40 @@ def parse_job(
     ``generation`` and ``media`` are the defaults the job's overrides are merged over.
     """
     path = Path(path)
-    data, mapping = load_job_text(path)
-    source = path.resolve()
-    base = Path(base_dir).resolve() if base_dir is not None else source.parent
-    try:
+    with _rejecting(path):
+        data, mapping = load_job_text(path)
+        source = path.resolve()
+        base = Path(base_dir).resolve() if base_dir is not None else source.parent
         return _build_job(path, source, base, data, mapping, allowed_roots, generation, media)
-    except _Invalid as exc:
-        raise JobRejected(path, str(exc)) from None
 
 
 def load_job_text(path: Path) -> tuple[bytes, dict[str, Any]]:
     """The job file's bytes and its YAML mapping; JobRejected for a symlink, oversize, non-UTF-8 or bad YAML."""
     path = Path(path)
-    try:
+    with _rejecting(path):
         data = _read_job_bytes(path)
         return data, _load_mapping(_decode(data))
+
+
+@contextlib.contextmanager
+def _rejecting(path: Path) -> Iterator[None]:
+    """Turn every problem raised inside into JobRejected: _Invalid with its reason, anything unexpected named.
+
+    A job file must never take the worker down, whatever it holds; only MemoryError (the process, not the job)
+    goes through.
+    """
+    try:
+        yield
+    except JobRejected:
+        raise
     except _Invalid as exc:
         raise JobRejected(path, str(exc)) from None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise JobRejected(path, f"cannot parse the job file ({type(exc).__name__}: {detail})") from exc
 
 
 def _build_job(
@@ -216,7 +240,9 @@ def _decode(data: bytes) -> str:
 
 def _load_mapping(text: str) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(text)
+        loaded = strict_yaml.load(text, max_depth=MAX_YAML_DEPTH)
+    except strict_yaml.StrictYAMLError as exc:
+        raise _Invalid(str(exc)) from None
     except yaml.constructor.ConstructorError as exc:
         raise _Invalid(_constructor_reason(exc)) from None
     except yaml.MarkedYAMLError as exc:
@@ -339,6 +365,10 @@ def _inputs(mapping: dict[str, Any]) -> tuple[str, ...]:
         raise _Invalid(f"'inputs' must be text or a list of text (paths, folders, globs), got {_describe(shown)}")
     if not items:
         raise _Invalid("'inputs' is empty; name at least one file, folder or glob")
+    if len(items) > MAX_INPUTS:
+        raise _Invalid(
+            f"'inputs' has {len(items)} entries; a job takes at most {MAX_INPUTS}: split it into several job files"
+        )
     if any(not item.strip() for item in items):
         raise _Invalid("'inputs' holds an empty entry")
     return tuple(items)
@@ -450,20 +480,34 @@ def _check_together(files: tuple[Path, ...]) -> None:
 
 
 class _Resolver:
-    """Turns input strings (files, folders, globs) into real media paths inside the allowed roots."""
+    """Turns input strings (files, folders, globs) into real media paths inside the allowed roots.
+
+    Every media file found counts towards MAX_MEDIA_FILES as it is found, so a folder or glob over a huge tree
+    is refused as soon as the job passes the cap, without first collecting every match.
+    """
 
     def __init__(self, roots: tuple[Path, ...], base: Path) -> None:
         self.roots = roots
         self.base = base
+        self.found: set[Path] = set()
 
     def resolve_all(self, inputs: Iterable[str]) -> tuple[Path, ...]:
-        found: set[Path] = set()
         for spec in inputs:
             try:
-                found.update(self.resolve(spec))
+                self.resolve(spec)
             except OSError as exc:  # a folder we may not list or stat, say
                 raise _Invalid(f"input {spec!r}: cannot read {exc.filename or 'it'} ({exc.strerror})") from None
-        return tuple(sorted(found, key=lambda p: p.parts))
+        return tuple(sorted(self.found, key=lambda p: p.parts))
+
+    def _add(self, path: Path, spec: str) -> Path:
+        """Count one media file of the job; rejected once the job's files pass MAX_MEDIA_FILES."""
+        self.found.add(path)
+        if len(self.found) > MAX_MEDIA_FILES:
+            raise _Invalid(
+                f"the inputs match more than {MAX_MEDIA_FILES} media files (passed while reading {spec!r}); "
+                f"a job takes at most {MAX_MEDIA_FILES}: split it into several job files"
+            )
+        return path
 
     def resolve(self, spec: str) -> list[Path]:
         candidate = self.base / os.path.expanduser(spec)
@@ -480,7 +524,7 @@ class _Resolver:
             media_kind(real)
         except MediaError as exc:
             raise _Invalid(f"input {spec!r}: {exc.reason}") from None
-        return [real]
+        return [self._add(real, spec)]
 
     def _inside(self, path: Path | str, spec: str) -> Path:
         """The real path, after every symlink and '..'; rejected unless it lies under an allowed root."""
@@ -492,7 +536,7 @@ class _Resolver:
         return real
 
     def _folder(self, folder: Path, spec: str) -> list[Path]:
-        files = list(self._walk(folder, spec))
+        files = [self._add(path, spec) for path in self._walk(folder, spec)]
         if not files:
             raise _Invalid(f"folder {spec!r} holds no images or videos")
         return files
@@ -502,36 +546,36 @@ class _Resolver:
         pending, seen = [folder], {folder}
         while pending:
             current = pending.pop()
-            try:
-                entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+            try:  # entries are read as they come, not listed first: the cap may stop a huge folder early
+                with os.scandir(current) as entries:
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            continue
+                        target = Path(os.path.realpath(entry.path))
+                        if target.is_dir():
+                            if target not in seen:  # a link back to a folder already walked (or a loop)
+                                seen.add(self._inside(entry.path, spec))
+                                pending.append(target)
+                        elif _is_media_name(str(target)) and target.is_file():
+                            yield self._inside(entry.path, spec)
             except OSError as exc:
                 raise _Invalid(f"input {spec!r}: cannot list folder {current} ({exc.strerror})") from None
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                target = Path(os.path.realpath(entry.path))
-                if target.is_dir():
-                    if target not in seen:  # a link back to a folder already walked (or a loop)
-                        seen.add(self._inside(entry.path, spec))
-                        pending.append(target)
-                elif _is_media_name(str(target)) and target.is_file():
-                    yield self._inside(entry.path, spec)
 
     def _glob(self, spec: str) -> list[Path]:
         pattern = os.path.expanduser(spec)
         self._inside(self.base / _literal_prefix(pattern), spec)  # never scan outside the roots
         root_dir = None if os.path.isabs(pattern) else self.base
-        matches = sorted(glob.glob(pattern, root_dir=root_dir, recursive=True))
-        if not matches:
-            raise _Invalid(f"glob {spec!r} matches nothing")
-        files = []
-        for match in matches:
+        matched, files = False, []
+        for match in glob.iglob(pattern, root_dir=root_dir, recursive=True):  # lazily: the cap may stop it early
+            matched = True
             path = self.base / match
             if path.name.startswith(".") or not _is_media_name(os.path.realpath(path)) or path.is_dir():
                 continue
             real = self._inside(path, spec)
             if real.is_file():
-                files.append(real)
+                files.append(self._add(real, spec))
+        if not matched:
+            raise _Invalid(f"glob {spec!r} matches nothing")
         if not files:
             raise _Invalid(f"glob {spec!r} matches no images or videos")
         return files
