@@ -4,19 +4,50 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from batch.config import Config
+from batch.errors import VlbatchError
+from batch.service.atomic_write import write_atomic
 from batch.service.jobfile import JobRejected, parse_job
 from batch.service.spool import Spool, free_path
 
 
+class SubmitError(VlbatchError):
+    """A checked job file could not be placed in the inbox (no space, no permission, ...)."""
+
+
 def submit_job(path: Path, config: Config) -> Path:
-    """Validate `path` as the worker will, then rename it into the inbox; returns its inbox path."""
+    """Validate `path` as the worker will, then write it into the inbox atomically; returns its inbox path.
+
+    JobRejected for a job the worker would refuse; SubmitError when the inbox cannot be created or written. Either
+    way nothing is left in the inbox: the job is written under a hidden `.tmp` name the worker ignores, checked
+    there and only then renamed to its final name.
+    """
     path = Path(path)
     roots = list(config.spool.media_roots)
     parse_job(path, allowed_roots=roots, generation=config.generation, media=config.media)  # readable errors first
+    text = yaml.safe_dump(_with_absolute_inputs(path), sort_keys=False, allow_unicode=True)
+    spool = _ensure_spool(config, path)
+
+    def check(tmp: Path) -> None:
+        try:
+            parse_job(tmp, allowed_roots=roots, generation=config.generation, media=config.media, base_dir=spool.inbox)
+        except JobRejected as exc:
+            raise JobRejected(path, f"{exc.reason} (the worker reads media only under spool.media_roots)") from None
+
+    target = free_path(spool.inbox, path.name)
+    try:
+        write_atomic(target, text, check=check)
+    except OSError as exc:
+        raise SubmitError(f"{target}: cannot write the job into the inbox ({exc.strerror or exc})") from None
+    return target
+
+
+def _with_absolute_inputs(path: Path) -> dict[str, Any]:
+    """The job's mapping with relative inputs resolved against its own folder and an id (its stem) if it had none."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     inputs = data.get("inputs")
     entries = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -24,15 +55,13 @@ def submit_job(path: Path, config: Config) -> Path:
     data["inputs"] = [entry if os.path.isabs(entry) else str(folder / entry) for entry in entries]
     if "id" not in data:
         data["id"] = path.stem
+    return data
 
-    spool = Spool(config.spool.dir).ensure()
-    tmp = spool.inbox / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+def _ensure_spool(config: Config, path: Path) -> Spool:
+    """The spool with its folders created; SubmitError (naming the job and the folder) if they cannot be."""
     try:
-        parse_job(tmp, allowed_roots=roots, generation=config.generation, media=config.media, base_dir=spool.inbox)
-    except JobRejected as exc:
-        tmp.unlink()
-        raise JobRejected(path, f"{exc.reason} (the worker reads media only under spool.media_roots)") from None
-    target = free_path(spool.inbox, path.name)
-    os.rename(tmp, target)
-    return target
+        return Spool(config.spool.dir).ensure()
+    except OSError as exc:
+        where = exc.filename or config.spool.dir
+        raise SubmitError(f"{path}: cannot create the spool folder {where} ({exc.strerror or exc})") from None

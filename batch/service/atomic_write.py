@@ -1,0 +1,85 @@
+"""Writing a file atomically: an unpredictable hidden temp name beside it, fsync, rename over, no leftovers."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class SymlinkRefused(OSError):
+    """The target of an atomic write is a symbolic link; it is left as it is (an OSError with errno ELOOP)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.ELOOP, "is a symbolic link (refused to replace it)", str(path))
+
+
+def write_atomic(
+    path: str | os.PathLike[str],
+    data: bytes | str,
+    *,
+    refuse_symlink: bool = True,
+    mode: int | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Write `data` (str as UTF-8) to `path` so readers see the old file or the whole new one, never a part.
+
+    The data goes to `.<name>.<random>.tmp` in the same folder (created O_EXCL by mkstemp, so a planted file or
+    symlink there cannot be followed), is fsynced, optionally passed to `check(temp_path)`, then renamed over
+    `path`; the folder is fsynced, best effort. `mode` defaults to what a plain open() would create (0o666 less
+    the umask). Raises SymlinkRefused when `path` is a symlink and `refuse_symlink`, or the OSError of the failing
+    step (ENOSPC, EACCES, ...); any error, including one raised by `check`, removes the temp file first.
+    """
+    path = Path(path)
+    if refuse_symlink and path.is_symlink():
+        raise SymlinkRefused(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    mode = _default_mode() if mode is None else mode
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        _fill(fd, payload, mode)  # closes fd, also when it fails
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fill(fd: int, payload: bytes, mode: int) -> None:
+    """Set the mode, write every byte, fsync and close `fd` (closed even when a step fails)."""
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _default_mode() -> int:
+    """0o666 less the process umask, read without changing it where /proc says it (Linux 4.7+)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable; some filesystems refuse fsync on a folder, which is fine."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
