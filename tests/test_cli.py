@@ -75,11 +75,17 @@ def test_ask_reads_the_model_from_config_yaml(run, tiny_onnx, tmp_path):
         ("generation:\n  temprature: 1\n", "unknown key(s) in `generation`: temprature"),
         ("media:\n  max_tiles: many\n", "bad value in `media`"),
         ("media:\n  video_decoder: ffmpeg\n", "video_decoder` must be auto, decord or pyav"),
+        ("media:\n  max_tiles: 41\n", "`max_tiles` must be at most 40"),
+        ("media:\n  video_frames: 65\n", "`video_frames` must be at most 64"),
+        ("media:\n  decode_timeout_seconds: 0\n", "decode_timeout_seconds` must be a positive number"),
+        ("media:\n  max_tiles: 2\n  max_tiles: 3\n", "duplicate key `max_tiles` on line 3"),
+        ("caf\xe9: 1\n".encode("latin-1"), "not UTF-8 text"),
     ],
 )
 def test_bad_config_is_named(run, tmp_path, config, message):
-    (tmp_path / "my.yaml").write_text(config)
-    result = run("--config", tmp_path / "my.yaml", "ask", "-p", "Hi")
+    config_file = tmp_path / "my.yaml"
+    config_file.write_bytes(config) if isinstance(config, bytes) else config_file.write_text(config)
+    result = run("--config", config_file, "ask", "-p", "Hi")
     assert result.exit_code == 1
     assert "my.yaml" in result.stderr and message in result.stderr
 

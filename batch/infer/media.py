@@ -16,7 +16,9 @@ Problems a user can fix (missing, corrupt or unsupported files) are raised as :c
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,17 +61,31 @@ def media_kind(path: Path) -> str:
 # Images
 
 
-def load_image(path: Path | str) -> Image.Image:
-    """Decode an image file to an upright 8-bit RGB image (EXIF orientation applied, transparency over white)."""
+def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file to an upright 8-bit RGB image (EXIF orientation applied, transparency over white).
+
+    An image of more than ``max_pixels`` pixels is refused from its header, before anything is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise MediaError(path, "file not found" if not path.exists() else "not a regular file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise MediaError(
+                    path,
+                    f"image is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), over the "
+                    f"{max_pixels / 1e6:g} Mpx limit (media.max_image_pixels)",
+                )
             img.load()
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright)
-    except Image.DecompressionBombError as exc:
+    except (MediaError, MemoryError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaError(path, f"image is too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise MediaError(
@@ -112,6 +128,7 @@ def _over_white(img: Image.Image) -> Image.Image:
 # Tiling (InternVL dynamic_preprocess)
 
 
+@functools.lru_cache(maxsize=64)
 def _target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     # Built as a set and then sorted by tile count, exactly like the reference: the order of grids with the same
     # tile count comes from set iteration, which is deterministic for int tuples and decides some ties.
@@ -148,6 +165,24 @@ def closest_tile_grid(
     return best
 
 
+def tile_count(width: int, height: int, max_tiles: int, image_size: int = 448, use_thumbnail: bool = True) -> int:
+    """How many tiles tile_image() makes of a width x height image, without resizing anything."""
+    cols, rows = closest_tile_grid(width, height, max_tiles, 1, image_size)
+    return cols * rows + (1 if use_thumbnail and cols * rows != 1 else 0)
+
+
+def choose_tile_cap(sizes: Sequence[tuple[int, int]], settings: MediaSettings, max_total_tiles: int) -> int:
+    """The largest per-image tile cap (up to settings.max_tiles) whose tiles for all images fit max_total_tiles.
+
+    1 when even that does not fit (the caller then reports the prompt as too long).
+    """
+    for cap in range(settings.max_tiles, 1, -1):
+        total = sum(tile_count(w, h, cap, settings.image_size, settings.use_thumbnail) for w, h in sizes)
+        if total <= max_total_tiles:
+            return cap
+    return 1
+
+
 def tile_image(
     image: Image.Image, max_tiles: int, image_size: int = 448, use_thumbnail: bool = True
 ) -> list[Image.Image]:
@@ -161,6 +196,12 @@ def tile_image(
     if use_thumbnail and len(tiles) != 1:
         tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
     return tiles
+
+
+def normalize_tiles(tiles: np.ndarray) -> np.ndarray:
+    """(N, S, S, 3) uint8 tiles to float32 ``(N, 3, S, S)``, normalised as to_pixel_values() does."""
+    unit = tiles.astype(np.float32) / np.float32(255)
+    return ((unit - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).copy()
 
 
 def to_pixel_values(tiles: Sequence[Image.Image], image_size: int = 448) -> np.ndarray:
@@ -252,7 +293,7 @@ def _read_decord(path: Path, segments: int, decord: Any) -> list[Image.Image]:
         if count < 1:
             raise MediaError(path, "the video has no frames")
         batch = reader.get_batch(frame_indices(count, segments).tolist()).asnumpy()
-    except MediaError:
+    except (MediaError, MemoryError):
         raise
     except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors
         raise MediaError(path, f"cannot decode the video with decord ({_first_line(exc)})") from exc
@@ -271,7 +312,7 @@ def _read_pyav(path: Path, segments: int, av: Any) -> list[Image.Image]:
             frames, _ = _decode_pyav(path, av, frame_indices(decoded, segments))
         if frames is None:
             raise MediaError(path, "the video decodes inconsistently (frame count changed between passes)")
-    except MediaError:
+    except (MediaError, MemoryError):
         raise
     except Exception as exc:  # av.error.FFmpegError and friends
         raise MediaError(path, f"cannot decode the video with PyAV ({_first_line(exc)})") from exc

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from batch.errors import ModelFolderError, PromptTooLongError, VlbatchError
+from batch.infer.decode import InProcessDecoder, MediaDecoder
 from batch.infer.detokenize import IncrementalDetokenizer
 from batch.infer.generate import GenerationResult, Step, Timings, generate_steps
-from batch.infer.media import load_image, load_video_frames, media_kind, tile_image, to_pixel_values
+from batch.infer.media import media_kind, normalize_tiles
 from batch.infer.prompt import (
     DEFAULT_SYSTEM,
     END_OF_TEXT,
@@ -56,6 +57,7 @@ class Pipeline:
         embeddings: np.ndarray,
         media: MediaSettings | None = None,
         system: str | None = DEFAULT_SYSTEM,
+        decoder: MediaDecoder | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -63,6 +65,7 @@ class Pipeline:
         self.embeddings = embeddings
         self.media = media or MediaSettings(max_tiles=spec.max_dynamic_patch, use_thumbnail=spec.use_thumbnail)
         self.system = system
+        self.decoder = decoder or InProcessDecoder()
         self.vit_cache = VitCache()
         vocab = tokenizer.get_vocab()
         missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT, IM_END) if t not in vocab]
@@ -87,6 +90,7 @@ class Pipeline:
         hf_dir: Path | None = None,
         threads: int | None = None,
         media: MediaSettings | None = None,
+        decoder: MediaDecoder | None = None,
     ) -> Pipeline:
         """Load the runtime, tokenizer and embedding table of a model folder once."""
         model_dir = Path(model_dir)
@@ -100,7 +104,7 @@ class Pipeline:
                 f"{embed_file}: rows of width {embeddings.shape[1]}, "
                 f"but config.json says hidden {spec.text.hidden_size}"
             )
-        return cls(runtime, load_tokenizer(meta_dir), spec, embeddings, media)
+        return cls(runtime, load_tokenizer(meta_dir), spec, embeddings, media, decoder=decoder)
 
     # request preparation ------------------------------------------------------------------------
     def prepare(self, question: str, media: Sequence[Path] = (), settings: MediaSettings | None = None) -> Request:
@@ -109,39 +113,34 @@ class Pipeline:
         settings = settings or self.media
         paths = [Path(p) for p in media]
         kinds = [media_kind(p) for p in paths]
-        videos = [p for p, k in zip(paths, kinds, strict=True) if k == "video"]
-        if videos and len(paths) > 1:
+        if "video" in kinds and len(paths) > 1:
             raise VlbatchError(f"one video per question, without other media: {', '.join(p.name for p in paths)}")
         capacity = self.backend.prefill_capacity
-        if videos:
-            frames = load_video_frames(videos[0], settings.video_frames, settings.decoder)
-            tiles = [tile_image(f, 1, settings.image_size, use_thumbnail=False) for f in frames]
-            ids, prompt_media = self._encode(question, "video", tiles)
-        elif paths:
-            images = [load_image(p) for p in paths]
-            # lower the per-image tile cap until the prompt fits (the NPU's prefill holds far less than a CPU's)
-            for cap in range(settings.max_tiles, 0, -1):
-                tiles = [tile_image(im, cap, settings.image_size, settings.use_thumbnail) for im in images]
-                ids, prompt_media = self._encode(question, "image", tiles)
-                if len(ids) <= capacity:
-                    if cap < settings.max_tiles:
-                        log.info("max_tiles lowered from %d to %d so the prompt fits", settings.max_tiles, cap)
-                    break
+        decoded = None
+        if paths:
+            kind = "video" if kinds[0] == "video" else "image"
+            # every tile adds the same number of image tokens; the text around them does not depend on the count
+            items = settings.video_frames if kind == "video" else len(paths)
+            per_tile = self.spec.image_tokens_per_tile
+            fixed = len(self._encode(question, kind, (1,) * items)[0]) - items * per_tile
+            decoded = self.decoder.decode(paths, kind, settings, max(1, (capacity - fixed) // per_tile))
+            if decoded.cap < settings.max_tiles and kind == "image":
+                log.info("max_tiles lowered from %d to %d so the prompt fits", settings.max_tiles, decoded.cap)
+            ids, prompt_media = self._encode(question, kind, decoded.per_item)
         else:
-            tiles = []
-            ids, prompt_media = self._encode(question, None, [])
+            ids, prompt_media = self._encode(question, None, ())
         if len(ids) > capacity:
             raise PromptTooLongError(self._too_long(question, len(ids), prompt_media, capacity))
-        pixels = to_pixel_values([t for item in tiles for t in item], settings.image_size) if tiles else None
+        pixels = normalize_tiles(decoded.tiles) if decoded is not None else None
         return Request(ids, pixels, prompt_media, (time.perf_counter() - started) * 1e3)
 
-    def _encode(self, question: str, kind, tiles: list) -> tuple[np.ndarray, PromptMedia | None]:
-        media = PromptMedia(kind, tuple(len(t) for t in tiles)) if tiles else None
+    def _encode(self, question: str, kind, per_item: tuple[int, ...]) -> tuple[np.ndarray, PromptMedia | None]:
+        media = PromptMedia(kind, per_item) if per_item else None
         text = build_prompt(question, media, self.spec.image_tokens_per_tile, self.system)
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64), media
 
     def _too_long(self, question: str, n: int, media: PromptMedia | None, capacity: int) -> str:
-        text_only = len(self._encode(question, None, [])[0])
+        text_only = len(self._encode(question, None, ())[0])
         message = f"prompt is {n} tokens but this model prefills at most {capacity}"
         if media is None:
             return message + "; shorten the text"
@@ -218,6 +217,7 @@ class Pipeline:
         )
 
     def close(self) -> None:
+        self.decoder.close()
         self.backend.close()
 
 

@@ -10,6 +10,8 @@ import operator
 from dataclasses import dataclass
 
 DECODERS = ("decord", "pyav")
+MAX_TILES_LIMIT = 40  # InternVL never uses more tiles per image; the grid search grows with the cube of it
+VIDEO_FRAMES_LIMIT = 64
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> int:
@@ -62,12 +64,24 @@ class MediaSettings:
     use_thumbnail: bool = True
     video_frames: int = 8
     video_decoder: str = "auto"  # auto (decord, else PyAV) | decord | pyav
+    max_image_pixels: int = 64_000_000  # larger images are refused before they are decoded
+    decode_timeout_seconds: float = 60.0  # per unit, in the decoding child process
+    decode_memory_mb: int = 3072  # address-space cap of the decoding child process (0 = none)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "max_tiles", "video_frames"):
+        for name in ("image_size", "max_tiles", "video_frames", "max_image_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"media setting `{name}` must be a positive integer, got {value!r}")
+        for name, limit in (("max_tiles", MAX_TILES_LIMIT), ("video_frames", VIDEO_FRAMES_LIMIT)):
+            if getattr(self, name) > limit:
+                raise ValueError(f"media setting `{name}` must be at most {limit}, got {getattr(self, name)}")
+        timeout = self.decode_timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise ValueError(f"media setting `decode_timeout_seconds` must be a positive number, got {timeout!r}")
+        memory = self.decode_memory_mb
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+            raise ValueError(f"media setting `decode_memory_mb` must be a whole number >= 0, got {memory!r}")
         if not isinstance(self.use_thumbnail, bool):
             raise ValueError(f"media setting `use_thumbnail` must be true or false, got {self.use_thumbnail!r}")
         if self.video_decoder not in ("auto", *DECODERS):
