@@ -1,6 +1,7 @@
 """The `vlbatch` command line: ask, export, make-model.
 
-Exit codes: 0 done, 1 a problem with the input, the model or the config (message on stderr), 2 bad usage.
+Exit codes: 0 done, 1 a problem with the input, the model or the config (message on stderr), 2 bad usage,
+3 `run` gave up on faults of the machine (full disk, locked database), 4 the database is damaged.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ from batch.errors import VlbatchError
 from batch.infer.generate import GenerationResult
 from batch.service import logs
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_CORRUPT_DATABASE = 0, 1, 2, 3, 4
 
 
 class _Group(click.Group):
     """Turns the errors vlbatch expects into one line on stderr and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from batch.service.faults import DatabaseCorrupt, InfrastructureError
+
         try:
             return super().invoke(ctx)
         except VlbatchError as exc:
             click.echo(f"vlbatch: error: {exc}", err=True)
-            ctx.exit(EXIT_FAILED)
+            codes = {InfrastructureError: EXIT_INFRASTRUCTURE, DatabaseCorrupt: EXIT_CORRUPT_DATABASE}
+            ctx.exit(codes.get(type(exc), EXIT_FAILED))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,6 +215,25 @@ def _worker_config(ctx: click.Context, model_dir: Path | None) -> Config:
     return config
 
 
+def _open_worker(ctx: click.Context, model_dir: Path | None, force: bool) -> Any:
+    """The worker over the configured spool and database; a database that cannot be opened is exit 3 or 4."""
+    import sqlite3
+
+    from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
+    from batch.service.worker import Worker
+
+    config = _worker_config(ctx, model_dir)
+    try:
+        return Worker.from_config(config, force=force)
+    except (sqlite3.DatabaseError, OSError) as exc:
+        if not (is_passing(exc) or is_corrupt_database(exc)):
+            raise
+        where = f"{config.spool.database}: cannot open the database ({describe(exc)})"
+        if is_corrupt_database(exc):
+            raise DatabaseCorrupt(f"{where}; restore it from a backup or move it aside") from exc
+        raise InfrastructureError(where) from exc
+
+
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml).")
 @click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored.")
@@ -220,9 +243,7 @@ def watch(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
 
     The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
     """
-    from batch.service.worker import Worker
-
-    worker = Worker.from_config(_worker_config(ctx, model_dir), force=force)
+    worker = _open_worker(ctx, model_dir, force)
     worker.install_signal_handlers()
     try:
         worker.watch()
@@ -237,12 +258,11 @@ def watch(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
 def run(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
     """Run every job in the inbox once, then exit (for cron).
 
-    Exit code 0 when every job finished, 1 when any failed or was rejected. Overlapping runs share the
-    inbox safely: each job is claimed by exactly one of them.
+    Exit code 0 when every job finished, 1 when any failed or was rejected, 3 when it gave up on faults
+    of the machine (full disk, locked database) after spool.give_up_seconds, 4 when the database is
+    damaged. Overlapping runs share the inbox safely: each job is claimed by exactly one of them.
     """
-    from batch.service.worker import Worker
-
-    worker = Worker.from_config(_worker_config(ctx, model_dir), force=force)
+    worker = _open_worker(ctx, model_dir, force)
     worker.install_signal_handlers()
     try:
         outcomes = worker.drain()

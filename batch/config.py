@@ -1,4 +1,4 @@
-"""`config.yaml`: where the model lives and the default generation and media settings, parsed with safe_load."""
+"""`config.yaml`: where the model lives and the default generation and media settings, parsed by strict_yaml."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import yaml
 
 from batch.errors import VlbatchError
 from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.service import strict_yaml
 
 ENV_VAR = "VLBATCH_CONFIG"
 DEFAULT_FILE = "config.yaml"
@@ -38,9 +39,10 @@ class SpoolConfig:
     settle_seconds: float = 0.5  # a job file must be unmodified this long before it is read
     polling: bool = False  # PollingObserver (network shares) instead of the native watcher
     max_attempts: int = 3  # starts before a job whose worker keeps dying is failed
+    give_up_seconds: float = 300.0  # `vlbatch run` exits 3 after this long of unbroken faults (watch never does)
 
     def __post_init__(self) -> None:
-        for name in ("lease_seconds", "rescan_seconds", "settle_seconds"):
+        for name in ("lease_seconds", "rescan_seconds", "settle_seconds", "give_up_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -109,9 +111,13 @@ def load_config(path: Path | None) -> Config:
         path = Path(path)
         base = path.resolve().parent
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = strict_yaml.load(path.read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except strict_yaml.StrictYAMLError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
         if not isinstance(data, dict):

@@ -126,7 +126,11 @@ class Spool:
         except FileNotFoundError:
             return None
         claim = Claim(target, path.name)
-        self.renew(claim)
+        try:
+            self.renew(claim)
+        except OSError:  # no lease could be written (a full disk): put the file back as it was
+            os.rename(target, path)
+            raise
         return claim
 
     # leases -------------------------------------------------------------------------------------
@@ -155,20 +159,24 @@ class Spool:
     def abandoned(self, now: float | None = None) -> list[Claim]:
         """Claims whose lease ran out or whose worker is gone from this host; never a live worker's."""
         now = time.time() if now is None else now
-        out = []
-        for claim in self.claims():
-            lease = self.read_lease(claim)
-            if lease is None:
-                # between the claim's rename and its first lease write: give it a full lease period
-                try:
-                    age = now - claim.path.stat().st_ctime
-                except FileNotFoundError:
-                    continue
-                if age > self.lease_seconds:
-                    out.append(claim)
-            elif lease.expires < now or lease.holder_is_gone():
-                out.append(claim)
-        return out
+        return [claim for claim in self.claims() if self._is_abandoned(claim, now)]
+
+    def is_held(self, claim_name: str) -> bool:
+        """True while work/<claim_name> exists and its worker holds it (lease current, process alive)."""
+        path = self.work / claim_name
+        if not claim_name or not path.exists():
+            return False
+        return not self._is_abandoned(Claim(path, claim_name.split(SEPARATOR, 1)[-1]), time.time())
+
+    def _is_abandoned(self, claim: Claim, now: float) -> bool:
+        lease = self.read_lease(claim)
+        if lease is None:
+            # between the claim's rename and its first lease write: give it a full lease period
+            try:
+                return now - claim.path.stat().st_ctime > self.lease_seconds
+            except FileNotFoundError:
+                return False
+        return lease.expires < now or lease.holder_is_gone()
 
     # moves --------------------------------------------------------------------------------------
     def release(self, claim: Claim) -> Path:

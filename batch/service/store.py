@@ -14,13 +14,15 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from batch.infer.safe_open import sha256_of
 
 migrations = sqlite_utils.Migrations("vlbatch")
 
@@ -119,6 +121,21 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["results"].enable_fts(["answer", "prompt"], create_triggers=True)
 
 
+@migrations()
+def m002_unit_in_flight(db: sqlite_utils.Database) -> None:
+    # the unit a job's worker started last and has not finished: a worker that dies in it twice skips it
+    db["jobs"].add_column("inflight", str)
+    db["jobs"].add_column("inflight_deaths", int)
+
+
+class JobIdBusy(Exception):
+    """Another file with the same job id is running now (its claim is alive)."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job id {job['id']} is running now from {job['source']} (worker {job['worker']})")
+        self.job = job
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -132,11 +149,8 @@ def cache_key(media_sha256: Sequence[str], prompt: str, settings: dict[str, Any]
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a regular file, opened without following a final symlink or blocking; MediaError if refused."""
+    return sha256_of(path)
 
 
 class Store:
@@ -180,11 +194,19 @@ class Store:
         rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
         return rows[0] if rows else None
 
-    def start_job(self, job_id: str, fields: dict[str, Any], worker: str) -> int:
-        """Mark a job running; returns its attempt number (a job found still running was interrupted)."""
+    def start_job(
+        self, job_id: str, fields: dict[str, Any], worker: str, claim_alive: Callable[[str], bool] = lambda _: False
+    ) -> int:
+        """Mark a job running; returns its attempt number (a job found still running was interrupted).
+
+        JobIdBusy when the job id is running under another claim that `claim_alive` says is still held: two
+        files with one id never run at once, and their attempts are never counted as one job's.
+        """
         with self.atomic():
             previous = self.job(job_id)
             resumed = previous is not None and previous["state"] == "running"
+            if resumed and previous["claim"] != fields.get("claim") and claim_alive(previous["claim"] or ""):
+                raise JobIdBusy(previous)
             attempts = previous["attempts"] + 1 if resumed else 1
             row = {
                 **fields,
@@ -197,9 +219,29 @@ class Store:
                 "started_utc": utc_now(),
                 "finished_utc": None,
                 "created_utc": previous["created_utc"] if resumed else utc_now(),
+                **({} if resumed else {"inflight": None, "inflight_deaths": 0}),
             }
             self.db["jobs"].upsert(row, pk="id")
         return attempts
+
+    def hand_back(self, job_id: str) -> None:
+        """A job returned to the inbox by a live worker (a stop signal, a passing fault): not an attempt."""
+        with self.atomic():
+            self.db.execute(
+                "UPDATE jobs SET attempts = max(attempts - 1, 0) WHERE id = ? AND state = 'running'", [job_id]
+            )
+
+    def begin_unit(self, job_id: str, unit: str) -> int:
+        """Record that the worker starts answering `unit`; returns how often a worker already died in it."""
+        with self.atomic():
+            row = self.db.execute("SELECT inflight, inflight_deaths FROM jobs WHERE id = ?", [job_id]).fetchone()
+            deaths = (row[1] or 0) + 1 if row and row[0] == unit else 0
+            self.db.execute("UPDATE jobs SET inflight = ?, inflight_deaths = ? WHERE id = ?", [unit, deaths, job_id])
+        return deaths
+
+    def end_unit(self, job_id: str) -> None:
+        with self.atomic():
+            self.db.execute("UPDATE jobs SET inflight = NULL, inflight_deaths = 0 WHERE id = ?", [job_id])
 
     def clear_links(self, job_id: str) -> None:
         """Forget which answers belong to a job before a fresh run of it (the answers stay)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -26,15 +25,27 @@ from typing import Any
 from tqdm import tqdm
 
 from batch.config import Config
-from batch.errors import VlbatchError
+from batch.errors import MediaError, VlbatchError
+from batch.infer.decode import IsolatedDecoder
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.select import model_identity
+from batch.service.atomic_write import SymlinkRefused, write_atomic
+from batch.service.faults import (
+    Backoff,
+    DatabaseCorrupt,
+    InfrastructureError,
+    describe,
+    is_corrupt_database,
+    is_passing,
+)
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
 from batch.service.spool import Claim, Spool
-from batch.service.store import Store, cache_key, file_sha256, worker_name
+from batch.service.store import JobIdBusy, Store, cache_key, file_sha256, worker_name
 
 log = logging.getLogger("batch.service.worker")
+
+UNIT_DEATHS_LIMIT = 2  # a unit in which the worker process died this often is failed instead of tried again
 
 
 class HandBack(Exception):
@@ -69,6 +80,9 @@ class Worker:
         self.stop_requested = False  # first signal: finish the current job, then stop
         self.abort_requested = False  # second signal: hand the current job back now
         self.wake = threading.Event()
+        self._backoff = Backoff()
+        self._failing_since: float | None = None
+        self._job_id: str | None = None  # the job being processed, for a hand-back after a fault
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
     @classmethod
@@ -79,7 +93,9 @@ class Worker:
         spool = Spool(config.spool.dir, config.spool.lease_seconds, config.spool.settle_seconds).ensure()
 
         def open_pipeline() -> Pipeline:
-            return Pipeline.open(model.dir, model.backend, model.hf_dir, model.threads, config.media)
+            return Pipeline.open(
+                model.dir, model.backend, model.hf_dir, model.threads, config.media, decoder=IsolatedDecoder()
+            )
 
         return cls(config, Store(config.spool.database), spool, open_pipeline, model_identity(model.dir), force)
 
@@ -114,30 +130,34 @@ class Worker:
         """Run every job in the inbox, waiting for files still being written; then return."""
         outcomes: list[Outcome] = []
         while not self.stop_requested:
-            self.recover()
-            ready, next_ready = self.spool.pending()
-            if ready:
-                outcome = self.take(ready[0])
-                if outcome:
-                    outcomes.append(outcome)
-            elif next_ready is not None:
-                time.sleep(max(0.05, next_ready - time.time()))
-            else:
+            try:
+                took, outcome, next_ready = self._cycle()
+            except Exception as exc:
+                self._wait_out(exc, give_up=True)
+                continue
+            if outcome:
+                outcomes.append(outcome)
+            if took:
+                continue
+            if next_ready is None:
                 break
+            time.sleep(max(0.05, next_ready - time.time()))
         return outcomes
 
     def watch(self) -> None:
-        """Run jobs as they arrive until a stop signal."""
+        """Run jobs as they arrive until a stop signal; faults of the machine are waited out, never fatal."""
         observer = self._observer()
         observer.start()
         event(log, "worker.watching", inbox=self.spool.inbox, worker=self.name)
         try:
             _ = self.pipeline  # load the model before the first job arrives
             while not self.stop_requested:
-                self.recover()
-                ready, next_ready = self.spool.pending()
-                if ready:
-                    self.take(ready[0])
+                try:
+                    took, _, next_ready = self._cycle()
+                except Exception as exc:
+                    self._wait_out(exc, give_up=False)
+                    continue
+                if took:
                     continue
                 timeout = self.config.spool.rescan_seconds
                 if next_ready is not None:
@@ -148,6 +168,42 @@ class Worker:
             observer.stop()
             observer.join()
         event(log, "worker.stopped", worker=self.name)
+
+    def _cycle(self) -> tuple[bool, Outcome | None, float | None]:
+        """One turn of either loop: settle abandoned claims, then take the oldest ready job.
+
+        Returns whether a job file was taken, its outcome, and when the next still-settling file is ready.
+        """
+        self.recover()
+        ready, next_ready = self.spool.pending()
+        if not ready:
+            outcome, took = None, False
+        else:
+            outcome, took = self.take(ready[0]), True
+        self._backoff.reset()
+        self._failing_since = None
+        return took, outcome, next_ready
+
+    def _wait_out(self, exc: Exception, give_up: bool) -> None:
+        """Log a fault and pause (capped exponential backoff); raise when it cannot or should not be waited out."""
+        if is_corrupt_database(exc):
+            raise DatabaseCorrupt(
+                f"{self.store.path}: the database is damaged ({describe(exc)}); restore it from a backup or move it "
+                "aside (a new one is created) before starting again"
+            ) from exc
+        now = time.monotonic()
+        self._failing_since = self._failing_since or now
+        if give_up and now - self._failing_since > self.config.spool.give_up_seconds:
+            raise InfrastructureError(
+                f"gave up after {now - self._failing_since:.0f} s of faults (spool.give_up_seconds); last: "
+                f"{describe(exc)}"
+            ) from exc
+        delay = self._backoff.next_delay()
+        event(log, "worker.fault", logging.ERROR, error=describe(exc), passing=is_passing(exc), retry_in_s=delay)
+        if not is_passing(exc):
+            log.debug("%s", "".join(traceback.format_exception(exc)))
+        self.wake.wait(delay)  # a stop signal ends the pause early
+        self.wake.clear()
 
     def _observer(self) -> Any:
         from watchdog.events import FileSystemEventHandler
@@ -184,18 +240,19 @@ class Worker:
         claim = self.spool.claim(path)
         if claim is None:
             return None
-        return self.process(claim)
+        self._job_id = None
+        try:
+            return self.process(claim)
+        except Exception:
+            self._hand_back_after_fault(claim)
+            raise
 
     def process(self, claim: Claim) -> Outcome:
         default_id = Path(claim.name).stem
         try:
             job = self._parse(claim)
         except JobRejected as exc:
-            self.store.record_rejected(default_id, str(claim.name), exc.reason)
-            self.spool.finish(claim, "rejected", exc.reason)
-            event(log, "job.rejected", logging.WARNING, file=claim.name, reason=exc.reason)
-            return Outcome(default_id, "rejected", exc.reason)
-
+            return self._reject(claim, default_id, exc.reason)
         fields = {
             "source": claim.name,
             "job_sha256": job.content_sha256,
@@ -205,9 +262,19 @@ class Worker:
             "media_count": len(job.media),
             "claim": claim.path.name,
         }
-        attempts = self.store.start_job(job.id, fields, self.name)
+        try:
+            attempts = self.store.start_job(job.id, fields, self.name, claim_alive=self.spool.is_held)
+        except JobIdBusy as exc:
+            reason = (
+                f"{exc}; this file was set aside: submit it again when that run has finished, or give it another id"
+            )
+            return self._reject(claim, job.id, reason, record=False)
+        self._job_id = job.id
         if attempts > self.config.spool.max_attempts:
-            reason = f"gave up after {attempts - 1} attempts: the worker stopped during each of them"
+            inflight = (self.store.job(job.id) or {}).get("inflight")
+            where = f" (last while answering {', '.join(json.loads(inflight))})" if inflight else ""
+            reason = f"gave up after {attempts - 1} attempts: the worker stopped during each of them{where}"
+            event(log, "job.failed", logging.WARNING, job=job.id, reason=reason)
             return self._finish(claim, job.id, "failed", reason)
         if attempts == 1:
             self.store.clear_links(job.id)
@@ -218,15 +285,42 @@ class Worker:
                 failures = self._run_units(job, resume=attempts > 1)
         except HandBack:
             self.spool.release(claim)
-            event(log, "job.handed_back", job=job.id)
+            self.store.hand_back(job.id)
+            event(log, "job.handed_back", job=job.id, reason="second stop signal")
             return Outcome(job.id, "handed_back")
-        except Exception as exc:  # a bug or a runtime failure: record it, keep the worker alive
+        except Exception as exc:
+            if is_passing(exc) or is_corrupt_database(exc):
+                raise  # the machine's fault, not the job's: handed back, retried after a pause
+            # a bug or a runtime failure: record it against the job, keep the worker alive
             return self._finish(claim, job.id, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
         state = "failed" if failures else "done"
         reason = "\n".join(failures) if failures else None
         outcome = self._finish(claim, job.id, state, reason)
         event(log, f"job.{state}", job=job.id, ms=(time.perf_counter() - started) * 1e3, failures=len(failures))
         return outcome
+
+    def _reject(self, claim: Claim, job_id: str, reason: str, record: bool = True) -> Outcome:
+        if record:
+            self.store.record_rejected(job_id, str(claim.name), reason)
+        self.spool.finish(claim, "rejected", reason)
+        event(log, "job.rejected", logging.WARNING, file=claim.name, reason=reason)
+        return Outcome(job_id, "rejected", reason)
+
+    def _hand_back_after_fault(self, claim: Claim) -> None:
+        """After a fault mid-job: return the job to the inbox, unless its final state is already committed.
+
+        Whatever cannot be done now stays as it is: a claim left in work/ is settled by recover() once its
+        lease has run out (committed: moved on; not committed: returned to the inbox).
+        """
+        try:
+            if not claim.path.exists() or self.store.finished_claim(claim.path.name):
+                return
+            self.spool.release(claim)
+            event(log, "job.handed_back", file=claim.name, reason="a fault of the machine; retried after a pause")
+            if self._job_id:
+                self.store.hand_back(self._job_id)
+        except Exception as exc:
+            event(log, "job.kept_in_work", logging.WARNING, file=claim.name, error=describe(exc))
 
     def _parse(self, claim: Claim) -> Job:
         job = parse_job(
@@ -251,7 +345,10 @@ class Worker:
 
         def renew() -> None:
             while not done.wait(self.spool.lease_seconds / 3):
-                self.spool.renew(claim)
+                try:
+                    self.spool.renew(claim)
+                except Exception as exc:  # a full disk: try again at the next tick, the job goes on
+                    event(log, "lease.renew_failed", logging.WARNING, file=claim.name, error=describe(exc))
 
         thread = threading.Thread(target=renew, name="lease-renewal", daemon=True)
         thread.start()
@@ -279,14 +376,16 @@ class Worker:
             paths = [str(p) for p in unit]
             try:
                 hashes = [file_sha256(p) for p in unit]
-            except OSError as exc:
-                reason = f"{exc.filename}: cannot read ({exc.strerror})"
+            except MediaError as exc:
+                reason = f"{exc.path}: cannot read ({exc.reason})"
                 self.store.add_result(job.id, {"media_paths": _json(paths), "prompt": job.prompt, "error": reason})
                 failures.append(reason)
                 continue
             key = cache_key(hashes, job.prompt, settings, self.model_id)
-            if resume and self.store.linked(job.id, key) is not None:
-                continue  # answered by an earlier attempt of this job
+            linked = self.store.linked(job.id, key) if resume else None
+            if linked is not None:  # answered by an earlier attempt of this job
+                self._write_sidecar(job, unit, linked)
+                continue
             previous = None if self.force else self.store.previous_answer(key)
             if previous is not None:
                 self.store.link(job.id, previous, reused=True)
@@ -305,9 +404,24 @@ class Worker:
                 request = ahead.pop(index, None) or start(index)
                 if index + 1 < len(units):
                     ahead[index + 1] = start(index + 1)
-                result = self.pipeline.answer(request.result(), job.generation, on_text=self._check_abort)
-            except VlbatchError as exc:  # unreadable media, too long a prompt: this unit only
+                prepared = request.result()
+            except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
                 self.store.add_result(job.id, {**base, "cache_key": None, "error": str(exc)})
+                failures.append(str(exc))
+                continue
+            # recorded before the model runs: a worker that dies in this unit twice skips it the next time
+            deaths = self.store.begin_unit(job.id, _json(paths))
+            if deaths >= UNIT_DEATHS_LIMIT:
+                reason = f"{', '.join(paths)}: the worker process died {deaths} times while answering it; skipped"
+                self.store.add_result(job.id, {**base, "cache_key": None, "error": reason})
+                self.store.end_unit(job.id)
+                failures.append(reason)
+                continue
+            try:
+                result = self.pipeline.answer(prepared, job.generation, on_text=self._check_abort)
+            except VlbatchError as exc:
+                self.store.add_result(job.id, {**base, "cache_key": None, "error": str(exc)})
+                self.store.end_unit(job.id)
                 failures.append(str(exc))
                 continue
             timings = result.timings
@@ -328,6 +442,7 @@ class Worker:
                 "backend": self.pipeline.backend.name,
             }
             result_id = self.store.add_result(job.id, row)
+            self.store.end_unit(job.id)
             self._write_sidecar(job, unit, result_id)
         return failures
 
@@ -341,14 +456,19 @@ class Worker:
             return
         path = unit[0].with_suffix(".txt")
         answer = self.store.result(result_id)["answer"] or ""
-        if path.exists() and not job.sidecar_overwrite:
-            recorded = self.store.sidecar_sha256(path)
-            if recorded is None or recorded != file_sha256(path):
+        if (path.exists() or path.is_symlink()) and not job.sidecar_overwrite:
+            try:
+                ours = self.store.sidecar_sha256(path) == file_sha256(path)
+            except MediaError:  # a symlink, a FIFO, a folder: certainly not ours
+                ours = False
+            if not ours:
                 event(log, "sidecar.kept", logging.WARNING, path=path, reason="exists and was not written by vlbatch")
                 return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(answer, encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            write_atomic(path, answer)  # a hidden random temp name (O_EXCL), fsync, rename; never through a symlink
+        except SymlinkRefused:
+            event(log, "sidecar.kept", logging.WARNING, path=path, reason="is a symbolic link")
+            return
         self.store.record_sidecar(path, file_sha256(path), result_id)
 
 

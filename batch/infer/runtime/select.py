@@ -58,6 +58,8 @@ def embeddings_file(model_dir: Path) -> Path:
 def model_identity(model_dir: Path) -> str:
     """A short stable id of a model folder's contents: its name and a digest of its manifest or model files."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFolderError(f"{model_dir}: model folder not found")
     module = onnx_backend if onnx_backend.is_onnx_folder(model_dir) else axengine_backend
     return f"{model_dir.resolve().name}@{hashlib.sha256(module.identity_bytes(model_dir)).hexdigest()[:12]}"
 
