@@ -39,10 +39,17 @@ class SpoolConfig:
     settle_seconds: float = 0.5  # a job file must be unmodified this long before it is read
     polling: bool = False  # PollingObserver (network shares) instead of the native watcher
     max_attempts: int = 3  # starts before a job whose worker keeps dying is failed
+    database_timeout_seconds: float = 30.0  # a write waits this long for another process's lock, then backs off
     give_up_seconds: float = 300.0  # `vlbatch run` exits 3 after this long of unbroken faults (watch never does)
 
     def __post_init__(self) -> None:
-        for name in ("lease_seconds", "rescan_seconds", "settle_seconds", "give_up_seconds"):
+        for name in (
+            "lease_seconds",
+            "rescan_seconds",
+            "settle_seconds",
+            "give_up_seconds",
+            "database_timeout_seconds",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")

@@ -25,9 +25,16 @@ class SpoolEnv:
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
+    spool_root: Path | None = None  # where jobs/ is, when not under root
+    database: Path | None = None  # the database, when not root/vlbatch.db
+
+    @property
+    def jobs(self) -> Path:
+        return self.spool_root or self.root / "jobs"
+
     @property
     def inbox(self) -> Path:
-        return self.root / "jobs" / "inbox"
+        return self.jobs / "inbox"
 
     @property
     def media(self) -> Path:
@@ -35,14 +42,27 @@ class SpoolEnv:
 
     @property
     def db_path(self) -> Path:
-        return self.root / "vlbatch.db"
+        return self.database or self.root / "vlbatch.db"
 
-    def write_config(self, lease: float = 2.0, settle: float = 0.2, rescan: float = 1.0) -> None:
+    def write_config(
+        self,
+        lease: float = 2.0,
+        settle: float = 0.2,
+        rescan: float = 1.0,
+        media: dict | None = None,
+        database: Path | str = "vlbatch.db",
+        spool_dir: Path | str = "jobs",
+        **spool: object,
+    ) -> None:
+        """config.yaml for this folder; `media` and `**spool` add settings to those sections."""
+        extra_spool = "".join(f"  {key}: {value}\n" for key, value in spool.items())
+        media_lines = "".join(f"  {key}: {value}\n" for key, value in (media or {}).items())
         self.config_path.write_text(
             f"model:\n  dir: {self.model}\n"
             "generation:\n  max_new_tokens: 12\n"
-            f"spool:\n  dir: jobs\n  database: vlbatch.db\n  media_roots: [media]\n"
-            f"  lease_seconds: {lease}\n  settle_seconds: {settle}\n  rescan_seconds: {rescan}\n"
+            + (f"media:\n{media_lines}" if media_lines else "")
+            + f"spool:\n  dir: {spool_dir}\n  database: {database}\n  media_roots: [media]\n"
+            f"  lease_seconds: {lease}\n  settle_seconds: {settle}\n  rescan_seconds: {rescan}\n" + extra_spool
         )
 
     def config(self) -> Config:
@@ -81,8 +101,12 @@ class SpoolEnv:
         command = [str(script)] if script.exists() else [sys.executable, "-m", "batch"]
         return [*command, "--config", str(self.config_path), *args]
 
-    def spawn(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def spawn(self, *args: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A vlbatch process; with `log`, its stderr goes to that file (a long run never fills a pipe)."""
+        if log is None:
+            return subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        with open(log, "a") as err:
+            return subprocess.Popen(self.cli(*args), stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

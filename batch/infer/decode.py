@@ -7,12 +7,15 @@ is killed and replaced, and only that unit fails. Only uint8 tile arrays cross t
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import resource
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -58,6 +61,10 @@ class MediaDecoder(Protocol):
     def close(self) -> None: ...
 
 
+class _ChildDied(Exception):
+    """The decoding child process ended while it held a request."""
+
+
 class InProcessDecoder:
     """Decoding in the calling process: for `vlbatch ask`, tests and benchmarks."""
 
@@ -72,57 +79,81 @@ class IsolatedDecoder:
     """Decoding in one long-lived child process, restarted whenever it crashes, hangs or exceeds its memory cap."""
 
     def __init__(self) -> None:
-        self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
-        self._process: Any = None
+        self._process: subprocess.Popen | None = None
         self._conn: Any = None
         self._memory_mb: int | None = None
         self._lock = threading.Lock()
-        self.restarts = 0
+        self._closed = False
 
     def decode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings, max_total_tiles: int) -> DecodedMedia:
+        """Decode in the child. A child that dies is replaced and the unit tried once more (it may have been
+        killed from outside); a second death, a time-out or the memory cap fails the unit with a MediaError."""
         names = ", ".join(str(p) for p in paths)
+        request = ([str(p) for p in paths], kind, settings, max_total_tiles)
         with self._lock:
-            self._ensure(settings.decode_memory_mb)
-            try:
-                self._conn.send(([str(p) for p in paths], kind, settings, max_total_tiles))
-                ready = self._conn.poll(settings.decode_timeout_seconds)
-            except (OSError, EOFError):  # the child died between two units
-                ready = True
-            if not ready:
-                self._kill()
-                raise MediaError(names, f"decoding timed out after {settings.decode_timeout_seconds:g} s")
-            try:
-                status, payload = self._conn.recv()
-            except (OSError, EOFError):
-                raise MediaError(names, self._death_reason()) from None
+            for tries_left in (1, 0):
+                try:
+                    status, payload = self._ask(request, settings)
+                    break
+                except _ChildDied as death:
+                    if not tries_left:
+                        raise MediaError(names, str(death)) from None
         if status == "ok":
             return payload
         if status == "memory":
-            self.close()  # a MemoryError can leave the child's heap in a poor state: start afresh
+            self._stop_child()  # a MemoryError can leave the child's heap in a poor state: start afresh
             raise MediaError(names, f"decoding exceeded the {settings.decode_memory_mb} MiB memory cap")
         path, reason = payload
         raise MediaError(path, reason)
 
+    def _ask(self, request: tuple, settings: MediaSettings) -> tuple[str, Any]:
+        self._ensure(settings.decode_memory_mb)
+        try:
+            self._conn.send(request)
+            ready = self._conn.poll(settings.decode_timeout_seconds)
+        except (OSError, EOFError):  # the child died between two units
+            ready = True
+        if not ready:
+            self._stop_child()
+            raise MediaError(", ".join(request[0]), f"decoding timed out after {settings.decode_timeout_seconds:g} s")
+        try:
+            return self._conn.recv()
+        except (OSError, EOFError):
+            raise _ChildDied(self._death_reason()) from None
+
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.is_alive() else None
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
 
     def _ensure(self, memory_mb: int) -> None:
-        if self._process is not None and self._process.is_alive() and self._memory_mb == memory_mb:
+        if self._closed:
+            raise _ChildDied("the decoder was shut down")
+        if self._process is not None and self._process.poll() is None and self._memory_mb == memory_mb:
             return
-        if self._process is not None:
-            self.restarts += 1
-        self.close()
-        parent, child = self._context.Pipe()
-        self._process = self._context.Process(target=serve, args=(child, memory_mb), name="vlbatch-decode", daemon=True)
-        self._process.start()
-        child.close()
-        self._conn, self._memory_mb = parent, memory_mb
+        self._stop_child()
+        # a fresh interpreter (no inherited threads, locks or model) speaking over two pipes of its own
+        from_parent, to_child = os.pipe()  # (read end, write end)
+        from_child, to_parent = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "batch.infer.decode", str(from_parent), str(to_parent), str(memory_mb)],
+                pass_fds=(from_parent, to_parent),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C goes to the worker, which decides what stops
+            )
+        finally:
+            os.close(from_parent)
+            os.close(to_parent)
+        self._conn = _Channel(from_child, to_child)
+        self._memory_mb = memory_mb
 
     def _death_reason(self) -> str:
-        self._process.join(5)
-        code = self._process.exitcode
-        self.close()
+        assert self._process is not None
+        try:
+            code = self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stop_child()
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -131,24 +162,51 @@ class IsolatedDecoder:
             return f"decoder crashed ({name})"
         return f"decoder process exited unexpectedly (exit code {code})"
 
-    def _kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-        self.close()
-
     def close(self) -> None:
+        """Stop the child for good (a decode still running in another thread ends with a MediaError)."""
+        self._closed = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()  # a decode waiting in another thread sees the child end and gives up
+        if self._lock.acquire(timeout=5):
+            try:
+                self._stop_child()
+            finally:
+                self._lock.release()
+
+    def _stop_child(self) -> None:
         if self._conn is not None:
             self._conn.close()
         if self._process is not None:
-            if self._process.is_alive():
+            if self._process.poll() is None:
                 self._process.kill()
-            self._process.join(5)
+            self._process.wait()
         self._process = self._conn = None
+
+
+class _Channel:
+    """Pickled messages over a pair of pipes (the child's end of the same protocol is a Connection too)."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.reader = Connection(read_fd, writable=False)
+        self.writer = Connection(write_fd, readable=False)
+
+    def send(self, message: Any) -> None:
+        self.writer.send(message)
+
+    def poll(self, timeout: float) -> bool:
+        return self.reader.poll(timeout)
+
+    def recv(self) -> Any:
+        return self.reader.recv()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
 
 
 def serve(conn: Any, memory_mb: int) -> None:
     """The child's loop: one request in, one reply out, until the parent closes the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides what stops
     if memory_mb:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -166,3 +224,9 @@ def serve(conn: Any, memory_mb: int) -> None:
         except Exception as exc:  # a decoder bug: this unit fails, the child lives on
             reply = ("error", (", ".join(paths), f"cannot decode ({type(exc).__name__}: {exc})"))
         conn.send(reply)
+
+
+if __name__ == "__main__":  # the child: python -m batch.infer.decode READ_FD WRITE_FD MEMORY_MB
+    from batch.infer import decode  # replies must pickle as batch.infer.decode.DecodedMedia, not __main__'s
+
+    decode.serve(decode._Channel(int(sys.argv[1]), int(sys.argv[2])), int(sys.argv[3]))

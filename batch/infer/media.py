@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batch.errors import MediaError
+from batch.infer.safe_open import fd_path, open_media
 from batch.infer.settings import DECODERS, MediaSettings
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -67,26 +68,19 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
     An image of more than ``max_pixels`` pixels is refused from its header, before anything is decoded.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(path, "file not found" if not path.exists() else "not a regular file")
+    if max_pixels is not None:
+        # Pillow's own bomb check follows the configured limit: it warns above it (the check below names the
+        # size and the setting instead) and refuses twice as much before even reading the header through
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise MediaError(
-                    path,
-                    f"image is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), over the "
-                    f"{max_pixels / 1e6:g} Mpx limit (media.max_image_pixels)",
-                )
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            return to_rgb(upright)
+        with open_media(path) as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
+            with Image.open(handle) as img:
+                return _decode_upright(path, img, max_pixels)
     except (MediaError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise MediaError(path, f"image is too large to decode safely ({exc})") from exc
+        raise MediaError(path, f"image is too large to decode safely ({exc}; see media.max_image_pixels)") from exc
     except UnidentifiedImageError as exc:
         raise MediaError(
             path, "not a readable image (corrupt file, or its extension does not match its format)"
@@ -95,6 +89,18 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
         raise MediaError(path, f"corrupt or truncated image data ({exc}); re-export or re-download the file") from exc
     except Exception as exc:  # malformed metadata (EXIF) and other decoder failures: one bad file, not a crash
         raise MediaError(path, f"cannot decode the image ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_upright(path: Path, img: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Check the size from the header, then decode, turn upright and convert to RGB."""
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise MediaError(
+            path,
+            f"image is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), over the "
+            f"{max_pixels / 1e6:g} Mpx limit (media.max_image_pixels)",
+        )
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -247,22 +253,22 @@ def load_video_frames(path: Path | str, segments: int, decoder: str | None = Non
     path = Path(path)
     if decoder is not None and decoder not in DECODERS:
         raise ValueError(f"unknown video decoder {decoder!r}; choose from {', '.join(DECODERS)}")
-    if not path.is_file():
-        raise MediaError(path, "file not found" if not path.exists() else "not a regular file")
-    if decoder is not None:
-        return _DECODE[decoder](path, segments, _import_decoder(path, decoder))
-    try:
-        module = _import_decoder(path, "decord")
-    except MediaError:
-        return _read_pyav(path, segments, _import_decoder(path, "pyav"))
-    try:
-        return _read_decord(path, segments, module)
-    except MediaError as decord_error:
+    with open_media(path) as handle:  # decoders read exactly this regular file, through its descriptor
+        source = fd_path(handle.fileno())
+        if decoder is not None:
+            return _DECODE[decoder](path, source, segments, _import_decoder(path, decoder))
         try:
-            pyav = _import_decoder(path, "pyav")
+            module = _import_decoder(path, "decord")
         except MediaError:
-            raise decord_error from None
-        return _read_pyav(path, segments, pyav)
+            return _read_pyav(path, source, segments, _import_decoder(path, "pyav"))
+        try:
+            return _read_decord(path, source, segments, module)
+        except MediaError as decord_error:
+            try:
+                pyav = _import_decoder(path, "pyav")
+            except MediaError:
+                raise decord_error from None
+            return _read_pyav(path, source, segments, pyav)
 
 
 def preprocess_video(path: Path | str, settings: MediaSettings) -> np.ndarray:
@@ -286,9 +292,9 @@ def _import_decoder(path: Path, name: str) -> Any:
         raise MediaError(path, f"video decoder {name} is not installed (pip install {package})") from exc
 
 
-def _read_decord(path: Path, segments: int, decord: Any) -> list[Image.Image]:
+def _read_decord(path: Path, source: str, segments: int, decord: Any) -> list[Image.Image]:
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
         count = len(reader)
         if count < 1:
             raise MediaError(path, "the video has no frames")
@@ -300,16 +306,16 @@ def _read_decord(path: Path, segments: int, decord: Any) -> list[Image.Image]:
     return [Image.fromarray(frame).convert("RGB") for frame in batch]
 
 
-def _read_pyav(path: Path, segments: int, av: Any) -> list[Image.Image]:
+def _read_pyav(path: Path, source: str, segments: int, av: Any) -> list[Image.Image]:
     try:
-        count = _count_pyav_packets(path, av)
+        count = _count_pyav_packets(path, source, av)
         if count < 1:
             raise MediaError(path, "the video has no frames")
-        frames, decoded = _decode_pyav(path, av, frame_indices(count, segments))
+        frames, decoded = _decode_pyav(source, av, frame_indices(count, segments))
         if frames is None:  # fewer frames decode than packets: sample again over what really decodes
             if decoded < 1:
                 raise MediaError(path, "no frame of the video could be decoded")
-            frames, _ = _decode_pyav(path, av, frame_indices(decoded, segments))
+            frames, _ = _decode_pyav(source, av, frame_indices(decoded, segments))
         if frames is None:
             raise MediaError(path, "the video decodes inconsistently (frame count changed between passes)")
     except (MediaError, MemoryError):
@@ -319,16 +325,16 @@ def _read_pyav(path: Path, segments: int, av: Any) -> list[Image.Image]:
     return frames
 
 
-def _count_pyav_packets(path: Path, av: Any) -> int:
+def _count_pyav_packets(path: Path, source: str, av: Any) -> int:
     """Frames in the first video stream, counted by demuxing (stream.frames is often 0 or approximate)."""
-    with av.open(str(path)) as container:
+    with av.open(source) as container:
         if not container.streams.video:
             raise MediaError(path, "the file has no video stream")
         stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _decode_pyav(path: Path, av: Any, indices: np.ndarray) -> tuple[list[Image.Image] | None, int]:
+def _decode_pyav(source: str, av: Any, indices: np.ndarray) -> tuple[list[Image.Image] | None, int]:
     """Decode frames in order up to the last wanted one, keeping RGB copies of those at ``indices``.
 
     Returns the frames in ``indices`` order (None when the stream ended first) and how many frames were decoded.
@@ -337,7 +343,7 @@ def _decode_pyav(path: Path, av: Any, indices: np.ndarray) -> tuple[list[Image.I
     last = max(wanted)
     kept: dict[int, Image.Image] = {}
     decoded = 0
-    with av.open(str(path)) as container:
+    with av.open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for position, frame in enumerate(container.decode(stream)):

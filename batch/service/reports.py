@@ -19,7 +19,7 @@ TABLE_COLUMNS = ("id", "job_id", "media", "answer", "output_tokens", "ttft_ms", 
 
 
 def status_report(config: Config) -> dict[str, Any]:
-    store = Store(config.spool.database)
+    store = Store(config.spool.database, config.spool.database_timeout_seconds)
     now = datetime.now(timezone.utc)
     try:
         return {
@@ -36,7 +36,7 @@ def status_report(config: Config) -> dict[str, Any]:
 
 
 def query_results(config: Config, **filters: Any) -> list[dict[str, Any]]:
-    store = Store(config.spool.database)
+    store = Store(config.spool.database, config.spool.database_timeout_seconds)
     try:
         return store.query_results(**filters)
     except sqlite3.OperationalError as exc:

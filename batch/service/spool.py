@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from batch.service.atomic_write import write_atomic
+
 JOB_SUFFIXES = (".yaml", ".yml")
 IGNORED_SUFFIXES = (".tmp", ".part")
 FOLDERS = ("inbox", "work", "done", "failed", "rejected")
@@ -136,9 +138,7 @@ class Spool:
     # leases -------------------------------------------------------------------------------------
     def renew(self, claim: Claim) -> None:
         lease = {"host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + self.lease_seconds}
-        tmp = claim.lease_path.with_name("." + claim.lease_path.name + ".tmp")
-        tmp.write_text(json.dumps(lease))
-        os.replace(tmp, claim.lease_path)
+        write_atomic(claim.lease_path, json.dumps(lease))
 
     def read_lease(self, claim: Claim) -> Lease | None:
         try:
@@ -188,10 +188,7 @@ class Spool:
         folder = {"done": self.done, "failed": self.failed, "rejected": self.rejected}[outcome]
         target = self._move(claim, folder)
         if reason:
-            note = target.with_name(target.name + ".reason.txt")
-            tmp = note.with_name("." + note.name + ".tmp")
-            tmp.write_text(reason.rstrip() + "\n", encoding="utf-8")
-            os.replace(tmp, note)
+            write_atomic(target.with_name(target.name + ".reason.txt"), reason.rstrip() + "\n")
         return target
 
     def _move(self, claim: Claim, folder: Path) -> Path:

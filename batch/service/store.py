@@ -156,11 +156,12 @@ def file_sha256(path: Path) -> str:
 class Store:
     """All reads and writes of the database file; migrates it when opened."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_seconds: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite_utils.Database(self.path)
-        self.db.execute("PRAGMA busy_timeout = 30000")  # several workers share one file
+        # several workers share one file: a writer waits this long for the lock, then the worker backs off
+        self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time switches to WAL and migrates
             self.db.enable_wal()

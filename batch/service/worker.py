@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,7 +98,14 @@ class Worker:
                 model.dir, model.backend, model.hf_dir, model.threads, config.media, decoder=IsolatedDecoder()
             )
 
-        return cls(config, Store(config.spool.database), spool, open_pipeline, model_identity(model.dir), force)
+        return cls(
+            config,
+            Store(config.spool.database, config.spool.database_timeout_seconds),
+            spool,
+            open_pipeline,
+            model_identity(model.dir),
+            force,
+        )
 
     @property
     def pipeline(self) -> Pipeline:
@@ -108,9 +116,9 @@ class Worker:
         return self._pipeline
 
     def close(self) -> None:
-        self._prefetch.shutdown(cancel_futures=True)
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
         if self._pipeline is not None:
-            self._pipeline.close()
+            self._pipeline.close()  # also stops the decoding child, which ends a decode still running
         self.store.close()
 
     # signals ------------------------------------------------------------------------------------
@@ -404,7 +412,7 @@ class Worker:
                 request = ahead.pop(index, None) or start(index)
                 if index + 1 < len(units):
                     ahead[index + 1] = start(index + 1)
-                prepared = request.result()
+                prepared = self._await(request)
             except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
                 self.store.add_result(job.id, {**base, "cache_key": None, "error": str(exc)})
                 failures.append(str(exc))
@@ -445,6 +453,15 @@ class Worker:
             self.store.end_unit(job.id)
             self._write_sidecar(job, unit, result_id)
         return failures
+
+    def _await(self, future: Future[Request]) -> Request:
+        """The prepared request, checking for a second stop signal while the decoder works (up to its time limit)."""
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except FutureTimeout:
+                if self.abort_requested:
+                    raise HandBack from None
 
     def _check_abort(self, _text: str) -> None:
         if self.abort_requested:
