@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,9 +40,11 @@ def drain(env: SpoolEnv, **kwargs):
 
 
 def results_of(env: SpoolEnv, job_id: str) -> list[dict]:
+    """The answers of the job's latest run."""
     return list(
         env.db().query(
-            "select r.* from results r join job_results jr on jr.result_id = r.id where jr.job_id = ? order by r.id",
+            "select r.* from results r join job_results jr on jr.result_id = r.id "
+            "where jr.run_id = (select run_id from jobs where id = ?) order by r.id",
             [job_id],
         )
     )
@@ -204,71 +207,26 @@ def test_sidecars_are_written_atomically_and_never_over_foreign_files(env):
     assert not [p for p in (env.media / "s").iterdir() if p.name.startswith(".")]
 
 
-EXPECTED_COLUMNS = {
-    "jobs": {
-        "id": str,
-        "source": str,
-        "job_sha256": str,
-        "prompt": str,
-        "mode": str,
-        "tags": str,
-        "state": str,
-        "attempts": int,
-        "worker": str,
-        "claim": str,
-        "media_count": int,
-        "answered": int,
-        "reused": int,
-        "failed_media": int,
-        "error": str,
-        "traceback": str,
-        "created_utc": str,
-        "started_utc": str,
-        "finished_utc": str,
-        "inflight": str,
-        "inflight_deaths": int,
-    },
-    "results": {
-        "id": int,
-        "job_id": str,
-        "media_paths": str,
-        "media_sha256": str,
-        "cache_key": str,
-        "prompt": str,
-        "answer": str,
-        "error": str,
-        "finish_reason": str,
-        "prompt_tokens": int,
-        "image_tokens": int,
-        "output_tokens": int,
-        "tiles": int,
-        "preprocess_ms": float,
-        "vit_ms": float,
-        "prefill_ms": float,
-        "ttft_ms": float,
-        "decode_ms": float,
-        "tokens_per_s": float,
-        "backend": str,
-        "model_id": str,
-        "settings": str,
-        "tags": str,
-        "created_utc": str,
-    },
-    "job_results": {"job_id": str, "result_id": int, "reused": int},
-    "sidecars": {"path": str, "sha256": str, "result_id": int},
-}
-
-
 def test_schema(tmp_path):
     store = Store(tmp_path / "s.db")
-    for table, columns in EXPECTED_COLUMNS.items():
-        assert store.db[table].columns_dict == columns, table
+    assert {"jobs", "runs", "results", "job_results", "sidecars"} <= set(store.db.table_names())
     assert store.db["results"].detect_fts() == "results_fts"
     indexed = {tuple(i.columns) for i in store.db["results"].indexes}
     assert {("cache_key",), ("job_id",), ("created_utc",)} <= indexed
+    unique = {tuple(i.columns) for i in store.db["job_results"].indexes if i.unique}
+    assert ("run_id", "media_paths") in unique  # one answer per file and run
     assert store.db.journal_mode == "wal"
     store.close()
-    assert Store(tmp_path / "s.db").db["_sqlite_migrations"].count == 2  # reopening applies nothing twice
+    assert Store(tmp_path / "s.db").db["_sqlite_migrations"].count == 3  # reopening applies nothing twice
+
+
+def test_a_generated_answer_fills_every_results_column(env):
+    """The migration and the row mapping are the two places a column lives: a column nobody fills fails here."""
+    env.image("full.png", 9)
+    env.drop("full.yaml", "prompt: Describe.\ninputs: ../../media/full.png\n")
+    assert drain(env)["full"].state == "done"
+    (row,) = results_of(env, "full")
+    assert [name for name, value in row.items() if value is None] == ["error"]
 
 
 def test_results_and_status_commands(env):
@@ -388,3 +346,23 @@ def test_the_next_units_media_is_prepared_while_the_current_one_generates(env, m
     first_end = events.index("answer end")
     assert "prepare 1" in events[:first_end]  # unit 1 was decoded before unit 0's answer finished
     assert events.count("prepare 1") == 1 and len(results_of(env, "ahead")) == 3
+
+
+def test_a_reused_answer_is_recorded_with_the_jobs_own_files(env):
+    original = env.image("first/photo.png", 5)
+    env.drop("one.yaml", "id: one\nprompt: Caption.\ninputs: ../../media/first/\n")
+    assert drain(env)["one"].state == "done"
+    copies = env.media / "second"
+    copies.mkdir()
+    for name in ("a.png", "b.png"):  # the same bytes under other names, twice in one job
+        shutil.copy(original, copies / name)
+    env.drop("two.yaml", "id: two\nprompt: Caption.\ninputs: ../../media/second/\n")
+    assert drain(env)["two"].state == "done"
+    store = Store(env.db_path)
+    rows = store.query_results(job="two")
+    store.close()
+    assert sorted(json.loads(r["media_paths"])[0] for r in rows) == [str(copies / "a.png"), str(copies / "b.png")]
+    assert {r["answer"] for r in rows} == {results_of(env, "one")[0]["answer"]} and all(r["reused"] for r in rows)
+    assert env.db()["results"].count == 1  # one answer, owned three times
+    job = env.job("two")
+    assert (job["answered"], job["reused"], job["media_count"]) == (0, 2, 2)

@@ -30,6 +30,9 @@ from batch.errors import MediaError
 from batch.infer.safe_open import fd_path, open_media
 from batch.infer.settings import DECODERS, MediaSettings
 
+# raise when decoding, tiling or normalisation changes: stored answers made from other pixels are not reused
+PREPROCESS_VERSION = 1
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"})
 

@@ -11,6 +11,9 @@ DEFAULT_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
 
+# raise when the text built here changes: stored answers made with another template are not reused
+TEMPLATE_VERSION = 1
+
 MediaKind = Literal["image", "video"]
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 DECODERS = ("decord", "pyav")
+OPERATIONAL = {"shapes_answer": False}  # field metadata: a setting that cannot change what an answer says
 MAX_TILES_LIMIT = 40  # InternVL never uses more tiles per image; the grid search grows with the cube of it
 VIDEO_FRAMES_LIMIT = 64
 
@@ -52,6 +54,7 @@ class GenerationSettings:
         for name in ("temperature", "top_p"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))  # 0 and 0.0 are one setting (cache keys)
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 
@@ -64,9 +67,10 @@ class MediaSettings:
     use_thumbnail: bool = True
     video_frames: int = 8
     video_decoder: str = "auto"  # auto (decord, else PyAV) | decord | pyav
-    max_image_pixels: int = 64_000_000  # larger images are refused before they are decoded
-    decode_timeout_seconds: float = 60.0  # per unit, in the decoding child process
-    decode_memory_mb: int = 3072  # address-space cap of the decoding child process (0 = none)
+    # limits on the decoding, not on what an answer says: left out of cache keys (see answer_settings)
+    max_image_pixels: int = field(default=64_000_000, metadata=OPERATIONAL)  # larger images are refused undecoded
+    decode_timeout_seconds: float = field(default=60.0, metadata=OPERATIONAL)  # per unit, in the decoding child
+    decode_memory_mb: int = field(default=3072, metadata=OPERATIONAL)  # the child's address-space cap (0 = none)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "max_tiles", "video_frames", "max_image_pixels"):
@@ -91,3 +95,14 @@ class MediaSettings:
     def decoder(self) -> str | None:
         """The decoder to force, or None to pick automatically."""
         return None if self.video_decoder == "auto" else self.video_decoder
+
+
+def answer_settings(*settings: GenerationSettings | MediaSettings) -> dict[str, dict[str, Any]]:
+    """Every field of the given settings that can change an answer, by section: what cache keys are made of.
+
+    Fields are read from the dataclasses, so a new setting takes part unless it is marked OPERATIONAL.
+    """
+    return {
+        type(s).__name__: {f.name: getattr(s, f.name) for f in fields(s) if f.metadata.get("shapes_answer", True)}
+        for s in settings
+    }

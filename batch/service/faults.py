@@ -30,6 +30,17 @@ _PASSING_ERRNOS = frozenset(
 )
 
 
+# SQLite's messages for faults of the machine (not for mistakes such as "no such column")
+_PASSING_SQLITE = (
+    "database is locked",
+    "database table is locked",
+    "database or disk is full",
+    "disk i/o error",
+    "unable to open database file",
+    "readonly database",
+)
+
+
 class InfrastructureError(VlbatchError):
     """`vlbatch run` met passing faults for longer than spool.give_up_seconds and stopped (exit code 3)."""
 
@@ -44,11 +55,12 @@ def is_corrupt_database(exc: BaseException) -> bool:
 
 
 def is_passing(exc: BaseException) -> bool:
-    """A fault of the machine that may go away: full disk, I/O error, locked or unwritable database."""
-    if is_corrupt_database(exc):
-        return False
-    if isinstance(exc, sqlite3.OperationalError):  # locked, busy, disk full, disk I/O error, unable to open
-        return True
+    """A fault of the machine that may go away: full disk, I/O error, locked or unwritable database.
+
+    SQLite reports these and mistakes in SQL alike as OperationalError; only the messages tell them apart.
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(text in str(exc).lower() for text in _PASSING_SQLITE)
     return isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS
 
 

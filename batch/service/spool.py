@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batch.service.atomic_write import write_atomic
+from batch.service.states import JobState
 
 JOB_SUFFIXES = (".yaml", ".yml")
 IGNORED_SUFFIXES = (".tmp", ".part")
@@ -183,9 +184,11 @@ class Spool:
         """Hand a job back to the inbox under its own name (or a free variant of it)."""
         return self._move(claim, self.inbox)
 
-    def finish(self, claim: Claim, outcome: str, reason: str | None = None) -> Path:
+    def finish(self, claim: Claim, outcome: JobState | str, reason: str | None = None) -> Path:
         """Move a job to done/, failed/ or rejected/; a reason goes beside it as <name>.reason.txt."""
-        folder = {"done": self.done, "failed": self.failed, "rejected": self.rejected}[outcome]
+        state = JobState(outcome)
+        assert state.finished, state
+        folder = self.root / state.value
         target = self._move(claim, folder)
         if reason:
             write_atomic(target.with_name(target.name + ".reason.txt"), reason.rstrip() + "\n")

@@ -1,9 +1,11 @@
-"""The results database (SQLite through sqlite-utils): schema migrations, job rows, answers and their timings.
+"""The results database (SQLite through sqlite-utils): its schema, and every read and write of it.
 
-Tables (see README, "The database"):
-- `jobs`: one row per job id, its state, attempts, worker and error.
+The migrations below are the one definition of the schema; everything else reads column names from the
+database. Tables (see README, "The database"):
+- `jobs`: one row per job id: its latest run's state, attempts, worker and error.
+- `runs`: one row per execution of a job file (all its attempts), kept as history.
 - `results`: one row per generated answer (or per media file that failed), with token counts and timings.
-- `job_results`: which answers belong to which job, including earlier answers a job reused.
+- `job_results`: every answer a run owns, generated or reused, with that run's own media paths and hashes.
 - `sidecars`: the `.txt` files vlbatch wrote next to media, so it never overwrites someone else's.
 - `results_fts`: full-text index over answers and prompts.
 """
@@ -11,10 +13,8 @@ Tables (see README, "The database"):
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,36 +23,9 @@ from typing import Any
 import sqlite_utils
 
 from batch.infer.safe_open import sha256_of
+from batch.service.states import JobState
 
 migrations = sqlite_utils.Migrations("vlbatch")
-
-JOB_STATES = ("running", "done", "failed", "rejected")
-RESULT_COLUMNS = (
-    "id",
-    "job_id",
-    "media_paths",
-    "media_sha256",
-    "cache_key",
-    "prompt",
-    "answer",
-    "error",
-    "finish_reason",
-    "prompt_tokens",
-    "image_tokens",
-    "output_tokens",
-    "tiles",
-    "preprocess_ms",
-    "vit_ms",
-    "prefill_ms",
-    "ttft_ms",
-    "decode_ms",
-    "tokens_per_s",
-    "backend",
-    "model_id",
-    "settings",
-    "tags",
-    "created_utc",
-)
 
 
 @migrations()
@@ -128,6 +101,73 @@ def m002_unit_in_flight(db: sqlite_utils.Database) -> None:
     db["jobs"].add_column("inflight_deaths", int)
 
 
+@migrations()
+def m003_runs_and_exact_links(db: sqlite_utils.Database) -> None:
+    """Run history, and links that carry the run's own media paths (a reused answer keeps its file)."""
+    db["runs"].create(
+        {
+            "id": int,
+            "job_id": str,
+            "source": str,
+            "job_sha256": str,
+            "prompt": str,
+            "mode": str,
+            "tags": str,
+            "claim": str,
+            "worker": str,
+            "state": str,
+            "attempts": int,
+            "media_count": int,
+            "answered": int,
+            "reused": int,
+            "failed_media": int,
+            "error": str,
+            "traceback": str,
+            "started_utc": str,
+            "finished_utc": str,
+        },
+        pk="id",
+    )
+    db["runs"].create_index(["job_id"])
+    db["runs"].create_index(["started_utc"])
+    db["jobs"].add_column("run_id", int)
+    # every job recorded so far had one run: its latest
+    db.execute(
+        "INSERT INTO runs (job_id, source, job_sha256, prompt, mode, tags, claim, worker, state, attempts, "
+        "media_count, answered, reused, failed_media, error, traceback, started_utc, finished_utc) SELECT id, source, "
+        "job_sha256, prompt, mode, tags, claim, worker, state, attempts, media_count, answered, reused, failed_media, "
+        "error, traceback, "
+        "coalesce(started_utc, created_utc), finished_utc FROM jobs ORDER BY created_utc, id"
+    )
+    db.execute("UPDATE jobs SET run_id = (SELECT max(runs.id) FROM runs WHERE runs.job_id = jobs.id)")
+    db["links"].create(
+        {
+            "id": int,
+            "job_id": str,
+            "run_id": int,
+            "result_id": int,
+            "reused": int,
+            "media_paths": str,
+            "media_sha256": str,
+            "created_utc": str,
+        },
+        pk="id",
+    )
+    # links made before runs existed carry the paths of the answer itself (the only paths recorded then)
+    db.execute(
+        "INSERT INTO links (job_id, run_id, result_id, reused, media_paths, media_sha256, created_utc) "
+        "SELECT jr.job_id, j.run_id, jr.result_id, jr.reused, r.media_paths, r.media_sha256, r.created_utc "
+        "FROM job_results jr JOIN jobs j ON j.id = jr.job_id JOIN results r ON r.id = jr.result_id "
+        "ORDER BY r.id"
+    )
+    db["job_results"].drop()
+    db.rename_table("links", "job_results")
+    db["job_results"].create_index(["run_id", "media_paths"], unique=True)
+    db["job_results"].create_index(["result_id"])
+    db["job_results"].create_index(["job_id"])
+    db["sidecars"].create_index(["sha256"])
+
+
 class JobIdBusy(Exception):
     """Another file with the same job id is running now (its claim is alive)."""
 
@@ -138,14 +178,6 @@ class JobIdBusy(Exception):
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def cache_key(media_sha256: Sequence[str], prompt: str, settings: dict[str, Any], model_id: str) -> str:
-    """What makes two answers interchangeable: the same media bytes, prompt, settings and model."""
-    payload = json.dumps(
-        {"media": list(media_sha256), "prompt": prompt, "settings": settings, "model": model_id}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -190,47 +222,75 @@ class Store:
             raise
         conn.execute("COMMIT")
 
-    # jobs ---------------------------------------------------------------------------------------
+    def columns(self, table: str) -> list[str]:
+        """A table's columns, in order, as the migrations made them."""
+        return list(self.db[table].columns_dict)
+
+    # jobs and runs ------------------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
         rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
         return rows[0] if rows else None
 
+    def run(self, run_id: int) -> dict[str, Any] | None:
+        rows = list(self.db["runs"].rows_where("id = ?", [run_id]))
+        return rows[0] if rows else None
+
+    def runs_of(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's runs, newest first."""
+        return list(self.db["runs"].rows_where("job_id = ?", [job_id], order_by="id DESC"))
+
     def start_job(
         self, job_id: str, fields: dict[str, Any], worker: str, claim_alive: Callable[[str], bool] = lambda _: False
-    ) -> int:
-        """Mark a job running; returns its attempt number (a job found still running was interrupted).
+    ) -> tuple[int, int]:
+        """Mark a job running; returns (run id, attempt number). A job found still running was interrupted:
+        this is another attempt of the same run. Otherwise a new run starts.
 
         JobIdBusy when the job id is running under another claim that `claim_alive` says is still held: two
         files with one id never run at once, and their attempts are never counted as one job's.
         """
         with self.atomic():
             previous = self.job(job_id)
-            resumed = previous is not None and previous["state"] == "running"
+            resumed = previous is not None and previous["state"] == JobState.RUNNING and previous["run_id"]
             if resumed and previous["claim"] != fields.get("claim") and claim_alive(previous["claim"] or ""):
                 raise JobIdBusy(previous)
+            now = utc_now()
             attempts = previous["attempts"] + 1 if resumed else 1
+            run = {**fields, "worker": worker, "state": JobState.RUNNING.value, "attempts": attempts}
+            if resumed:
+                run_id = previous["run_id"]
+                self.db["runs"].update(run_id, {**run, "error": None, "traceback": None})
+            else:
+                run_id = self.db["runs"].insert({**run, "job_id": job_id, "started_utc": now}).last_pk
             row = {
                 **fields,
                 "id": job_id,
-                "state": "running",
+                "run_id": run_id,
+                "state": JobState.RUNNING.value,
                 "attempts": attempts,
                 "worker": worker,
                 "error": None,
                 "traceback": None,
-                "started_utc": utc_now(),
+                "started_utc": now,
                 "finished_utc": None,
-                "created_utc": previous["created_utc"] if resumed else utc_now(),
+                "created_utc": previous["created_utc"] if previous else now,
                 **({} if resumed else {"inflight": None, "inflight_deaths": 0}),
             }
             self.db["jobs"].upsert(row, pk="id")
-        return attempts
+        return int(run_id), attempts
 
     def hand_back(self, job_id: str) -> None:
         """A job returned to the inbox by a live worker (a stop signal, a passing fault): not an attempt."""
         with self.atomic():
-            self.db.execute(
-                "UPDATE jobs SET attempts = max(attempts - 1, 0) WHERE id = ? AND state = 'running'", [job_id]
-            )
+            for table, key in (("jobs", "id"), ("runs", "id")):
+                target = job_id if table == "jobs" else self._run_id(job_id)
+                self.db.execute(
+                    f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE {key} = ? AND state = 'running'",
+                    [target],
+                )
+
+    def _run_id(self, job_id: str) -> int | None:
+        row = self.db.execute("SELECT run_id FROM jobs WHERE id = ?", [job_id]).fetchone()
+        return row[0] if row else None
 
     def begin_unit(self, job_id: str, unit: str) -> int:
         """Record that the worker starts answering `unit`; returns how often a worker already died in it."""
@@ -244,50 +304,53 @@ class Store:
         with self.atomic():
             self.db.execute("UPDATE jobs SET inflight = NULL, inflight_deaths = 0 WHERE id = ?", [job_id])
 
-    def clear_links(self, job_id: str) -> None:
-        """Forget which answers belong to a job before a fresh run of it (the answers stay)."""
-        self.db.execute("DELETE FROM job_results WHERE job_id = ?", [job_id])  # sqlite-utils commits it
-
     def finished_claim(self, claim: str) -> dict[str, Any] | None:
         """The job row that a claim committed as finished, if any (for a crash before the final move)."""
         rows = list(self.db["jobs"].rows_where("claim = ? AND state IN ('done', 'failed')", [claim]))
         return rows[0] if rows else None
 
-    def finish_job(self, job_id: str, state: str, error: str | None = None, traceback: str | None = None) -> None:
-        assert state in JOB_STATES
+    def finish_job(self, job_id: str, state: JobState, error: str | None = None, traceback: str | None = None) -> None:
+        """The job's (and its run's) final state and counts, from the run's links."""
         with self.atomic():
+            run_id = self._run_id(job_id)
             counts = self.db.execute(
                 "SELECT count(*), coalesce(sum(jr.reused), 0), coalesce(sum(r.error IS NOT NULL), 0) "
-                "FROM job_results jr JOIN results r ON r.id = jr.result_id WHERE jr.job_id = ?",
-                [job_id],
+                "FROM job_results jr JOIN results r ON r.id = jr.result_id WHERE jr.run_id = ?",
+                [run_id],
             ).fetchone()
-            self.db["jobs"].update(
-                job_id,
-                {
-                    "state": state,
-                    "error": error,
-                    "traceback": traceback,
-                    "finished_utc": utc_now(),
-                    "answered": counts[0] - counts[1] - counts[2],
-                    "reused": counts[1],
-                    "failed_media": counts[2],
-                },
-            )
+            update = {
+                "state": JobState(state).value,
+                "error": error,
+                "traceback": traceback,
+                "finished_utc": utc_now(),
+                "answered": counts[0] - counts[1] - counts[2],
+                "reused": counts[1],
+                "failed_media": counts[2],
+            }
+            self.db["jobs"].update(job_id, update)
+            if run_id is not None:
+                self.db["runs"].update(run_id, update)
 
-    def record_rejected(self, job_id: str, source: str, reason: str) -> None:
+    def record_rejected(self, job_id: str, source: str, reason: str, update_job: bool = True) -> None:
+        """A job file that could not run: a run of its own, and the job's state unless another file holds it."""
         now = utc_now()
-        self.db["jobs"].upsert(
-            {
-                "id": job_id,
-                "source": source,
-                "state": "rejected",
-                "attempts": 0,
-                "error": reason,
-                "created_utc": now,
-                "finished_utc": now,
-            },
-            pk="id",
-        )
+        rejected = {"source": source, "state": JobState.REJECTED.value, "attempts": 0, "error": reason}
+        with self.atomic():
+            run_id = (
+                self.db["runs"].insert({**rejected, "job_id": job_id, "started_utc": now, "finished_utc": now}).last_pk
+            )
+            if update_job:
+                previous = self.job(job_id)
+                self.db["jobs"].upsert(
+                    {
+                        **rejected,
+                        "id": job_id,
+                        "run_id": run_id,
+                        "created_utc": previous["created_utc"] if previous else now,
+                        "finished_utc": now,
+                    },
+                    pk="id",
+                )
 
     # results ------------------------------------------------------------------------------------
     def previous_answer(self, key: str) -> int | None:
@@ -297,36 +360,47 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
-    def linked(self, job_id: str, key: str) -> int | None:
-        """An answer with this key already linked to the job (by an interrupted earlier attempt)."""
+    def linked(self, run_id: int, media_paths: str) -> int | None:
+        """The answer a run already holds for these media (from an interrupted earlier attempt of it)."""
         row = self.db.execute(
-            "SELECT r.id FROM job_results jr JOIN results r ON r.id = jr.result_id "
-            "WHERE jr.job_id = ? AND r.cache_key = ? LIMIT 1",
-            [job_id, key],
+            "SELECT result_id FROM job_results WHERE run_id = ? AND media_paths = ?", [run_id, media_paths]
         ).fetchone()
         return row[0] if row else None
 
-    def add_result(self, job_id: str, row: dict[str, Any]) -> int:
-        """Insert one answer (or one media failure) and link it to the job, in one transaction."""
-        unknown = set(row) - set(RESULT_COLUMNS)
-        assert not unknown, unknown
+    def add_result(self, job_id: str, run_id: int, row: dict[str, Any]) -> int:
+        """Insert one answer (or one media failure) and link it to the run, in one transaction."""
+        unknown = set(row) - set(self.columns("results"))
+        assert not unknown, f"not a results column: {sorted(unknown)}"
         with self.atomic():
-            result_id = self.db["results"].insert({**row, "job_id": job_id, "created_utc": utc_now()}).last_pk
-            self.link(job_id, result_id, reused=False)
+            now = utc_now()
+            result_id = self.db["results"].insert({**row, "job_id": job_id, "created_utc": now}).last_pk
+            self.link(job_id, run_id, result_id, row["media_paths"], row.get("media_sha256"), reused=False)
         return int(result_id)
 
-    def link(self, job_id: str, result_id: int, reused: bool) -> None:
+    def link(
+        self, job_id: str, run_id: int, result_id: int, media_paths: str, media_sha256: str | None, reused: bool
+    ) -> None:
+        """Record that the run owns this answer for these media of its own."""
         self.db["job_results"].insert(
-            {"job_id": job_id, "result_id": result_id, "reused": int(reused)}, pk=("job_id", "result_id"), ignore=True
+            {
+                "job_id": job_id,
+                "run_id": run_id,
+                "result_id": result_id,
+                "reused": int(reused),
+                "media_paths": media_paths,
+                "media_sha256": media_sha256,
+                "created_utc": utc_now(),
+            },
+            ignore=True,  # the same media twice in one run: the first link stands
         )
 
     def result(self, result_id: int) -> dict[str, Any]:
         return self.db["results"].get(result_id)
 
     # sidecars -----------------------------------------------------------------------------------
-    def sidecar_sha256(self, path: Path) -> str | None:
-        row = self.db.execute("SELECT sha256 FROM sidecars WHERE path = ?", [str(path)]).fetchone()
-        return row[0] if row else None
+    def wrote_sidecar(self, sha256: str) -> bool:
+        """Whether vlbatch wrote a sidecar with exactly these bytes (anywhere: a copied folder keeps its own)."""
+        return self.db.execute("SELECT 1 FROM sidecars WHERE sha256 = ? LIMIT 1", [sha256]).fetchone() is not None
 
     def record_sidecar(self, path: Path, sha256: str, result_id: int) -> None:
         self.db["sidecars"].upsert({"path": str(path), "sha256": sha256, "result_id": result_id}, pk="path")
@@ -358,33 +432,47 @@ class Store:
     def query_results(
         self,
         job: str | None = None,
+        run: int | None = None,
         since: str | None = None,
         until: str | None = None,
         tag: str | None = None,
         search: str | None = None,
         limit: int | None = 100,
     ) -> list[dict[str, Any]]:
-        """Answers, newest first, filtered by job, creation time, tag and full-text search."""
-        where, args = [], []
+        """Answers as the runs own them, newest first: each with the run's own media paths and the job's tags.
+
+        Without `run`, every job's latest run. `since`/`until` are UTC times in the stored format; `tag` is
+        `value` (a list item or a mapping key) or `key=value`; `search` is an FTS5 query over answers and prompts.
+        """
+        # the link's own columns stand in for the answer's: whose file, which job, when it was recorded
+        own = {"job_id": "jr.job_id", "media_paths": "jr.media_paths", "media_sha256": "jr.media_sha256"}
+        own |= {"created_utc": "jr.created_utc", "tags": "j.tags"}
+        select = [f"{own.get(c, 'r.' + c)} AS {c}" for c in self.columns("results")] + ["jr.run_id", "jr.reused"]
+        where, args = ["jr.run_id = ?" if run is not None else "jr.run_id = j.run_id"], [] if run is None else [run]
         if job:
-            where.append("r.id IN (SELECT result_id FROM job_results WHERE job_id = ?)")
+            where.append("jr.job_id = ?")
             args.append(job)
         if since:
-            where.append("r.created_utc >= ?")
+            where.append("jr.created_utc >= ?")
             args.append(since)
         if until:
-            where.append("r.created_utc < ?")
+            where.append("jr.created_utc < ?")
             args.append(until)
         if tag:
-            where.append("EXISTS (SELECT 1 FROM json_each(r.tags) t WHERE t.value = ? OR t.key = ?)")
-            args += [tag, tag]
+            key, eq, value = tag.partition("=")
+            if eq:
+                where.append("EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.key = ? AND t.value = ?)")
+                args += [key, value]
+            else:
+                where.append("EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value = ? OR t.key = ?)")
+                args += [tag, tag]
         if search:
             where.append("r.id IN (SELECT rowid FROM results_fts WHERE results_fts MATCH ?)")
             args.append(search)
-        sql = "SELECT r.* FROM results r"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY r.id DESC"
+        sql = (
+            f"SELECT {', '.join(select)} FROM job_results jr JOIN results r ON r.id = jr.result_id "
+            f"JOIN jobs j ON j.id = jr.job_id WHERE {' AND '.join(where)} ORDER BY jr.created_utc DESC, jr.id DESC"
+        )
         if limit:
             sql += f" LIMIT {int(limit)}"
         cursor = self.db.execute(sql, args)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from batch.errors import MediaError, VlbatchError
 from batch.infer.decode import IsolatedDecoder
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.select import model_identity
+from batch.infer.settings import answer_settings
 from batch.service.atomic_write import SymlinkRefused, write_atomic
 from batch.service.faults import (
     Backoff,
@@ -41,12 +42,12 @@ from batch.service.faults import (
 )
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
+from batch.service.records import answer_row, cache_key, to_json
 from batch.service.spool import Claim, Spool
-from batch.service.store import JobIdBusy, Store, cache_key, file_sha256, worker_name
+from batch.service.states import HANDED_BACK, JobState, RetryPolicy
+from batch.service.store import JobIdBusy, Store, file_sha256, worker_name
 
 log = logging.getLogger("batch.service.worker")
-
-UNIT_DEATHS_LIMIT = 2  # a unit in which the worker process died this often is failed instead of tried again
 
 
 class HandBack(Exception):
@@ -56,8 +57,20 @@ class HandBack(Exception):
 @dataclass(frozen=True)
 class Outcome:
     job_id: str
-    state: str  # done | failed | rejected | handed_back
+    state: str  # a finished JobState's value, or HANDED_BACK
     reason: str | None = None
+
+
+@dataclass
+class _UnitRun:
+    """One run of a job through its units: what is decoded ahead, and what failed."""
+
+    job: Job
+    run_id: int
+    resume: bool  # a later attempt of the same run: units it already holds are skipped
+    units: list[tuple[Path, ...]]
+    ahead: dict[int, Future[Request]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
 
 
 class Worker:
@@ -81,7 +94,8 @@ class Worker:
         self.stop_requested = False  # first signal: finish the current job, then stop
         self.abort_requested = False  # second signal: hand the current job back now
         self.wake = threading.Event()
-        self._backoff = Backoff()
+        self.policy = RetryPolicy(max_attempts=config.spool.max_attempts, give_up_s=config.spool.give_up_seconds)
+        self._backoff = Backoff(self.policy.first_backoff_s, self.policy.max_backoff_s)
         self._failing_since: float | None = None
         self._job_id: str | None = None  # the job being processed, for a hand-back after a fault
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -201,7 +215,7 @@ class Worker:
             ) from exc
         now = time.monotonic()
         self._failing_since = self._failing_since or now
-        if give_up and now - self._failing_since > self.config.spool.give_up_seconds:
+        if give_up and now - self._failing_since > self.policy.give_up_s:
             raise InfrastructureError(
                 f"gave up after {now - self._failing_since:.0f} s of faults (spool.give_up_seconds); last: "
                 f"{describe(exc)}"
@@ -266,53 +280,51 @@ class Worker:
             "job_sha256": job.content_sha256,
             "prompt": job.prompt,
             "mode": job.mode,
-            "tags": _json(job.tags),
+            "tags": to_json(job.tags),
             "media_count": len(job.media),
             "claim": claim.path.name,
         }
         try:
-            attempts = self.store.start_job(job.id, fields, self.name, claim_alive=self.spool.is_held)
+            run_id, attempts = self.store.start_job(job.id, fields, self.name, claim_alive=self.spool.is_held)
         except JobIdBusy as exc:
             reason = (
                 f"{exc}; this file was set aside: submit it again when that run has finished, or give it another id"
             )
             return self._reject(claim, job.id, reason, record=False)
         self._job_id = job.id
-        if attempts > self.config.spool.max_attempts:
+        if self.policy.exhausted(attempts):
             inflight = (self.store.job(job.id) or {}).get("inflight")
             where = f" (last while answering {', '.join(json.loads(inflight))})" if inflight else ""
             reason = f"gave up after {attempts - 1} attempts: the worker stopped during each of them{where}"
             event(log, "job.failed", logging.WARNING, job=job.id, reason=reason)
-            return self._finish(claim, job.id, "failed", reason)
-        if attempts == 1:
-            self.store.clear_links(job.id)
+            return self._finish(claim, job.id, JobState.FAILED, reason)
         event(log, "job.started", job=job.id, attempt=attempts, media=len(job.media), mode=job.mode)
         started = time.perf_counter()
         try:
             with self._lease_renewal(claim):
-                failures = self._run_units(job, resume=attempts > 1)
+                failures = self._run_units(job, run_id, resume=attempts > 1)
         except HandBack:
             self.spool.release(claim)
             self.store.hand_back(job.id)
             event(log, "job.handed_back", job=job.id, reason="second stop signal")
-            return Outcome(job.id, "handed_back")
+            return Outcome(job.id, HANDED_BACK)
         except Exception as exc:
             if is_passing(exc) or is_corrupt_database(exc):
                 raise  # the machine's fault, not the job's: handed back, retried after a pause
             # a bug or a runtime failure: record it against the job, keep the worker alive
-            return self._finish(claim, job.id, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        state = "failed" if failures else "done"
+            return self._finish(claim, job.id, JobState.FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        state = JobState.FAILED if failures else JobState.DONE
         reason = "\n".join(failures) if failures else None
         outcome = self._finish(claim, job.id, state, reason)
-        event(log, f"job.{state}", job=job.id, ms=(time.perf_counter() - started) * 1e3, failures=len(failures))
+        event(log, f"job.{state.value}", job=job.id, ms=(time.perf_counter() - started) * 1e3, failures=len(failures))
         return outcome
 
     def _reject(self, claim: Claim, job_id: str, reason: str, record: bool = True) -> Outcome:
-        if record:
-            self.store.record_rejected(job_id, str(claim.name), reason)
-        self.spool.finish(claim, "rejected", reason)
+        """A job file that cannot run; `record=False` keeps the job row of another file with the same id."""
+        self.store.record_rejected(job_id, str(claim.name), reason, update_job=record)
+        self.spool.finish(claim, JobState.REJECTED, reason)
         event(log, "job.rejected", logging.WARNING, file=claim.name, reason=reason)
-        return Outcome(job_id, "rejected", reason)
+        return Outcome(job_id, JobState.REJECTED.value, reason)
 
     def _hand_back_after_fault(self, claim: Claim) -> None:
         """After a fault mid-job: return the job to the inbox, unless its final state is already committed.
@@ -342,10 +354,10 @@ class Worker:
             job = replace(job, id=Path(claim.name).stem)
         return job
 
-    def _finish(self, claim: Claim, job_id: str, state: str, reason: str | None, tb: str | None = None) -> Outcome:
+    def _finish(self, claim: Claim, job_id: str, state: JobState, reason: str | None, tb: str | None = None) -> Outcome:
         self.store.finish_job(job_id, state, reason, tb)  # committed first ...
         self.spool.finish(claim, state, reason)  # ... then moved; recover() settles a crash in between
-        return Outcome(job_id, state, reason)
+        return Outcome(job_id, state.value, reason)
 
     @contextmanager
     def _lease_renewal(self, claim: Claim) -> Iterator[None]:
@@ -367,92 +379,91 @@ class Worker:
             thread.join()
 
     # units --------------------------------------------------------------------------------------
-    def _run_units(self, job: Job, resume: bool) -> list[str]:
+    def _run_units(self, job: Job, run_id: int, resume: bool) -> list[str]:
         """Answer each unit of the job; returns one line per media unit that failed."""
-        failures: list[str] = []
-        settings = job.settings_dict()
-        units = job.units()
-        ahead: dict[int, Future[Request]] = {}  # the next unit's media, decoded while this one generates
-
-        def start(index: int) -> Future[Request]:
-            return self._prefetch.submit(self.pipeline.prepare, job.prompt, units[index], job.media_settings)
-
-        bar = tqdm(units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
+        unit_run = _UnitRun(job, run_id, resume, job.units())
+        bar = tqdm(unit_run.units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
         for index, unit in enumerate(bar):
             if self.abort_requested:
                 raise HandBack
-            paths = [str(p) for p in unit]
-            try:
-                hashes = [file_sha256(p) for p in unit]
-            except MediaError as exc:
-                reason = f"{exc.path}: cannot read ({exc.reason})"
-                self.store.add_result(job.id, {"media_paths": _json(paths), "prompt": job.prompt, "error": reason})
-                failures.append(reason)
-                continue
-            key = cache_key(hashes, job.prompt, settings, self.model_id)
-            linked = self.store.linked(job.id, key) if resume else None
-            if linked is not None:  # answered by an earlier attempt of this job
-                self._write_sidecar(job, unit, linked)
-                continue
-            previous = None if self.force else self.store.previous_answer(key)
-            if previous is not None:
-                self.store.link(job.id, previous, reused=True)
-                self._write_sidecar(job, unit, previous)
-                continue
-            base = {
-                "media_paths": _json(paths),
-                "media_sha256": _json(hashes),
-                "cache_key": key,
-                "prompt": job.prompt,
-                "settings": _json(settings),
-                "tags": _json(job.tags),
-                "model_id": self.model_id,
-            }
-            try:
-                request = ahead.pop(index, None) or start(index)
-                if index + 1 < len(units):
-                    ahead[index + 1] = start(index + 1)
-                prepared = self._await(request)
-            except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
-                self.store.add_result(job.id, {**base, "cache_key": None, "error": str(exc)})
-                failures.append(str(exc))
-                continue
-            # recorded before the model runs: a worker that dies in this unit twice skips it the next time
-            deaths = self.store.begin_unit(job.id, _json(paths))
-            if deaths >= UNIT_DEATHS_LIMIT:
-                reason = f"{', '.join(paths)}: the worker process died {deaths} times while answering it; skipped"
-                self.store.add_result(job.id, {**base, "cache_key": None, "error": reason})
-                self.store.end_unit(job.id)
-                failures.append(reason)
-                continue
-            try:
-                result = self.pipeline.answer(prepared, job.generation, on_text=self._check_abort)
-            except VlbatchError as exc:
-                self.store.add_result(job.id, {**base, "cache_key": None, "error": str(exc)})
-                self.store.end_unit(job.id)
-                failures.append(str(exc))
-                continue
-            timings = result.timings
-            row = {
-                **base,
-                "answer": result.text,
-                "finish_reason": result.finish_reason,
-                "prompt_tokens": result.prompt_tokens,
-                "image_tokens": result.image_tokens,
-                "output_tokens": result.output_tokens,
-                "tiles": result.tiles,
-                "preprocess_ms": timings.preprocess_ms,
-                "vit_ms": timings.vit_ms,
-                "prefill_ms": timings.prefill_ms,
-                "ttft_ms": timings.ttft_ms,
-                "decode_ms": timings.decode_ms,
-                "tokens_per_s": timings.tokens_per_s,
-                "backend": self.pipeline.backend.name,
-            }
-            result_id = self.store.add_result(job.id, row)
-            self.store.end_unit(job.id)
-            self._write_sidecar(job, unit, result_id)
-        return failures
+            self._answer_unit(unit_run, index, unit)
+        return unit_run.failures
+
+    def _answer_unit(self, run: _UnitRun, index: int, unit: tuple[Path, ...]) -> None:
+        """One unit: hash, reuse a stored answer if one fits, else decode (read ahead), generate and record."""
+        job = run.job
+        paths = to_json([str(p) for p in unit])
+        try:
+            hashes = [file_sha256(p) for p in unit]
+        except MediaError as exc:
+            return self._unit_failed(
+                run, {"media_paths": paths, "prompt": job.prompt}, f"{exc.path}: cannot read ({exc.reason})"
+            )
+        own = {"media_paths": paths, "media_sha256": to_json(hashes)}
+        linked = self.store.linked(run.run_id, paths) if run.resume else None
+        if linked is not None:  # answered by an earlier attempt of this run
+            return self._write_sidecar(job, unit, linked)
+        key = cache_key(hashes, job.prompt, job.generation, job.media_settings, self.model_id)
+        previous = None if self.force else self.store.previous_answer(key)
+        if previous is not None:
+            self.store.link(job.id, run.run_id, previous, own["media_paths"], own["media_sha256"], reused=True)
+            return self._write_sidecar(job, unit, previous)
+        base = {
+            **own,
+            "cache_key": key,
+            "prompt": job.prompt,
+            "settings": to_json(answer_settings(job.generation, job.media_settings)),
+            "tags": to_json(job.tags),
+            "model_id": self.model_id,
+        }
+        try:
+            request = self._prepared(run, index)
+        except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
+            return self._unit_failed(run, base, str(exc))
+        # recorded before the model runs: a worker that dies in this unit twice skips it the next time
+        deaths = self.store.begin_unit(job.id, paths)
+        if self.policy.skip_unit(deaths):
+            names = ", ".join(str(p) for p in unit)
+            return self._unit_failed(
+                run, base, f"{names}: the worker process died {deaths} times while answering it; skipped"
+            )
+        try:
+            result = self.pipeline.answer(request, job.generation, on_text=self._check_abort)
+        except VlbatchError as exc:
+            return self._unit_failed(run, base, str(exc))
+        result_id = self.store.add_result(
+            job.id, run.run_id, {**base, **answer_row(result, self.pipeline.backend.name)}
+        )
+        self.store.end_unit(job.id)
+        t = result.timings
+        event(
+            log,
+            "answer.done",
+            job=job.id,
+            file=", ".join(p.name for p in unit),
+            ttft_ms=t.ttft_ms,
+            tokens=result.output_tokens,
+            tok_s=t.tokens_per_s,
+        )
+        self._write_sidecar(job, unit, result_id)
+
+    def _prepared(self, run: _UnitRun, index: int) -> Request:
+        """This unit's decoded media (prepared ahead while the previous unit generated); starts the next one."""
+        job = run.job
+
+        def start(i: int) -> Future[Request]:
+            return self._prefetch.submit(self.pipeline.prepare, job.prompt, run.units[i], job.media_settings)
+
+        request = run.ahead.pop(index, None) or start(index)
+        if index + 1 < len(run.units):
+            run.ahead[index + 1] = start(index + 1)
+        return self._await(request)
+
+    def _unit_failed(self, run: _UnitRun, row: dict[str, Any], reason: str) -> None:
+        self.store.add_result(run.job.id, run.run_id, {**row, "cache_key": None, "error": reason})
+        self.store.end_unit(run.job.id)
+        run.failures.append(reason)
+        event(log, "answer.failed", logging.WARNING, job=run.job.id, reason=reason)
 
     def _await(self, future: Future[Request]) -> Request:
         """The prepared request, checking for a second stop signal while the decoder works (up to its time limit)."""
@@ -475,7 +486,7 @@ class Worker:
         answer = self.store.result(result_id)["answer"] or ""
         if (path.exists() or path.is_symlink()) and not job.sidecar_overwrite:
             try:
-                ours = self.store.sidecar_sha256(path) == file_sha256(path)
+                ours = self.store.wrote_sidecar(file_sha256(path))  # by content: a copied folder stays ours
             except MediaError:  # a symlink, a FIFO, a folder: certainly not ours
                 ours = False
             if not ours:
@@ -487,7 +498,3 @@ class Worker:
             event(log, "sidecar.kept", logging.WARNING, path=path, reason="is a symbolic link")
             return
         self.store.record_sidecar(path, file_sha256(path), result_id)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,57 @@
+"""What a stored answer is: the key that makes two answers interchangeable, and the row a result becomes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from batch.infer.generate import GenerationResult
+from batch.infer.media import PREPROCESS_VERSION
+from batch.infer.prompt import DEFAULT_SYSTEM, TEMPLATE_VERSION, build_prompt
+from batch.infer.settings import GenerationSettings, MediaSettings, answer_settings
+
+
+def cache_key(
+    media_sha256: Sequence[str],
+    prompt: str,
+    generation: GenerationSettings,
+    media: MediaSettings,
+    model_id: str,
+    system: str | None = DEFAULT_SYSTEM,
+) -> str:
+    """Equal keys, equal answers: the media bytes, the text the model is sent (system turn and template
+    included), every setting that shapes an answer, the template and preprocessing versions, and the model."""
+    payload = {
+        "media": list(media_sha256),
+        "text": build_prompt(prompt, None, 0, system),
+        "settings": answer_settings(generation, media),
+        "versions": {"template": TEMPLATE_VERSION, "preprocess": PREPROCESS_VERSION},
+        "model": model_id,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def answer_row(result: GenerationResult, backend: str) -> dict[str, Any]:
+    """The `results` columns that a generated answer fills (the others say what was asked, and when)."""
+    timings = result.timings
+    return {
+        "answer": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "image_tokens": result.image_tokens,
+        "output_tokens": result.output_tokens,
+        "tiles": result.tiles,
+        "preprocess_ms": timings.preprocess_ms,
+        "vit_ms": timings.vit_ms,
+        "prefill_ms": timings.prefill_ms,
+        "ttft_ms": timings.ttft_ms,
+        "decode_ms": timings.decode_ms,
+        "tokens_per_s": timings.tokens_per_s,
+        "backend": backend,
+    }
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
