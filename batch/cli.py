@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 a problem with the input, the model or the config (message
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,9 @@ from batch.config import Config, find_config, load_config
 from batch.errors import VlbatchError
 from batch.infer.generate import GenerationResult
 from batch.service import logs
+from batch.service.states import JobState
 
+_log = logging.getLogger("batch.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_CORRUPT_DATABASE = 0, 1, 2, 3, 4
 
 
@@ -62,7 +65,11 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
 
 
 def _config(ctx: click.Context) -> Config:
-    return load_config(find_config(ctx.obj))
+    """The configuration in effect; its first log line says which file and database a command uses."""
+    config = load_config(find_config(ctx.obj))
+    source = str(config.source) if config.source else "(defaults)"
+    logs.event(_log, "config", command=ctx.info_name, config=source, database=config.spool.database)
+    return config
 
 
 @main.command()
@@ -215,7 +222,7 @@ def _worker_config(ctx: click.Context, model_dir: Path | None) -> Config:
     return config
 
 
-def _open_worker(ctx: click.Context, model_dir: Path | None, force: bool) -> Any:
+def _open_worker(ctx: click.Context, model_dir: Path | None, threads: int | None, force: bool) -> Any:
     """The worker over the configured spool and database; a database that cannot be opened is exit 3 or 4."""
     import sqlite3
 
@@ -223,6 +230,8 @@ def _open_worker(ctx: click.Context, model_dir: Path | None, force: bool) -> Any
     from batch.service.worker import Worker
 
     config = _worker_config(ctx, model_dir)
+    if threads is not None:
+        config = replace(config, model=replace(config.model, threads=threads))
     try:
         return Worker.from_config(config, force=force)
     except (sqlite3.DatabaseError, OSError) as exc:
@@ -234,41 +243,54 @@ def _open_worker(ctx: click.Context, model_dir: Path | None, force: bool) -> Any
         raise InfrastructureError(where) from exc
 
 
+_WORKER_OPTIONS = [
+    click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml)."),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime (model.threads)."),
+    click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored."),
+]
+
+
+def _worker_options(command: Any) -> Any:
+    for option in reversed(_WORKER_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml).")
-@click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored.")
+@_worker_options
 @click.pass_context
-def watch(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
+def watch(ctx: click.Context, model_dir: Path | None, threads: int | None, force: bool) -> None:
     """Run jobs as they are dropped into the inbox, until SIGINT/SIGTERM.
 
     The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
+    With every worker slot of the spool taken (spool.max_workers), it waits for one.
     """
-    worker = _open_worker(ctx, model_dir, force)
+    worker = _open_worker(ctx, model_dir, threads, force)
     worker.install_signal_handlers()
     try:
-        worker.watch()
+        if worker.take_slot(wait=True):
+            worker.watch()
     finally:
         worker.close()
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml).")
-@click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored.")
+@_worker_options
 @click.pass_context
-def run(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
+def run(ctx: click.Context, model_dir: Path | None, threads: int | None, force: bool) -> None:
     """Run every job in the inbox once, then exit (for cron).
 
-    Exit code 0 when every job finished, 1 when any failed or was rejected, 3 when it gave up on faults
-    of the machine (full disk, locked database) after spool.give_up_seconds, 4 when the database is
-    damaged. Overlapping runs share the inbox safely: each job is claimed by exactly one of them.
+    Exit code 0 when every job finished (or every worker slot of the spool was taken: spool.max_workers, so
+    an overlapping cron run leaves at once), 1 when any failed or was rejected, 3 when it gave up on faults
+    of the machine (full disk, locked database) after spool.give_up_seconds, 4 when the database is damaged.
     """
-    worker = _open_worker(ctx, model_dir, force)
+    worker = _open_worker(ctx, model_dir, threads, force)
     worker.install_signal_handlers()
     try:
-        outcomes = worker.drain()
+        outcomes = worker.drain() if worker.take_slot(wait=False) else []
     finally:
         worker.close()
-    bad = [o for o in outcomes if o.state in ("failed", "rejected")]
+    bad = [o for o in outcomes if o.state in (JobState.FAILED, JobState.REJECTED)]
     click.echo(f"{len(outcomes)} jobs: {len(outcomes) - len(bad)} done, {len(bad)} failed or rejected", err=True)
     for outcome in bad:
         click.echo(f"  {outcome.job_id}: {outcome.state}: {(outcome.reason or '').splitlines()[0]}", err=True)
@@ -277,56 +299,91 @@ def run(ctx: click.Context, model_dir: Path | None, force: bool) -> None:
 
 
 @main.command()
-@click.argument("job_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("job_files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--openai-batch",
+    "batch_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An OpenAI Batch API request file (JSONL): one job per request line, named by its custom_id.",
+)
 @click.pass_context
-def submit(ctx: click.Context, job_files: tuple[Path, ...]) -> None:
-    """Check JOB_FILES and put them into the inbox (atomically, under a temporary name first).
+def submit(ctx: click.Context, job_files: tuple[Path, ...], batch_file: Path | None) -> None:
+    """Check JOB_FILES (or the requests of an OpenAI Batch file) and put them into the inbox atomically.
 
-    Relative media paths are resolved against each job file's own folder.
+    Relative media paths are resolved against each job file's own folder. A batch file is checked whole
+    first: a bad line is reported with its number and nothing is submitted.
     """
     from batch.service.submit import submit_job
 
+    if not job_files and batch_file is None:
+        raise click.UsageError("give job files, or --openai-batch FILE")
     config = _config(ctx)
     for path in job_files:
         target = submit_job(path, config)
         click.echo(f"submitted {path} as {target.name}")
+    if batch_file is not None:
+        from batch.service.submit import submit_openai_batch
+
+        targets = submit_openai_batch(batch_file, config)
+        click.echo(f"submitted {len(targets)} requests of {batch_file} as jobs")
 
 
 @main.command()
+@click.option("--job", "job_id", help="The history of this job id: every run with its state and counts.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Jobs per state, recent failures with their reasons, and throughput."""
-    from batch.service.reports import status_report
+def status(ctx: click.Context, job_id: str | None, as_json: bool) -> None:
+    """The spool, running jobs (worker, progress, ETA), throughput and recent failures.
 
-    report = status_report(_config(ctx))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    Reads the database of the configuration in use and never creates one.
+    """
+    from batch.service import reports
+
+    config = _config(ctx)
+    if job_id is not None:
+        runs = reports.job_history(config, job_id)
+        click.echo(json.dumps(runs, indent=2) if as_json else reports.format_history(runs), nl=as_json)
         return
-    click.echo("spool:  " + "  ".join(f"{k}={v}" for k, v in report["spool"].items()))
-    click.echo("jobs:   " + ("  ".join(f"{k}={v}" for k, v in report["jobs"].items()) or "none yet"))
-    for window, figures in report["throughput"].items():
-        click.echo(
-            f"{window:>6}: {figures['answers']} answers, {figures['output_tokens']} tokens, "
-            f"{figures['tokens_per_s']:.2f} tok/s decode, mean TTFT {figures['mean_ttft_ms']:.0f} ms"
-        )
-    for failure in report["recent_failures"]:
-        click.echo(f"{failure['state']}: {failure['id']}: {(failure['error'] or '').splitlines()[0]}")
+    report = reports.status_report(config)
+    click.echo(json.dumps(report, indent=2) if as_json else reports.format_status(report), nl=as_json)
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--since/--until: ISO 8601 (offsets allowed) or an age such as 2h or 3d, as a stored UTC time."""
+    if value is None:
+        return None
+    from datetime import datetime, timezone
+
+    from batch.service.timefilter import parse_when, to_utc_iso
+
+    try:
+        return to_utc_iso(parse_when(value, datetime.now(timezone.utc)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 @main.command()
-@click.option("--job", help="Only answers of this job id.")
-@click.option("--since", help="Created at or after this UTC time (ISO 8601, e.g. 2026-11-01).")
-@click.option("--until", help="Created before this UTC time.")
-@click.option("--tag", help="Only answers of jobs with this tag.")
+@click.option("--job", help="Only this job's answers (its latest run), with the job's own files.")
+@click.option("--run", type=click.IntRange(min=1), help="Only the answers of this run (see status --job).")
+@click.option("--since", callback=_when, help="Recorded at or after: ISO 8601 (2026-11-01, ...T10:00+01:00) or 2h, 3d.")
+@click.option("--until", callback=_when, help="Recorded before: the same forms as --since.")
+@click.option("--tag", help="Only jobs with this tag: a value of a tag list or mapping key, or key=value.")
 @click.option("-s", "--search", help="Full-text search of answers and prompts (SQLite FTS5 syntax).")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=0), help="0 = no limit.")
+@click.option("-n", "--limit", default=100, show_default=True, type=click.IntRange(min=0), help="0 = no limit.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "jsonl", "csv", "openai-batch"]),
+    default="table",
+    show_default=True,
+    help="openai-batch: OpenAI Batch API output lines, by the custom_id of jobs submitted with --openai-batch.",
 )
 @click.pass_context
 def results(ctx: click.Context, fmt: str, **filters: Any) -> None:
-    """Stored answers with their timings, newest first."""
+    """Stored answers with their timings, newest first: each with the files of the job that owns it.
+
+    Reads the database of the configuration in use and never creates one.
+    """
     from batch.service.reports import format_results, query_results
 
     rows = query_results(_config(ctx), **filters)

@@ -1,8 +1,19 @@
-"""`config.yaml`: where the model lives and the default generation and media settings, parsed by strict_yaml."""
+"""`config.yaml`: where the model lives and the default generation and media settings, parsed by strict_yaml.
+
+Where the file comes from (`find_config`): `--config FILE`, else `$VLBATCH_CONFIG`, else `./config.yaml` when it
+exists, else `$XDG_CONFIG_HOME/vlbatch/config.yaml` (`~/.config/vlbatch/config.yaml`) when it exists, else the
+built-in defaults. Every setting can then be overridden by an environment variable `VLBATCH_<SECTION>_<KEY>`
+(`env_variables()` lists them all, derived from the dataclasses below); command-line flags override both.
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +25,9 @@ from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.service import strict_yaml
 
 ENV_VAR = "VLBATCH_CONFIG"
+ENV_PREFIX = "VLBATCH_"
 DEFAULT_FILE = "config.yaml"
+XDG_SUBPATH = Path("vlbatch") / DEFAULT_FILE  # under $XDG_CONFIG_HOME, default ~/.config
 
 
 class ConfigError(VlbatchError):
@@ -27,6 +40,13 @@ class ModelConfig:
     backend: str = "auto"  # auto | onnxruntime | axengine
     hf_dir: Path | None = None  # config and tokenizer for an axmodel folder
     threads: int | None = None  # onnxruntime threads; None = every core this process may use
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "onnxruntime", "axengine"):
+            raise ValueError(f"backend must be auto, onnxruntime or axengine, got {self.backend!r}")
+        threads = self.threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or null, got {threads!r}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,7 @@ class SpoolConfig:
     max_attempts: int = 3  # starts before a job whose worker keeps dying is failed
     database_timeout_seconds: float = 30.0  # a write waits this long for another process's lock, then backs off
     give_up_seconds: float = 300.0  # `vlbatch run` exits 3 after this long of unbroken faults (watch never does)
+    max_workers: int = 1  # worker slots per spool and model: `run`/`watch` processes that may hold the model at once
 
     def __post_init__(self) -> None:
         for name in (
@@ -53,8 +74,10 @@ class SpoolConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be a positive integer, got {self.max_attempts!r}")
+        for name in ("max_attempts", "max_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.polling, bool):
             raise ValueError(f"polling must be true or false, got {self.polling!r}")
         if isinstance(self.media_roots, str) or not isinstance(self.media_roots, list | tuple):
@@ -67,7 +90,7 @@ class Config:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
-    source: Path | None = None  # the file it came from
+    source: Path | None = None  # the file it came from (absolute); None = built-in defaults
 
     def to_dict(self) -> dict[str, Any]:
         """The effective settings as plain data (paths as strings)."""
@@ -84,34 +107,100 @@ class Config:
             for section in SECTIONS
         }
 
+    def describe(self) -> str:
+        """One line for the first log line of a command: `config=<file or (defaults)> database=<path>`."""
+        return f"config={self.source or '(defaults)'} database={self.spool.database}"
+
 
 SECTIONS = ("model", "generation", "media", "spool")
-# environment variables that override single settings: name -> (section, key)
-ENV_OVERRIDES = {
-    "VLBATCH_MODEL_DIR": ("model", "dir"),
-    "VLBATCH_HF_DIR": ("model", "hf_dir"),
-    "VLBATCH_BACKEND": ("model", "backend"),
-    "VLBATCH_SPOOL_DIR": ("spool", "dir"),
-    "VLBATCH_DATABASE": ("spool", "database"),
+_CLASSES: dict[str, type] = {
+    "model": ModelConfig,
+    "generation": GenerationSettings,
+    "media": MediaSettings,
+    "spool": SpoolConfig,
 }
+
+# older short names, still honoured: alias -> the derived name it stands for
+# (VLBATCH_MODEL_DIR and VLBATCH_SPOOL_DIR were already the derived names)
+ENV_ALIASES = {
+    "VLBATCH_HF_DIR": "VLBATCH_MODEL_HF_DIR",
+    "VLBATCH_BACKEND": "VLBATCH_MODEL_BACKEND",
+    "VLBATCH_DATABASE": "VLBATCH_SPOOL_DATABASE",
+}
+_NOT_SETTINGS = (ENV_VAR,)  # VLBATCH_* names that are not settings: the config file itself
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+_NONE = ("", "null")
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides `section.key`: VLBATCH_<SECTION>_<KEY>, upper-cased."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def env_variables(aliases: bool = True) -> dict[str, str]:
+    """Every VLBATCH_* variable that overrides a setting: name -> "section.key", in config.yaml order.
+
+    Derived from the config dataclasses, so a new field gets its variable without further code; the older
+    short names (ENV_ALIASES) follow at the end unless `aliases` is False.
+    """
+    names = {env_name(section, f.name): f"{section}.{f.name}" for section, cls in _CLASSES.items() for f in fields(cls)}
+    if aliases:
+        names.update({alias: names[target] for alias, target in ENV_ALIASES.items()})
+    return names
+
+
+def unknown_env_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The VLBATCH_* variables in `environ` (default os.environ) that vlbatch does not know, sorted."""
+    environ = os.environ if environ is None else environ
+    known = env_variables()
+    return sorted(
+        name for name in environ if name.startswith(ENV_PREFIX) and name not in known and name not in _NOT_SETTINGS
+    )
 
 
 def find_config(explicit: Path | None = None) -> Path | None:
-    """--config, else $VLBATCH_CONFIG, else ./config.yaml when it exists."""
+    """The config file to read, or None for the built-in defaults.
+
+    `explicit` (--config), else $VLBATCH_CONFIG (an empty value counts as unset), else ./config.yaml when it
+    exists, else $XDG_CONFIG_HOME/vlbatch/config.yaml (XDG_CONFIG_HOME defaulting to ~/.config) when it exists.
+    A file named by --config or $VLBATCH_CONFIG must exist: ConfigError otherwise, never a silent fallback.
+    """
     if explicit is not None:
-        return Path(explicit)
+        return _must_exist(Path(explicit), "--config")
     if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
+        return _must_exist(Path(os.environ[ENV_VAR]), f"${ENV_VAR}")
     local = Path(DEFAULT_FILE)
-    return local if local.is_file() else None
+    if local.is_file():
+        return local
+    user = _xdg_config_home() / XDG_SUBPATH
+    return user if user.is_file() else None
 
 
-def load_config(path: Path | None) -> Config:
-    """Read a config file, then apply the VLBATCH_* environment overrides.
+def _xdg_config_home() -> Path:
+    # the XDG spec: an unset, empty or relative $XDG_CONFIG_HOME means ~/.config
+    value = os.environ.get("XDG_CONFIG_HOME", "")
+    return Path(value) if value and Path(value).is_absolute() else Path.home() / ".config"
+
+
+def _must_exist(path: Path, origin: str) -> Path:
+    path = path.expanduser()
+    if not path.exists():
+        raise ConfigError(f"{origin} {path}: no such config file")
+    if not path.is_file():
+        raise ConfigError(f"{origin} {path}: not a file")
+    return path
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read a config file (None: the defaults), then apply the VLBATCH_* environment overrides.
 
     Relative paths in the file are taken from the file's own folder; relative paths from the environment
-    and the defaults without a file, from the current folder.
+    and the defaults without a file, from the current folder. An unknown VLBATCH_* variable (a typo) is a
+    ConfigError, since an override that is silently ignored is worse than a refusal.
     """
+    environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
@@ -142,12 +231,91 @@ def load_config(path: Path | None) -> Config:
         database=_resolve(base, spool.database),
         media_roots=tuple(_resolve(base, p) for p in spool.media_roots),
     )
-    for var, (section, key) in ENV_OVERRIDES.items():
-        value = os.environ.get(var)
-        if value:
-            value = value if key == "backend" else _resolve(Path.cwd(), value)
-            sections[section] = replace(sections[section], **{key: value})
-    return Config(**sections, source=path)
+    for name, values in _env_overrides(environ).items():
+        sections[name] = _override(sections[name], values)
+    return Config(**sections, source=None if path is None else path.resolve())
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
+    """The settings the environment overrides: section -> key -> (variable, parsed value)."""
+    unknown = unknown_env_variables(environ)
+    if unknown:
+        known = list(env_variables()) + [ENV_VAR]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(hints)}; README, Configuration, lists the known ones"
+        )
+    for alias, target in ENV_ALIASES.items():
+        if alias in environ and target in environ and environ[alias] != environ[target]:
+            raise ConfigError(f"{alias} and {target} set the same setting to different values; unset one")
+    hints_by_section = {name: typing.get_type_hints(cls) for name, cls in _CLASSES.items()}
+    out: dict[str, dict[str, tuple[str, Any]]] = {}
+    for var, dotted in env_variables().items():
+        if var not in environ:
+            continue
+        section, key = dotted.split(".")
+        out.setdefault(section, {})[key] = (var, _parse(var, environ[var], hints_by_section[section][key]))
+    return out
+
+
+def _override(current: Any, values: dict[str, tuple[str, Any]]) -> Any:
+    """`current` with the parsed environment values; the dataclass checks them, and a refusal names the variable."""
+    try:
+        return replace(current, **{key: value for key, (_, value) in values.items()})
+    except (TypeError, ValueError) as exc:
+        culprits = []
+        for key, (var, value) in values.items():
+            try:
+                replace(current, **{key: value})
+            except (TypeError, ValueError):
+                culprits.append(var)
+        names = ", ".join(culprits or [var for var, _ in values.values()])
+        raise ConfigError(f"{names}: {exc}") from exc
+
+
+def _parse(var: str, text: str, hint: Any) -> Any:
+    """An environment value read as the field's type; ConfigError naming the variable and the expected type."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if text.strip().lower() in _NONE:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is tuple:  # tuple[Path, ...]: os.pathsep-separated, empty pieces skipped
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_parse(var, piece, item) for piece in text.split(os.pathsep) if piece.strip())
+    value = text.strip()
+    expected = {bool: "true or false", int: "an integer", float: "a number", Path: "a path", str: "text"}
+    if hint not in expected:  # a field type this reader does not know: fail loudly in the tests, not silently
+        raise TypeError(f"{var}: no environment reader for type {hint!r}")
+    kind = expected[hint] + (" or null" if optional else "")
+    if hint is bool:
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{var}={text!r}: expected {kind} (true/false, 1/0, yes/no)")
+    if hint is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{var}={text!r}: expected {kind}") from None
+    if hint is float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{var}={text!r}: expected {kind}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{var}={text!r}: expected {kind} (finite)")
+        return number
+    if not value:
+        raise ConfigError(f"{var} is empty: expected {kind}")
+    if hint is Path:
+        return _resolve(Path.cwd(), value)
+    return value
 
 
 def _resolve(base: Path, value: Any) -> Path | None:
@@ -155,14 +323,6 @@ def _resolve(base: Path, value: Any) -> Path | None:
         return None
     p = Path(str(value)).expanduser()
     return p if p.is_absolute() else base / p
-
-
-_CLASSES: dict[str, type] = {
-    "model": ModelConfig,
-    "generation": GenerationSettings,
-    "media": MediaSettings,
-    "spool": SpoolConfig,
-}
 
 
 def _section(path: Path, data: dict[str, Any], name: str, cls: type) -> Any:

@@ -39,3 +39,10 @@ def test_every_config_setting_is_in_config_yaml():
         assert f"{section}:" in text
         for key in values:
             assert f"  {key}:" in text, f"{section}.{key}"
+
+
+def test_every_environment_variable_is_in_the_readme():
+    from batch.config import env_variables
+
+    for name in env_variables():
+        assert f"`{name}`" in README, name

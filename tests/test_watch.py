@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
 import time
 
 import pytest
@@ -119,6 +120,7 @@ def test_sigterm_during_a_job_finishes_it_and_exits_cleanly(env):
 
 
 def test_two_run_processes_share_twenty_jobs_each_done_once(env):
+    env.write_config(lease=3.0, settle=0.3, rescan=2.0, max_workers=2)
     for i in range(20):
         env.image(f"m/{i:02d}.png", seed=i, size=(64, 64))
         env.drop(f"job{i:02d}.yaml", f"prompt: Caption.\ninputs: ../../media/m/{i:02d}.png\n", when=time.time() - 5)
@@ -133,3 +135,26 @@ def test_two_run_processes_share_twenty_jobs_each_done_once(env):
     ran = [err.count("event=job.started") for _, err in outputs]
     print(f"\njobs per worker: {ran}")
     assert sum(ran) == 20
+
+
+def test_an_overlapping_cron_run_leaves_at_once_and_a_second_watch_waits_for_the_slot(env):
+    env.image("a.png", 1)
+    first = env.spawn("watch", log=env.root / "first.log")
+    try:
+        wait_for(lambda: "event=model.loaded" in (env.root / "first.log").read_text(), timeout=60)
+        started = time.monotonic()
+        late = subprocess.run(env.cli("run"), capture_output=True, text=True, timeout=60)
+        assert late.returncode == 0 and time.monotonic() - started < 10
+        assert "event=worker.no_slot" in late.stderr and "model.loaded" not in late.stderr  # no second model
+        second = env.spawn("watch", log=env.root / "second.log")
+        wait_for(lambda: "event=worker.no_slot" in (env.root / "second.log").read_text(), timeout=30)
+        assert stop(first)[0] == 0
+        wait_for(lambda: "event=model.loaded" in (env.root / "second.log").read_text(), timeout=60)
+        env.drop("after.yaml", "prompt: Describe.\ninputs: ../../media/a.png\n")
+        wait_for(lambda: (env.root / "jobs" / "done" / "after.yaml").exists(), timeout=30)
+        assert "job=after" in (env.root / "second.log").read_text()
+    finally:
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)

@@ -409,6 +409,13 @@ class Store:
     def counts_by_state(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
 
+    def running_jobs(self) -> list[dict[str, Any]]:
+        return list(self.db["jobs"].rows_where("state = ?", [JobState.RUNNING.value], order_by="started_utc"))
+
+    def run_answers(self, run_id: int | None) -> int:
+        """How many of its media a run holds an answer (or a recorded failure) for."""
+        return self.db.execute("SELECT count(*) FROM job_results WHERE run_id = ?", [run_id]).fetchone()[0]
+
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
         return list(
             self.db["jobs"].rows_where(
@@ -447,7 +454,11 @@ class Store:
         # the link's own columns stand in for the answer's: whose file, which job, when it was recorded
         own = {"job_id": "jr.job_id", "media_paths": "jr.media_paths", "media_sha256": "jr.media_sha256"}
         own |= {"created_utc": "jr.created_utc", "tags": "j.tags"}
-        select = [f"{own.get(c, 'r.' + c)} AS {c}" for c in self.columns("results")] + ["jr.run_id", "jr.reused"]
+        select = [f"{own.get(c, 'r.' + c)} AS {c}" for c in self.columns("results")] + [
+            "jr.run_id",
+            "jr.reused",
+            "jr.id AS link_id",
+        ]
         where, args = ["jr.run_id = ?" if run is not None else "jr.run_id = j.run_id"], [] if run is None else [run]
         if job:
             where.append("jr.job_id = ?")
@@ -460,9 +471,12 @@ class Store:
             args.append(until)
         if tag:
             key, eq, value = tag.partition("=")
-            if eq:
-                where.append("EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.key = ? AND t.value = ?)")
-                args += [key, value]
+            if eq:  # numbers and booleans match their YAML spelling: year=2026, rated=true
+                where.append(
+                    "EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.key = ? AND (CAST(t.value AS TEXT) = ? "
+                    "OR t.type = ?))"
+                )
+                args += [key, value, value.lower() if value.lower() in ("true", "false", "null") else "-"]
             else:
                 where.append("EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value = ? OR t.key = ?)")
                 args += [tag, tag]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,31 @@ def submit_job(path: Path, config: Config) -> Path:
     return target
 
 
+def submit_openai_batch(path: Path, config: Config) -> list[Path]:
+    """Every request of an OpenAI Batch file as a job in the inbox (the whole file is checked first).
+
+    Image paths must lie under spool.media_roots; images sent as data: URIs are kept in the first media root,
+    under `openai-batch/<file name>/`, where the worker may read them.
+    """
+    from batch.service.openai_batch import requests_to_jobs
+
+    path = Path(path)
+    spool = _ensure_spool(config, path)
+    roots = list(config.spool.media_roots)
+    media_dir = roots[0] / "openai-batch" / path.stem if roots else None
+    with tempfile.TemporaryDirectory(dir=spool.root, prefix=".openai-batch-") as staging:
+        jobs = requests_to_jobs(path, Path(staging), roots, media_dir=media_dir)
+        return [submit_job(job, config) for job in jobs]
+
+
 def _with_absolute_inputs(path: Path) -> dict[str, Any]:
     """The job's mapping with relative inputs resolved against its own folder and an id (its stem) if it had none."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     inputs = data.get("inputs")
-    entries = [inputs] if isinstance(inputs, str) else list(inputs)
-    folder = path.resolve().parent
-    data["inputs"] = [entry if os.path.isabs(entry) else str(folder / entry) for entry in entries]
+    if inputs:  # a text-only job has none
+        entries = [inputs] if isinstance(inputs, str) else list(inputs)
+        folder = path.resolve().parent
+        data["inputs"] = [entry if os.path.isabs(entry) else str(folder / entry) for entry in entries]
     if "id" not in data:
         data["id"] = path.stem
     return data

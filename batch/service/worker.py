@@ -43,6 +43,7 @@ from batch.service.faults import (
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
 from batch.service.records import answer_row, cache_key, to_json
+from batch.service.slots import WorkerSlots
 from batch.service.spool import Claim, Spool
 from batch.service.states import HANDED_BACK, JobState, RetryPolicy
 from batch.service.store import JobIdBusy, Store, file_sha256, worker_name
@@ -98,6 +99,7 @@ class Worker:
         self._backoff = Backoff(self.policy.first_backoff_s, self.policy.max_backoff_s)
         self._failing_since: float | None = None
         self._job_id: str | None = None  # the job being processed, for a hand-back after a fault
+        self.slots = WorkerSlots(spool.root, model_id, config.spool.max_workers)
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
     @classmethod
@@ -130,6 +132,7 @@ class Worker:
         return self._pipeline
 
     def close(self) -> None:
+        self.slots.release()
         self._prefetch.shutdown(wait=False, cancel_futures=True)
         if self._pipeline is not None:
             self._pipeline.close()  # also stops the decoding child, which ends a decode still running
@@ -151,6 +154,7 @@ class Worker:
     def drain(self) -> list[Outcome]:
         """Run every job in the inbox, waiting for files still being written; then return."""
         outcomes: list[Outcome] = []
+        bar = tqdm(desc="jobs", unit="job", total=0, disable=not sys.stderr.isatty(), file=sys.stderr)
         while not self.stop_requested:
             try:
                 took, outcome, next_ready = self._cycle()
@@ -159,12 +163,29 @@ class Worker:
                 continue
             if outcome:
                 outcomes.append(outcome)
+                bar.update(1)
             if took:
+                bar.total = max(bar.total, bar.n + len(self.spool.pending()[0]))
+                bar.refresh()
                 continue
             if next_ready is None:
                 break
             time.sleep(max(0.05, next_ready - time.time()))
+        bar.close()
         return outcomes
+
+    def take_slot(self, wait: bool) -> bool:
+        """Hold one of the spool.max_workers slots of this spool and model; `wait` until one is free (watch)."""
+        if self.slots.take():
+            return True
+        event(
+            log,
+            "worker.no_slot",
+            slots=self.slots.count,
+            reason="every worker slot for this spool and model is held by another vlbatch process (spool.max_workers)",
+            waiting=wait,
+        )
+        return wait and self.slots.wait(lambda: self.stop_requested)
 
     def watch(self) -> None:
         """Run jobs as they arrive until a stop signal; faults of the machine are waited out, never fatal."""

@@ -101,7 +101,7 @@ def test_a_unit_that_kills_the_worker_twice_is_skipped_on_the_next_attempt(env: 
     Image.new("RGB", (448, 448), (255, 0, 255)).save(magenta)
     env.image("k/c.png", 3)
     env.drop("killer.yaml", "prompt: Describe.\ninputs: ../../media/k/\n")
-    crash = {"VLBATCH_FAULT_CRASH_ON_MAGENTA": "1"}
+    crash = {"FAULT_SUITE_CRASH_ON_MAGENTA": "1"}
     codes = [run(env, "run", **crash).returncode for _ in range(2)]
     assert codes == [-11, -11]  # SIGSEGV in the model runtime, twice, on the same file
     assert env.job("killer")["inflight_deaths"] == 1

@@ -2,7 +2,7 @@
 
 - A Pillow format for `.png` files that start with `VLBFAULT:<kind>`: `segv` crashes the decoder with SIGSEGV,
   `hang` never returns, `alloc` allocates without bound, `slow` takes two seconds and then decodes a grey image.
-- With VLBATCH_FAULT_CRASH_ON_MAGENTA=1, the worker process itself crashes (SIGSEGV) when it is about to answer
+- With FAULT_SUITE_CRASH_ON_MAGENTA=1, the worker process itself crashes (SIGSEGV) when it is about to answer
   about a solid magenta image: a model runtime that dies on one input.
 """
 
@@ -83,5 +83,5 @@ try:
     _install_image_faults()
 except ImportError:  # a process without Pillow has no media to break
     pass
-if os.environ.get("VLBATCH_FAULT_CRASH_ON_MAGENTA") == "1":
+if os.environ.get("FAULT_SUITE_CRASH_ON_MAGENTA") == "1":
     sys.meta_path.insert(0, _PatchPipeline())
