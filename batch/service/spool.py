@@ -21,7 +21,7 @@ from batch.service.states import JobState
 
 JOB_SUFFIXES = (".yaml", ".yml")
 IGNORED_SUFFIXES = (".tmp", ".part")
-FOLDERS = ("inbox", "work", "done", "failed", "rejected")
+FOLDERS = ("inbox", "work", *(state.value for state in JobState if state.finished))
 LEASE = ".lease"
 SEPARATOR = "--"
 

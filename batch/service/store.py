@@ -284,8 +284,8 @@ class Store:
             for table, key in (("jobs", "id"), ("runs", "id")):
                 target = job_id if table == "jobs" else self._run_id(job_id)
                 self.db.execute(
-                    f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE {key} = ? AND state = 'running'",
-                    [target],
+                    f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE {key} = ? AND state = ?",
+                    [target, JobState.RUNNING.value],
                 )
 
     def _run_id(self, job_id: str) -> int | None:
@@ -306,7 +306,8 @@ class Store:
 
     def finished_claim(self, claim: str) -> dict[str, Any] | None:
         """The job row that a claim committed as finished, if any (for a crash before the final move)."""
-        rows = list(self.db["jobs"].rows_where("claim = ? AND state IN ('done', 'failed')", [claim]))
+        done = (JobState.DONE.value, JobState.FAILED.value)
+        rows = list(self.db["jobs"].rows_where("claim = ? AND state IN (?, ?)", [claim, *done]))
         return rows[0] if rows else None
 
     def finish_job(self, job_id: str, state: JobState, error: str | None = None, traceback: str | None = None) -> None:
@@ -419,7 +420,11 @@ class Store:
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
         return list(
             self.db["jobs"].rows_where(
-                "state IN ('failed', 'rejected')", order_by="finished_utc DESC", limit=limit, select="id, state, error"
+                "state IN (?, ?)",
+                [JobState.FAILED.value, JobState.REJECTED.value],
+                order_by="finished_utc DESC",
+                limit=limit,
+                select="id, state, error",
             )
         )
 
