@@ -236,16 +236,6 @@ def test_tags_mapping(inbox: Path) -> None:
     json.dumps(job.tags)
 
 
-def test_settings_dict_is_stable_and_json(inbox: Path) -> None:
-    first = parse(write_job(inbox, job_text(temperature=0), name="one.yaml")).settings_dict()
-    second = parse(write_job(inbox, job_text(temperature=0.0, tags="[x]"), name="two.yaml")).settings_dict()
-    assert first == second
-    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
-    assert first["generation"]["max_new_tokens"] == 64 and first["media"]["max_tiles"] == 12
-    changed = parse(write_job(inbox, job_text(max_tiles=3), name="three.yaml")).settings_dict()
-    assert changed != first
-
-
 def test_prompt_block_scalar_is_trimmed(inbox: Path) -> None:
     job = parse(write_job(inbox, "prompt: |\n  Line one.\n  Line two.\ninputs: a.png\n"))
     assert job.prompt == "Line one.\nLine two."
@@ -423,13 +413,14 @@ def test_empty_prompt(inbox: Path, prompt: str) -> None:
     assert "'prompt' is empty" in rejected(write_job(inbox, f"prompt: {prompt}\ninputs: a.png\n"))
 
 
-def test_missing_inputs(inbox: Path) -> None:
-    assert "missing required key 'inputs'" in rejected(write_job(inbox, "prompt: p\n"))
+@pytest.mark.parametrize("text", ["prompt: Write a haiku.\n", "prompt: Write a haiku.\ninputs: []\n"])
+def test_a_job_without_inputs_is_one_text_only_question(inbox: Path, text: str) -> None:
+    job = parse(write_job(inbox, text))
+    assert job.media == () and job.units() == [()]
 
 
-@pytest.mark.parametrize(("inputs", "expected"), [("[]", "'inputs' is empty"), ("['']", "empty entry")])
-def test_empty_inputs(inbox: Path, inputs: str, expected: str) -> None:
-    assert expected in rejected(write_job(inbox, job_text(inputs)))
+def test_empty_input_entries(inbox: Path) -> None:
+    assert "empty entry" in rejected(write_job(inbox, job_text("['']")))
 
 
 @pytest.mark.parametrize(
@@ -746,7 +737,6 @@ def test_example_jobs_parse(example: Path, media: str, tmp_path: Path) -> None:
         job = parse(copy, [tmp_path / "media"])
     assert job.media and job.units()
     assert all(path.is_file() for path in job.media)
-    json.dumps(job.settings_dict())
 
 
 def test_symlinked_roots_are_compared_by_real_path(tmp_path: Path) -> None:

@@ -123,3 +123,61 @@ def test_json_results_carry_nested_values_not_strings(answered: SpoolEnv):
     assert isinstance(rows[0]["media_paths"], list) and isinstance(rows[0]["settings"], dict)
     line = json.loads(cli(answered, "results", "--format", "jsonl", "--job", "plain").stdout.splitlines()[0])
     assert line["tags"] == ["misc"] and Path(line["media_paths"][0]).name == "cat.png"
+
+
+def test_an_openai_batch_file_round_trips_through_the_spool(env: SpoolEnv):
+    import base64
+    import io
+
+    from PIL import Image
+
+    photo = env.image("batch/photo.png", 6)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="PNG")
+    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def request(custom_id: str, content: object, **body: object) -> str:
+        messages = [{"role": "user", "content": content}]
+        return json.dumps(
+            {
+                "custom_id": custom_id,
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"messages": messages} | body,
+            }
+        )
+
+    lines = [
+        request("haiku", "Write a haiku about the sea.", max_tokens=8),
+        request(
+            "photo",
+            [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": str(photo)}}],
+        ),
+        request(
+            "inline",
+            [{"type": "text", "text": "Colour?"}, {"type": "image_url", "image_url": {"url": data_uri}}],
+            seed=3,
+        ),
+    ]
+    requests = env.root / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    assert "submitted 3 requests" in cli(env, "submit", "--openai-batch", str(requests)).stdout
+    cli(env, "run")
+    out = [json.loads(line) for line in cli(env, "results", "--format", "openai-batch").stdout.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == ["haiku", "inline", "photo"]
+    for o in out:
+        body = o["response"]["body"]
+        assert o["error"] is None and o["response"]["status_code"] == 200
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    haiku = next(o for o in out if o["custom_id"] == "haiku")["response"]["body"]
+    assert haiku["usage"]["completion_tokens"] <= 8
+
+    bad = env.root / "bad.jsonl"
+    bad.write_text(
+        lines[0] + "\n" + request("web", [{"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}]) + "\n"
+    )
+    before = sorted(p.name for p in env.inbox.iterdir())
+    result = cli(env, "submit", "--openai-batch", str(bad), code=1)
+    assert "bad.jsonl line 2" in result.stderr
+    assert sorted(p.name for p in env.inbox.iterdir()) == before

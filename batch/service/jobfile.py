@@ -77,32 +77,15 @@ class Job:
     inputs: tuple[str, ...] = ()
 
     def units(self) -> list[tuple[Path, ...]]:
-        """The units of work: one per media file in mode each, a single one with every file in mode together."""
+        """The units of work: one per media file in mode each, a single one with every file in mode together.
+
+        A text-only job (no inputs) has exactly one unit, with no media.
+        """
+        if not self.inputs and not self.media:
+            return [()]
         if self.mode == "together":
             return [tuple(self.media)] if self.media else []
         return [(path,) for path in self.media]
-
-    def settings_dict(self) -> dict[str, Any]:
-        """The generation and media settings that shape an answer, JSON-serialisable, for cache keys."""
-        gen = self.generation
-        ms = self.media_settings
-        return {
-            "generation": {
-                "max_new_tokens": int(gen.max_new_tokens),
-                "temperature": float(gen.temperature),
-                "top_k": int(gen.top_k),
-                "top_p": float(gen.top_p),
-                "seed": None if gen.seed is None else int(gen.seed),
-                "ignore_eos": bool(gen.ignore_eos),
-            },
-            "media": {
-                "image_size": int(ms.image_size),
-                "max_tiles": int(ms.max_tiles),
-                "use_thumbnail": bool(ms.use_thumbnail),
-                "video_frames": int(ms.video_frames),
-                "video_decoder": str(ms.video_decoder),
-            },
-        }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +160,8 @@ def _build_job(
     sidecar_overwrite = _optional(mapping, "sidecar_overwrite", _is_bool, "true or false", False)
     if sidecar and mode == "together":
         raise _Invalid("sidecar: true needs mode each (a together answer covers several files, not one)")
+    if sidecar and not inputs:
+        raise _Invalid("sidecar: true needs inputs (a text-only job has no file to write a .txt beside)")
     tags = _tags(mapping)
     files = _Resolver(_roots([*allowed_roots, base, source.parent]), base).resolve_all(inputs)
     if mode == "together":
@@ -356,15 +341,15 @@ def _prompt(mapping: dict[str, Any]) -> str:
 
 
 def _inputs(mapping: dict[str, Any]) -> tuple[str, ...]:
-    if "inputs" not in mapping:
-        raise _Invalid("missing required key 'inputs' (files, folders or globs of images and videos)")
+    if "inputs" not in mapping:  # a text-only job: one answer to the prompt alone
+        return ()
     value = mapping["inputs"]
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         shown = next((item for item in items if not isinstance(item, str)), None) if isinstance(items, list) else value
         raise _Invalid(f"'inputs' must be text or a list of text (paths, folders, globs), got {_describe(shown)}")
-    if not items:
-        raise _Invalid("'inputs' is empty; name at least one file, folder or glob")
+    if not items:  # `inputs: []`: a text-only job, as with no `inputs` key
+        return ()
     if len(items) > MAX_INPUTS:
         raise _Invalid(
             f"'inputs' has {len(items)} entries; a job takes at most {MAX_INPUTS}: split it into several job files"
