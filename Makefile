@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install test lint demo ask-demo bench clean
+.PHONY: install install-size test lint demo ask-demo bench clean
 
 $(BIN)/vlbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(BIN)/vlbatch: pyproject.toml
 	touch $@
 
 install: $(BIN)/vlbatch  ## the venv with vlbatch, onnxruntime, video decoders and the test tools
+
+install-size: install  ## site-packages size of a fresh install per extra set (temporary venvs outside the checkout)
+	$(BIN)/python bench/install_size.py
 
 test: install  ## the whole test suite (oracle comparisons against transformers included)
 	$(BIN)/python -m pytest

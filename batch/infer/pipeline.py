@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -223,8 +224,21 @@ class Pipeline:
 
 def load_tokenizer(folder: Path):
     """The folder's tokenizer through AutoTokenizer, never running code from the folder."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    # Without torch (the NPU board, a `.[cpu]` install), `import transformers` logs an advisory on stderr: "PyTorch was
+    # not found..." (transformers 5) or "None of PyTorch, TensorFlow >= 2.0, or Flax have been found..." (4.x). It goes
+    # through logger.warning_advice, which this variable turns off at call time; it is set for the import only, so
+    # vlbatch's own logs and transformers' other warnings are untouched.
+    advice = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    previous = os.environ.get(advice)
+    os.environ[advice] = "1"
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    finally:
+        if previous is None:
+            os.environ.pop(advice, None)
+        else:
+            os.environ[advice] = previous
 
     # AutoTokenizer also reads config.json, whose InternVL model_type it does not know: a harmless warning
     level = hf_logging.get_verbosity()

@@ -15,7 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
+
+from batch.errors import VlbatchError
+
+try:
+    import onnx
+except ImportError as exc:  # the CPU runtime (extra `cpu`) and the NPU board install no exporter
+    raise VlbatchError("`vlbatch export` needs the export extra: pip install 'vlbatch[export]'") from exc
 
 from batch.model.checkpoint import Checkpoint
 from batch.model.export.graphs import decoder_layer_graph, post_graph, vit_graph
