@@ -207,6 +207,17 @@ def test_sidecars_are_written_atomically_and_never_over_foreign_files(env):
     assert not [p for p in (env.media / "s").iterdir() if p.name.startswith(".")]
 
 
+def test_sidecars_in_a_copied_media_folder_are_still_recognised_as_ours(env):
+    env.image("orig/one.png", 1)
+    env.drop("first.yaml", "prompt: Caption.\ninputs: ../../media/orig/\nsidecar: true\n")
+    drain(env)
+    shutil.copytree(env.media / "orig", env.media / "copy")  # the photos with the captions vlbatch wrote
+    env.drop("second.yaml", "prompt: Describe in detail.\ninputs: ../../media/copy/\nsidecar: true\n")
+    drain(env)
+    (row,) = results_of(env, "second")
+    assert (env.media / "copy" / "one.txt").read_text() == row["answer"]  # replaced: it was ours, by its bytes
+
+
 def test_schema(tmp_path):
     store = Store(tmp_path / "s.db")
     assert {"jobs", "runs", "results", "job_results", "sidecars"} <= set(store.db.table_names())
