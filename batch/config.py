@@ -107,10 +107,6 @@ class Config:
             for section in SECTIONS
         }
 
-    def describe(self) -> str:
-        """One line for the first log line of a command: `config=<file or (defaults)> database=<path>`."""
-        return f"config={self.source or '(defaults)'} database={self.spool.database}"
-
 
 SECTIONS = ("model", "generation", "media", "spool")
 _CLASSES: dict[str, type] = {

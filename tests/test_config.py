@@ -115,15 +115,13 @@ def test_the_cli_reports_a_missing_config_file(homes, tmp_path):
     assert "nope.yaml: no such config file" in result.stderr
 
 
-def test_source_and_describe(homes, tmp_path):
+def test_source_and_database_paths(homes, tmp_path):
     defaults = load_config(None)
-    assert defaults.source is None
-    assert defaults.describe() == f"config=(defaults) database={Path.cwd() / 'vlbatch.db'}"
+    assert defaults.source is None and defaults.spool.database == Path.cwd() / "vlbatch.db"
     path = write(tmp_path / "c" / "vl.yaml", "spool:\n  database: data/v.db\n")
     config = load_config(path)
     assert config.source == path.resolve() and config.source.is_absolute()
-    assert config.describe() == f"config={path.resolve()} database={path.parent.resolve() / 'data' / 'v.db'}"
-    assert "\n" not in config.describe()
+    assert config.spool.database == path.parent.resolve() / "data" / "v.db"
 
 
 # --- max_workers ----------------------------------------------------------------------------------------------
