@@ -44,7 +44,7 @@ class _Group(click.Group):
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Config file (default: $VLBATCH_CONFIG, else ./config.yaml if present).",
+    help="Config file (default: $VLBATCH_CONFIG, else ./config.yaml, else ~/.config/vlbatch/config.yaml).",
 )
 @click.option(
     "--log-level",
