@@ -146,3 +146,22 @@ def test_code_in_a_model_folder_is_never_run(tiny_hf, tmp_path):
     export(folder, tmp_path / "onnx")
     Pipeline.open(tmp_path / "onnx").close()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("layout", "section", "tower"),
+    [
+        ("original", "llm_config", "language"),
+        ("original", "vision_config", "vision"),
+        ("native", "text_config", "language"),
+        ("native", "vision_config", "vision"),
+    ],
+)
+def test_config_with_more_layers_than_the_weights_says_so(tiny_hf, tiny_native, tmp_path, layout, section, tower):
+    folder = copy_model(tiny_hf if layout == "original" else tiny_native, tmp_path / "deeper")
+    config = json.loads((folder / "config.json").read_text())
+    config[section]["num_hidden_layers"] = 24
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=f"config.json says 24 {tower} layers, the weights hold 2$"):
+        export(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -63,6 +63,31 @@ _NATIVE_NAMES: list[tuple[str, str]] = [
 ]
 _QKV = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)")
 
+# Every prefix naming transformers' InternVLForConditionalGeneration loader accepts (its "llava" conversion
+# mapping, the InternVLModel -> LlavaModel one, and the base-model prefix "model"), rewritten to the in-memory
+# names above. Each tower's prefix is independent of the others'; the first matching rule wins.
+#   transformers 5 save_pretrained: model.language_model.*, lm_head.*, model.vision_tower.*,
+#                                   model.multi_modal_projector.*
+#   transformers 4.x "-hf" repos:   language_model.model.*, language_model.lm_head.*, vision_tower.*,
+#                                   multi_modal_projector.*
+#   InternVLModel (no lm_head):     language_model.* or language_model.model.*, vision_tower.*, multi_modal_projector.*
+NATIVE_PREFIXES: list[tuple[str, str]] = [
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.model.", "model.language_model."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+
+
+def native_key(stored: str) -> str:
+    """The in-memory transformers name of a weight stored under any naming its loader accepts."""
+    for prefix, replacement in NATIVE_PREFIXES:
+        if stored.startswith(prefix):
+            return replacement + stored[len(prefix) :]
+    return stored
+
 
 def _native_name(canonical: str) -> str:
     for pattern, template in _NATIVE_NAMES:
@@ -81,9 +106,16 @@ class Checkpoint:
         self.config, self.layout, self.spec = read_config(self.path)
         self._files = _open_weights(self.path)
         self._where: dict[str, SafetensorsFile] = {}
+        self._stored: dict[str, str] = {}  # name used here -> name in the file, where they differ
         for file in self._files:
-            for name in file.keys():
+            for stored in file.keys():
+                name = native_key(stored) if self.layout == NATIVE else stored
+                if name in self._stored or (name != stored and name in self._where):
+                    first = self._stored.get(name, name)
+                    raise ModelFolderError(f"{self.path}: weights {first} and {stored} are the same weight ({name})")
                 self._where[name] = file
+                if name != stored:
+                    self._stored[name] = stored
 
     def has(self, canonical: str) -> bool:
         if self.layout == ORIGINAL:
@@ -118,7 +150,7 @@ class Checkpoint:
             file = self._where[name]
         except KeyError:
             raise ModelFolderError(f"{self.path}: weight {name} is missing") from None
-        return np.asarray(file.get(name), dtype=np.float32)
+        return np.asarray(file.get(self._stored.get(name, name)), dtype=np.float32)
 
     def canonical_names(self) -> list[str]:
         """Every weight the exporter needs, by canonical name, in export order."""
@@ -147,11 +179,27 @@ class Checkpoint:
         else:
             qkv = _QKV.fullmatch(canonical)
             names = self._native_qkv_names(qkv) if qkv else [_native_name(canonical)]
-        shapes = [self._where[n].shape(n) for n in names]
+        shapes = [self._where[n].shape(self._stored.get(n, n)) for n in names]
         return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def layers_held(self, tower: str) -> int:
+        """How many `tower` ("language" or "vision") layers the weights hold: the highest layer index + 1."""
+        if self.layout == ORIGINAL:
+            prefix = "language_model.model.layers." if tower == "language" else "vision_model.encoder.layers."
+        else:
+            prefix = "model.language_model.layers." if tower == "language" else "model.vision_tower.encoder.layer."
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        indices = [int(m.group(1)) for m in map(pattern.match, self._where) if m]
+        return max(indices, default=-1) + 1
 
     def check_complete(self) -> None:
         """Raise ModelFolderError naming the first missing weight, or one whose shape config.json contradicts."""
+        for tower, wanted in (("language", self.spec.text.num_layers), ("vision", self.spec.vision.num_layers)):
+            held = self.layers_held(tower)
+            if held < wanted:
+                raise ModelFolderError(
+                    f"{self.path}: config.json says {wanted} {tower} layers, the weights hold {held}"
+                )
         missing = [n for n in self.canonical_names() if not self.has(n)]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

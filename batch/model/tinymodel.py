@@ -23,6 +23,19 @@ PRESETS: dict[str, ModelSpec] = {
             hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=1024
         ),
     ),
+    # the tiny model with InternVL3-1B's tied word embeddings: no lm_head weight, logits use embed_tokens
+    "tiny-tied": ModelSpec(
+        vision=VisionSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+        text=TextSpec(
+            hidden_size=64,
+            intermediate_size=192,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            vocab_size=1024,
+            tie_word_embeddings=True,
+        ),
+    ),
     # InternVL3-2B: InternViT-300M + Qwen2.5-1.5B shapes (random weights, so the cost but not the output is real)
     "real-shape": ModelSpec(
         vision=VisionSpec(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16),
@@ -41,7 +54,7 @@ def make_model(out_dir: Path, preset: str = "tiny", seed: int = 0, layout: str =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out_dir, vocab_size=TOKENIZER_VOCAB, seed=seed)
-    dtype = np.float32 if preset == "tiny" else ml_dtypes.bfloat16
+    dtype = np.float32 if preset.startswith("tiny") else ml_dtypes.bfloat16
     weights = random_weights(spec, seed, dtype)
     if layout == ORIGINAL:
         config = original_config(spec)
@@ -107,7 +120,10 @@ def random_weights(spec: ModelSpec, seed: int, dtype: Any = np.float32) -> dict[
     put("mlp1.3", linear(t.hidden_size, t.hidden_size))
 
     m = "language_model.model."
-    w[m + "embed_tokens.weight"] = normal(t.vocab_size, t.hidden_size, std=1.0)
+    # tied: the logits are the final hidden state against embed_tokens, which would pick the input token again
+    # while its own embedding dominates the residual stream; small embeddings (and a final norm that scales
+    # them back up into sharp logits) leave the residual to the layers' outputs
+    w[m + "embed_tokens.weight"] = normal(t.vocab_size, t.hidden_size, std=0.05 if t.tie_word_embeddings else 1.0)
     for i in range(t.num_layers):
         p = f"{m}layers.{i}."
         w[p + "input_layernorm.weight"] = norm(t.hidden_size)[0]
@@ -120,6 +136,9 @@ def random_weights(spec: ModelSpec, seed: int, dtype: Any = np.float32) -> dict[
         put(p + "mlp.up_proj", linear(t.intermediate_size, t.hidden_size, bias=False))
         put(p + "mlp.down_proj", linear(t.hidden_size, t.intermediate_size, bias=False))
     w[m + "norm.weight"] = norm(t.hidden_size)[0]
+    if t.tie_word_embeddings:  # the logits use embed_tokens, as InternVL3-1B's do
+        w[m + "norm.weight"] = (w[m + "norm.weight"].astype(np.float32) * 10).astype(dtype)
+        return w
     # sharp logits: a clear winner per step keeps greedy paths apart from rounding noise
     w["language_model.lm_head.weight"] = normal(t.vocab_size, t.hidden_size, std=4 / np.sqrt(t.hidden_size))
     return w
