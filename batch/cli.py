@@ -72,6 +72,16 @@ def _config(ctx: click.Context) -> Config:
     return config
 
 
+def _provider_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    """--providers A,B: the axengine provider names in order (None when not given)."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise click.BadParameter(f"expected NAME[,NAME], got {value!r}", ctx=ctx, param=param)
+    return names
+
+
 @main.command()
 @click.option("-p", "--prompt", required=True, help="The question or instruction.")
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
@@ -79,6 +89,10 @@ def _config(ctx: click.Context) -> Config:
 @click.option("--hf-dir", type=click.Path(path_type=Path), help="HF folder (config, tokenizer) for axmodels.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "axengine"]), help="Runtime (default: auto).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option(
+    "--providers", callback=_provider_list, metavar="NAME[,NAME]", help="axengine providers (model.providers)."
+)
+@click.option("--device-id", type=click.IntRange(min=0), help="axengine device, e.g. an AXCL card (model.device_id).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Stop after this many tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), help="Sample from the k best tokens (0 = off).")
@@ -96,6 +110,8 @@ def ask(
     hf_dir: Path | None,
     backend: str | None,
     threads: int | None,
+    providers: tuple[str, ...] | None,
+    device_id: int | None,
     as_json: bool,
     **overrides: Any,
 ) -> None:
@@ -124,6 +140,8 @@ def ask(
         hf_dir=hf_dir or model.hf_dir,
         threads=threads or model.threads,
         media=media,
+        providers=model.providers if providers is None else providers,
+        device_id=model.device_id if device_id is None else device_id,
     )
     try:
         stream = None if as_json else _echo_stream
@@ -203,7 +221,7 @@ def export(hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int, weights: s
 
 @main.command("make-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "real-shape"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "tiny-tied", "real-shape"]), default="tiny", show_default=True)
 @click.option("--layout", type=click.Choice(["internvl", "transformers"]), default="internvl", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 def make_model(out_dir: Path, preset: str, layout: str, seed: int) -> None:
@@ -222,7 +240,14 @@ def _worker_config(ctx: click.Context, model_dir: Path | None) -> Config:
     return config
 
 
-def _open_worker(ctx: click.Context, model_dir: Path | None, threads: int | None, force: bool) -> Any:
+def _open_worker(
+    ctx: click.Context,
+    model_dir: Path | None,
+    threads: int | None,
+    force: bool,
+    providers: tuple[str, ...] | None = None,
+    device_id: int | None = None,
+) -> Any:
     """The worker over the configured spool and database; a database that cannot be opened is exit 3 or 4."""
     import sqlite3
 
@@ -232,6 +257,10 @@ def _open_worker(ctx: click.Context, model_dir: Path | None, threads: int | None
     config = _worker_config(ctx, model_dir)
     if threads is not None:
         config = replace(config, model=replace(config.model, threads=threads))
+    if providers is not None:
+        config = replace(config, model=replace(config.model, providers=providers))
+    if device_id is not None:
+        config = replace(config, model=replace(config.model, device_id=device_id))
     try:
         return Worker.from_config(config, force=force)
     except (sqlite3.DatabaseError, OSError) as exc:
@@ -246,6 +275,15 @@ def _open_worker(ctx: click.Context, model_dir: Path | None, threads: int | None
 _WORKER_OPTIONS = [
     click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml)."),
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime (model.threads)."),
+    click.option(
+        "--providers",
+        callback=_provider_list,
+        metavar="NAME[,NAME]",
+        help="axengine execution providers, e.g. AXCLRTExecutionProvider (model.providers).",
+    ),
+    click.option(
+        "--device-id", type=click.IntRange(min=0), help="axengine device: one AXCL card per worker (model.device_id)."
+    ),
     click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored."),
 ]
 
@@ -259,13 +297,20 @@ def _worker_options(command: Any) -> Any:
 @main.command()
 @_worker_options
 @click.pass_context
-def watch(ctx: click.Context, model_dir: Path | None, threads: int | None, force: bool) -> None:
+def watch(
+    ctx: click.Context,
+    model_dir: Path | None,
+    threads: int | None,
+    providers: tuple[str, ...] | None,
+    device_id: int | None,
+    force: bool,
+) -> None:
     """Run jobs as they are dropped into the inbox, until SIGINT/SIGTERM.
 
     The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
     With every worker slot of the spool taken (spool.max_workers), it waits for one.
     """
-    worker = _open_worker(ctx, model_dir, threads, force)
+    worker = _open_worker(ctx, model_dir, threads, force, providers, device_id)
     worker.install_signal_handlers()
     try:
         if worker.take_slot(wait=True):
@@ -277,14 +322,21 @@ def watch(ctx: click.Context, model_dir: Path | None, threads: int | None, force
 @main.command()
 @_worker_options
 @click.pass_context
-def run(ctx: click.Context, model_dir: Path | None, threads: int | None, force: bool) -> None:
+def run(
+    ctx: click.Context,
+    model_dir: Path | None,
+    threads: int | None,
+    providers: tuple[str, ...] | None,
+    device_id: int | None,
+    force: bool,
+) -> None:
     """Run every job in the inbox once, then exit (for cron).
 
     Exit code 0 when every job finished (or every worker slot of the spool was taken: spool.max_workers, so
     an overlapping cron run leaves at once), 1 when any failed or was rejected, 3 when it gave up on faults
     of the machine (full disk, locked database) after spool.give_up_seconds, 4 when the database is damaged.
     """
-    worker = _open_worker(ctx, model_dir, threads, force)
+    worker = _open_worker(ctx, model_dir, threads, force, providers, device_id)
     worker.install_signal_handlers()
     try:
         outcomes = worker.drain() if worker.take_slot(wait=False) else []

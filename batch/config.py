@@ -40,6 +40,8 @@ class ModelConfig:
     backend: str = "auto"  # auto | onnxruntime | axengine
     hf_dir: Path | None = None  # config and tokenizer for an axmodel folder
     threads: int | None = None  # onnxruntime threads; None = every core this process may use
+    providers: tuple[str, ...] = ()  # axengine execution providers, in order; () = the runtime's default
+    device_id: int | None = None  # axengine device (an AXCL card) the providers run on; None = the default
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "onnxruntime", "axengine"):
@@ -47,6 +49,20 @@ class ModelConfig:
         threads = self.threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or null, got {threads!r}")
+        providers = self.providers
+        if (
+            isinstance(providers, str)
+            or not isinstance(providers, list | tuple)
+            or not all(isinstance(p, str) and p.strip() and "," not in p for p in providers)
+        ):
+            raise ValueError(
+                f"providers must be a list of axengine provider names (e.g. [AXCLRTExecutionProvider]), "
+                f"got {providers!r}"
+            )
+        object.__setattr__(self, "providers", tuple(p.strip() for p in providers))  # YAML gives a list
+        device_id = self.device_id
+        if device_id is not None and (isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0):
+            raise ValueError(f"device_id must be a non-negative integer or null, got {device_id!r}")
 
 
 @dataclass(frozen=True)

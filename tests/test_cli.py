@@ -138,3 +138,10 @@ def test_installed_console_script_runs_end_to_end(tiny_onnx, media_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "vit" in proc.stderr and "8 tiles" in proc.stderr
+
+
+def test_make_model_offers_every_preset():
+    from batch.model.tinymodel import PRESETS
+
+    (preset,) = [p for p in main.commands["make-model"].params if p.name == "preset"]
+    assert set(preset.type.choices) == set(PRESETS)

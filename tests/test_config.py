@@ -161,6 +161,10 @@ def _sample(section: str, key: str, hint: typing.Any, default: typing.Any, tmp: 
         return str(value), value
     if hint is Path:
         return str(tmp / key), tmp / key
+    if typing.get_origin(hint) is tuple and str in typing.get_args(hint):
+        names = {("model", "providers"): ("AXCLRTExecutionProvider", "AxEngineExecutionProvider")}
+        assert (section, key) in names, f"add a valid sample value for the list-of-text setting {section}.{key}"
+        return os.pathsep.join(names[section, key]), names[section, key]
     if typing.get_origin(hint) is tuple:
         return f"{tmp / 'a'}{os.pathsep}{tmp / 'b'}", (tmp / "a", tmp / "b")
     if hint is str:

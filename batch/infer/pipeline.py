@@ -92,12 +92,18 @@ class Pipeline:
         threads: int | None = None,
         media: MediaSettings | None = None,
         decoder: MediaDecoder | None = None,
+        providers: Sequence[str] = (),
+        device_id: int | None = None,
     ) -> Pipeline:
-        """Load the runtime, tokenizer and embedding table of a model folder once."""
+        """Load the runtime, tokenizer and embedding table of a model folder once.
+
+        `providers` and `device_id` pick axengine's execution provider and device (an AXCL card); an
+        onnxruntime folder refuses them.
+        """
         model_dir = Path(model_dir)
         meta_dir = metadata_dir(model_dir, hf_dir)
         _, _, spec = read_config(meta_dir)
-        runtime = open_backend(model_dir, backend, threads=threads)
+        runtime = open_backend(model_dir, backend, threads=threads, providers=providers, device_id=device_id)
         embed_file = embeddings_file(model_dir)
         embeddings = np.load(embed_file, mmap_mode="r")
         if embeddings.shape[1] != spec.text.hidden_size:

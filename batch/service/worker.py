@@ -111,7 +111,14 @@ class Worker:
 
         def open_pipeline() -> Pipeline:
             return Pipeline.open(
-                model.dir, model.backend, model.hf_dir, model.threads, config.media, decoder=IsolatedDecoder()
+                model.dir,
+                model.backend,
+                model.hf_dir,
+                model.threads,
+                config.media,
+                decoder=IsolatedDecoder(),
+                providers=model.providers,
+                device_id=model.device_id,
             )
 
         return cls(

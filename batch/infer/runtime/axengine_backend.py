@@ -12,7 +12,9 @@ Every shape (chunk length, KV capacity, number of chunks) is read from the sessi
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import numpy as np
 from batch.errors import BackendError, ModelFolderError
 from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
 from batch.infer.runtime.base import Backend
+
+log = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"_l(\d+)_together\.axmodel$")
 EMBED_FILE = "model.embed_tokens.weight.npy"
@@ -83,12 +87,57 @@ class _Node:
         return np.ascontiguousarray(array, dtype=self.dtype)
 
 
+def import_axengine(folder: Path) -> Any:
+    """The axengine module, or a BackendError saying why not.
+
+    Without the NPU runtime `import axengine` fails with ImportError, but also with OSError (its shared library
+    is missing) or whatever its module body raises; each is the same plain refusal.
+    """
+    try:
+        import axengine
+    except Exception as exc:  # ImportError, OSError from a missing libax_engine.so / libaxcl_rt.so, anything
+        raise BackendError(
+            f"axengine cannot be imported ({type(exc).__name__}: {exc}); the axmodel folder {folder} needs an "
+            "Axera NPU (or AXCL card) with pyaxengine installed. On other machines export the Hugging Face "
+            "folder with `vlbatch export`."
+        ) from exc
+    return axengine
+
+
+def session_providers(axengine: Any, providers: Sequence[str] = (), device_id: int | None = None) -> list[Any] | None:
+    """The `providers` argument of axengine.InferenceSession, checked against the runtime's available ones.
+
+    () and no device_id: None, the runtime's default. A device_id goes to every provider as
+    (name, {"device_id": N}); with no providers named it goes to the runtime's first available provider.
+    """
+    if not providers and device_id is None:
+        return None
+    try:
+        available = list(axengine.get_available_providers())
+    except Exception as exc:
+        raise BackendError(f"axengine cannot list its execution providers ({exc})") from exc
+    names = list(providers)
+    if not names:
+        if not available:
+            raise BackendError("axengine reports no available execution providers to run on device_id")
+        names = available[:1]
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise BackendError(
+            f"unknown or unavailable axengine provider(s) {', '.join(unknown)}; this machine's axengine offers "
+            f"{', '.join(available) or 'none'} (model.providers, --providers)"
+        )
+    if device_id is None:
+        return names
+    return [(name, {"device_id": int(device_id)}) for name in names]
+
+
 class _Session:
     """An axengine session with its shape groups resolved to plain names, shapes and numpy dtypes."""
 
-    def __init__(self, axengine: Any, path: Path, providers: list[str] | None) -> None:
+    def __init__(self, axengine: Any, path: Path, providers: list[Any] | None) -> None:
         self.path = path
-        kwargs = {"providers": providers} if providers else {}
+        kwargs = {"providers": providers} if providers is not None else {}
         try:
             self.session = axengine.InferenceSession(str(path), **kwargs)
         except Exception as exc:  # the runtime reports load failures as RuntimeError or its own types
@@ -135,15 +184,12 @@ class AxBackend(Backend):
     name = "axengine"
     hidden_dtype = np.dtype(ml_dtypes.bfloat16)
 
-    def __init__(self, folder: Path, providers: list[str] | None = None) -> None:
-        try:
-            import axengine
-        except ImportError as exc:
-            raise BackendError(
-                f"axengine cannot be imported ({exc}); the axmodel folder {folder} needs an Axera NPU with "
-                "pyaxengine installed. On other machines export the Hugging Face folder with `vlbatch export`."
-            ) from exc
+    def __init__(self, folder: Path, providers: Sequence[str] = (), device_id: int | None = None) -> None:
+        axengine = import_axengine(folder)
         self.folder = Path(folder)
+        chosen = session_providers(axengine, providers, device_id)
+        if chosen is not None:
+            log.info("axengine providers for %s: %s", self.folder, chosen)
         files = _layer_files(self.folder)
         missing = sorted(set(range(max(files) + 1)) - set(files)) if files else [0]
         if missing:
@@ -155,9 +201,9 @@ class AxBackend(Backend):
         if vit is None:
             raise ModelFolderError(f"{self.folder}: no ViT axmodel (*vit*.axmodel here or in ../vit_axmodel)")
 
-        self._layers = [_Session(axengine, files[i], providers) for i in range(len(files))]
-        self._post = _Session(axengine, posts[0], providers)
-        self._vit = _Session(axengine, vit, providers)
+        self._layers = [_Session(axengine, files[i], chosen) for i in range(len(files))]
+        self._post = _Session(axengine, posts[0], chosen)
+        self._vit = _Session(axengine, vit, chosen)
         self.num_layers = len(self._layers)
         self._step_inputs: tuple[int, np.ndarray, np.ndarray] | None = None
         self._read_shapes()

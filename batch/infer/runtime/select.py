@@ -7,6 +7,7 @@ backend module owns its own file names, and this module dispatches by kind.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from batch.errors import BackendError, ModelFolderError
@@ -64,7 +65,14 @@ def model_identity(model_dir: Path) -> str:
     return f"{model_dir.resolve().name}@{hashlib.sha256(module.identity_bytes(model_dir)).hexdigest()[:12]}"
 
 
-def open_backend(model_dir: Path, backend: str = "auto", threads: int | None = None) -> Backend:
+def open_backend(
+    model_dir: Path,
+    backend: str = "auto",
+    threads: int | None = None,
+    providers: Sequence[str] = (),
+    device_id: int | None = None,
+) -> Backend:
+    """The runtime of a model folder; `providers`/`device_id` choose axengine's execution provider and device."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind = folder_kind(model_dir)
@@ -73,7 +81,12 @@ def open_backend(model_dir: Path, backend: str = "auto", threads: int | None = N
     if kind == "axengine":
         from batch.infer.runtime.axengine_backend import AxBackend
 
-        return AxBackend(Path(model_dir))
+        return AxBackend(Path(model_dir), providers=tuple(providers), device_id=device_id)
+    if providers or device_id is not None:
+        raise BackendError(
+            f"{model_dir} is an onnxruntime folder: providers and device_id choose an axengine NPU device and "
+            "do not apply to it; unset model.providers/model.device_id (--providers/--device-id)"
+        )
     from batch.infer.runtime.onnx_backend import OnnxBackend
 
     return OnnxBackend(Path(model_dir), threads=threads)
