@@ -14,6 +14,7 @@ from test_oracle import QUESTION, check
 
 from batch.errors import ModelFolderError
 from batch.infer.pipeline import Pipeline
+from batch.infer.settings import MediaSettings
 from batch.model.checkpoint import NATIVE, Checkpoint, native_key
 from batch.model.export.exporter import export
 from batch.model.safetensors_io import SafetensorsFile, save_file
@@ -168,7 +169,7 @@ def test_the_same_weight_under_two_namings_is_refused(folders, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["saved", "legacy", "base-prefix", "bf16-sharded", "tied", "tied-original"])
-@pytest.mark.parametrize("media", ["text", "image"])
+@pytest.mark.parametrize("media", ["text", "image", "video"])
 def test_matches_transformers(folders, exported, media_dir, record, name, media):
     reference = load_reference(folders["tied" if name == "tied-original" else name])
     if name.startswith("tied"):
@@ -177,9 +178,12 @@ def test_matches_transformers(folders, exported, media_dir, record, name, media)
     try:
         if media == "text":
             request = pipeline.prepare("What is the capital of a country with a red flag?")
-        else:
+        elif media == "image":
             request = pipeline.prepare(QUESTION, [media_dir / "square.png"])
             assert request.pixels.shape[0] == 1
+        else:
+            request = pipeline.prepare("What happens?", [media_dir / "clip.mp4"], MediaSettings(video_frames=4))
+            assert request.media.kind == "video" and request.media.tiles == (1,) * 4
         check(pipeline, reference, request, record)
     finally:
         pipeline.close()

@@ -106,3 +106,21 @@ def test_other_vocab_size(tmp_path: Path) -> None:
 def test_too_small_vocab_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         build_tokenizer(tmp_path, vocab_size=100)
+
+
+@pytest.mark.slow
+def test_the_real_shape_tokenizer_has_internvl3s_size_and_decodes_every_id_to_text(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from batch.model.tinymodel import PRESETS, TOKENIZER_VOCAB
+
+    size = TOKENIZER_VOCAB["real-shape"]
+    build_tokenizer(tmp_path / "big", vocab_size=size, seed=0)
+    build_tokenizer(tmp_path / "small", vocab_size=1024, seed=0)
+    big = AutoTokenizer.from_pretrained(tmp_path / "big")
+    small = AutoTokenizer.from_pretrained(tmp_path / "small")
+    assert len(big) == size <= PRESETS["real-shape"].text.vocab_size
+    assert big.convert_ids_to_tokens(size - 1) == "</box>" and big.convert_ids_to_tokens(size - 12) == "<|endoftext|>"
+    text = "The image shows a dog sitting on the beach at sunset."
+    assert big.encode(text, add_special_tokens=False) == small.encode(text, add_special_tokens=False)  # as trained
+    assert all(big.decode([i]) for i in range(2000, size - 12, 997))  # made-up merges are text too

@@ -93,13 +93,36 @@ def _corpus(seed: int, n_sentences: int = 3000) -> list[str]:
     return lines
 
 
+def _with_made_up_merges(trained: Tokenizer, size: int, seed: int) -> Tokenizer:
+    """The trained byte-level BPE extended to `size` tokens by merging random pairs of its tokens."""
+    model = json.loads(trained.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    pieces = sorted(vocab, key=vocab.__getitem__)
+    rng = random.Random(seed)
+    while len(vocab) < size:
+        left, right = pieces[rng.randrange(len(pieces))], pieces[rng.randrange(len(pieces))]
+        token = left + right
+        if token in vocab or len(token) > 16:
+            continue
+        vocab[token] = len(vocab)
+        merges.append((left, right))
+        pieces.append(token)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = trained.pre_tokenizer
+    tokenizer.decoder = trained.decoder
+    tokenizer.post_processor = trained.post_processor
+    return tokenizer
+
+
 def build_tokenizer(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> None:
     """Train and write tokenizer.json and tokenizer_config.json into out_dir.
 
     The learned BPE vocab (256 byte symbols plus merges) gets ids 0 .. vocab_size - len(SPECIAL_TOKENS) - 1
     and SPECIAL_TOKENS follow in order, so the total is vocab_size. The built-in corpus runs out of merges at
-    about 2080 learned tokens; above that the specials follow the smaller learned vocab and the total is less
-    than vocab_size. The seed picks the corpus; the same seed gives byte-identical files.
+    about 2080 learned tokens; larger sizes (InternVL3's ~151k) are filled with made-up merges of learned tokens
+    ranked after the learned ones, so real text still tokenizes as trained and every id decodes to text. The
+    seed picks the corpus and the made-up merges; the same seed gives byte-identical files.
     """
     learned_size = vocab_size - len(SPECIAL_TOKENS)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -123,6 +146,8 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> Non
         special_tokens=[],
     )
     tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
+    if tokenizer.get_vocab_size() < learned_size:  # the corpus ran out of merges: fill up with made-up ones
+        tokenizer = _with_made_up_merges(tokenizer, learned_size, seed)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
 
