@@ -297,20 +297,13 @@ def _worker_options(command: Any) -> Any:
 @main.command()
 @_worker_options
 @click.pass_context
-def watch(
-    ctx: click.Context,
-    model_dir: Path | None,
-    threads: int | None,
-    providers: tuple[str, ...] | None,
-    device_id: int | None,
-    force: bool,
-) -> None:
+def watch(ctx: click.Context, **options: Any) -> None:
     """Run jobs as they are dropped into the inbox, until SIGINT/SIGTERM.
 
     The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
     With every worker slot of the spool taken (spool.max_workers), it waits for one.
     """
-    worker = _open_worker(ctx, model_dir, threads, force, providers, device_id)
+    worker = _open_worker(ctx, **options)
     worker.install_signal_handlers()
     try:
         if worker.take_slot(wait=True):
@@ -322,21 +315,14 @@ def watch(
 @main.command()
 @_worker_options
 @click.pass_context
-def run(
-    ctx: click.Context,
-    model_dir: Path | None,
-    threads: int | None,
-    providers: tuple[str, ...] | None,
-    device_id: int | None,
-    force: bool,
-) -> None:
+def run(ctx: click.Context, **options: Any) -> None:
     """Run every job in the inbox once, then exit (for cron).
 
     Exit code 0 when every job finished (or every worker slot of the spool was taken: spool.max_workers, so
     an overlapping cron run leaves at once), 1 when any failed or was rejected, 3 when it gave up on faults
     of the machine (full disk, locked database) after spool.give_up_seconds, 4 when the database is damaged.
     """
-    worker = _open_worker(ctx, model_dir, threads, force, providers, device_id)
+    worker = _open_worker(ctx, **options)
     worker.install_signal_handlers()
     try:
         outcomes = worker.drain() if worker.take_slot(wait=False) else []

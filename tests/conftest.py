@@ -55,3 +55,14 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("photo.jpg", (640, 480), 5),
     ]
     return write_media(tmp_path_factory.mktemp("media"), shapes)
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest, record_property):
+    """Prints and records an oracle comparison's max |logit diff| (shown with -s, kept in JUnit XML)."""
+
+    def _record(diff: float, prompt_tokens: int) -> None:
+        record_property("max_logit_diff", diff)
+        print(f"\n{request.node.name}: {prompt_tokens} prompt tokens, max |logit diff| {diff:.3e}")
+
+    return _record

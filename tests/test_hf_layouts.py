@@ -101,15 +101,6 @@ def exported(folders, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     return {name: export(folder, root / name).parent for name, folder in folders.items()}
 
 
-@pytest.fixture
-def record(request, record_property):
-    def _record(diff: float, prompt_tokens: int) -> None:
-        record_property("max_logit_diff", diff)
-        print(f"\n{request.node.name}: {prompt_tokens} prompt tokens, max |logit diff| {diff:.3e}")
-
-    return _record
-
-
 def test_transformers_folders_are_what_they_claim(folders, tiny_native):
     """Each folder loads in transformers with nothing missing or unexpected, to the same weights."""
     reference = load_reference(tiny_native)

@@ -72,15 +72,6 @@ def check(pipeline: Pipeline, reference, request: Request, record) -> None:
     assert len(set(ours[1:])) >= 8, f"degenerate greedy output: {ours}"
 
 
-@pytest.fixture
-def record(request, record_property):
-    def _record(diff: float, prompt_tokens: int) -> None:
-        record_property("max_logit_diff", diff)
-        print(f"\n{request.node.name}: {prompt_tokens} prompt tokens, max |logit diff| {diff:.3e}")
-
-    return _record
-
-
 def test_text_only(pipeline, reference, record):
     req = pipeline.prepare("What is the capital of a country with a red flag?")
     assert req.pixels is None
