@@ -93,7 +93,7 @@ class IsolatedDecoder:
         with self._lock:
             for tries_left in (1, 0):
                 try:
-                    status, payload = self._ask(request, settings)
+                    status, payload = self._ask(request, names, settings)
                     break
                 except _ChildDied as death:
                     if not tries_left:
@@ -106,7 +106,7 @@ class IsolatedDecoder:
         path, reason = payload
         raise MediaError(path, reason)
 
-    def _ask(self, request: tuple, settings: MediaSettings) -> tuple[str, Any]:
+    def _ask(self, request: tuple, names: str, settings: MediaSettings) -> tuple[str, Any]:
         self._ensure(settings.decode_memory_mb)
         try:
             self._conn.send(request)
@@ -115,15 +115,11 @@ class IsolatedDecoder:
             ready = True
         if not ready:
             self._stop_child()
-            raise MediaError(", ".join(request[0]), f"decoding timed out after {settings.decode_timeout_seconds:g} s")
+            raise MediaError(names, f"decoding timed out after {settings.decode_timeout_seconds:g} s")
         try:
             return self._conn.recv()
         except (OSError, EOFError):
             raise _ChildDied(self._death_reason()) from None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.poll() is None else None
 
     def _ensure(self, memory_mb: int) -> None:
         if self._closed:

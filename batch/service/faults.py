@@ -72,7 +72,7 @@ def describe(exc: BaseException) -> str:
 class Backoff:
     """Capped exponential delays: first, 2*first, 4*first ... up to cap; reset() after a success."""
 
-    def __init__(self, first: float = 0.5, cap: float = 60.0) -> None:
+    def __init__(self, first: float, cap: float) -> None:
         self.first, self.cap = first, cap
         self.failures = 0
 

@@ -281,11 +281,10 @@ class Store:
     def hand_back(self, job_id: str) -> None:
         """A job returned to the inbox by a live worker (a stop signal, a passing fault): not an attempt."""
         with self.atomic():
-            for table, key in (("jobs", "id"), ("runs", "id")):
-                target = job_id if table == "jobs" else self._run_id(job_id)
+            for table, row_id in (("jobs", job_id), ("runs", self._run_id(job_id))):
                 self.db.execute(
-                    f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE {key} = ? AND state = ?",
-                    [target, JobState.RUNNING.value],
+                    f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE id = ? AND state = ?",
+                    [row_id, JobState.RUNNING.value],
                 )
 
     def _run_id(self, job_id: str) -> int | None:

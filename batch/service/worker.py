@@ -164,15 +164,15 @@ class Worker:
         bar = tqdm(desc="jobs", unit="job", total=0, disable=not sys.stderr.isatty(), file=sys.stderr)
         while not self.stop_requested:
             try:
-                took, outcome, next_ready = self._cycle()
+                ready, outcome, next_ready = self._cycle()
             except Exception as exc:
                 self._wait_out(exc, give_up=True)
                 continue
             if outcome:
                 outcomes.append(outcome)
                 bar.update(1)
-            if took:
-                bar.total = max(bar.total, bar.n + len(self.spool.pending()[0]))
+            if ready:
+                bar.total = max(bar.total, bar.n + ready - 1)  # the files still waiting behind the one taken
                 bar.refresh()
                 continue
             if next_ready is None:
@@ -203,11 +203,11 @@ class Worker:
             _ = self.pipeline  # load the model before the first job arrives
             while not self.stop_requested:
                 try:
-                    took, _, next_ready = self._cycle()
+                    ready, _, next_ready = self._cycle()
                 except Exception as exc:
                     self._wait_out(exc, give_up=False)
                     continue
-                if took:
+                if ready:
                     continue
                 timeout = self.config.spool.rescan_seconds
                 if next_ready is not None:
@@ -219,20 +219,18 @@ class Worker:
             observer.join()
         event(log, "worker.stopped", worker=self.name)
 
-    def _cycle(self) -> tuple[bool, Outcome | None, float | None]:
+    def _cycle(self) -> tuple[int, Outcome | None, float | None]:
         """One turn of either loop: settle abandoned claims, then take the oldest ready job.
 
-        Returns whether a job file was taken, its outcome, and when the next still-settling file is ready.
+        Returns how many job files were ready (the oldest was taken), its outcome, and when the next
+        still-settling file is ready.
         """
         self.recover()
         ready, next_ready = self.spool.pending()
-        if not ready:
-            outcome, took = None, False
-        else:
-            outcome, took = self.take(ready[0]), True
+        outcome = self.take(ready[0]) if ready else None
         self._backoff.reset()
         self._failing_since = None
-        return took, outcome, next_ready
+        return len(ready), outcome, next_ready
 
     def _wait_out(self, exc: Exception, give_up: bool) -> None:
         """Log a fault and pause (capped exponential backoff); raise when it cannot or should not be waited out."""
@@ -294,7 +292,7 @@ class Worker:
         try:
             return self.process(claim)
         except Exception:
-            self._hand_back_after_fault(claim)
+            self._hand_back(claim, "a fault of the machine; retried after a pause")
             raise
 
     def process(self, claim: Claim) -> Outcome:
@@ -332,9 +330,7 @@ class Worker:
             with self._lease_renewal(claim):
                 failures = self._run_units(job, run_id, resume=attempts > 1)
         except HandBack:
-            self.spool.release(claim)
-            self.store.hand_back(job.id)
-            event(log, "job.handed_back", job=job.id, reason="second stop signal")
+            self._hand_back(claim, "second stop signal")
             return Outcome(job.id, HANDED_BACK)
         except Exception as exc:
             if is_passing(exc) or is_corrupt_database(exc):
@@ -354,8 +350,8 @@ class Worker:
         event(log, "job.rejected", logging.WARNING, file=claim.name, reason=reason)
         return Outcome(job_id, JobState.REJECTED.value, reason)
 
-    def _hand_back_after_fault(self, claim: Claim) -> None:
-        """After a fault mid-job: return the job to the inbox, unless its final state is already committed.
+    def _hand_back(self, claim: Claim, reason: str) -> None:
+        """Return the job to the inbox alive (not an attempt), unless its final state is already committed.
 
         Whatever cannot be done now stays as it is: a claim left in work/ is settled by recover() once its
         lease has run out (committed: moved on; not committed: returned to the inbox).
@@ -364,7 +360,7 @@ class Worker:
             if not claim.path.exists() or self.store.finished_claim(claim.path.name):
                 return
             self.spool.release(claim)
-            event(log, "job.handed_back", file=claim.name, reason="a fault of the machine; retried after a pause")
+            event(log, "job.handed_back", file=claim.name, job=self._job_id, reason=reason)
             if self._job_id:
                 self.store.hand_back(self._job_id)
         except Exception as exc:
