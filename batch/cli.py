@@ -233,11 +233,11 @@ def make_model(out_dir: Path, preset: str, layout: str, seed: int) -> None:
 
 
 # the spool ---------------------------------------------------------------------------------------
-def _worker_config(ctx: click.Context, model_dir: Path | None) -> Config:
+def _worker_config(ctx: click.Context, **model_flags: Any) -> Config:
+    """The configuration with the model settings given on the command line (None: not given) put over it."""
     config = _config(ctx)
-    if model_dir is not None:
-        config = replace(config, model=replace(config.model, dir=model_dir))
-    return config
+    given = {key: value for key, value in model_flags.items() if value is not None}
+    return replace(config, model=replace(config.model, **given)) if given else config
 
 
 def _open_worker(
@@ -254,13 +254,7 @@ def _open_worker(
     from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
     from batch.service.worker import Worker
 
-    config = _worker_config(ctx, model_dir)
-    if threads is not None:
-        config = replace(config, model=replace(config.model, threads=threads))
-    if providers is not None:
-        config = replace(config, model=replace(config.model, providers=providers))
-    if device_id is not None:
-        config = replace(config, model=replace(config.model, device_id=device_id))
+    config = _worker_config(ctx, dir=model_dir, threads=threads, providers=providers, device_id=device_id)
     try:
         return Worker.from_config(config, force=force)
     except (sqlite3.DatabaseError, OSError) as exc:
