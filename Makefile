@@ -51,4 +51,4 @@ bench: install  ## real-shape speed table with the transformers and llama.cpp pe
 	$(BIN)/python bench/run_bench.py --weights int4 fp32 --peers transformers llamacpp --json bench.json
 
 clean:
-	rm -rf models .pytest_cache jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected vlbatch.db*
+	rm -rf models .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected vlbatch.db*

@@ -422,6 +422,80 @@ def results(ctx: click.Context, fmt: str, **filters: Any) -> None:
     click.echo(format_results(rows, fmt), nl=False)
 
 
+def _thumbnail_cache(value: Path | None) -> Path:
+    from batch.service.web.thumbnails import default_cache_dir
+
+    return value or default_cache_dir()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all networks).")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
+@click.option(
+    "--thumbnail-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for preview images (default: $XDG_CACHE_HOME/vlbatch/thumbnails).",
+)
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None) -> None:
+    """Browse the results in a web browser: Datasette over the database, read-only, with a gallery and charts.
+
+    Pages: / (tables, facets, full-text search, canned queries), /-/gallery (each file's preview beside its
+    answer), /-/charts. Previews are made only for files recorded in the database that lie under
+    spool.media_roots. Needs the serve extra: pip install 'vlbatch[serve]'.
+    """
+    app = _web_module("app")
+    config = _config(ctx)
+    datasette = app.build(config, _thumbnail_cache(thumbnail_cache))
+    sock = app.bind(host, port)
+    click.echo(f"vlbatch: serving {config.spool.database} read-only at {app.url_of(sock)} (Ctrl-C stops)", err=True)
+    app.serve(datasette, sock)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--job", help="Only this job's answers (its latest run).")
+@click.option("--run", type=click.IntRange(min=1), help="Only the answers of this run (see status --job).")
+@click.option("--since", callback=_when, help="Recorded at or after: ISO 8601 or an age such as 24h, 3d.")
+@click.option("--until", callback=_when, help="Recorded before: the same forms as --since.")
+@click.option("--tag", help="Only jobs with this tag: a value of a tag list or mapping key, or key=value.")
+@click.option("-s", "--search", help="Only answers matching this full-text search (SQLite FTS5 syntax).")
+@click.option("--failed", is_flag=True, help="Only the files that got no answer, with the reasons.")
+@click.option("--per-page", default=100, show_default=True, type=click.IntRange(min=1, max=1000))
+@click.option(
+    "--thumbnail-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for preview images (default: $XDG_CACHE_HOME/vlbatch/thumbnails).",
+)
+@click.pass_context
+def gallery(
+    ctx: click.Context, out_dir: Path, failed: bool, per_page: int, thumbnail_cache: Path | None, **filters: Any
+) -> None:
+    """Write the results as static web pages into OUT_DIR: index.html, more pages, previews beside them.
+
+    The folder needs no server and no network (open index.html, or copy the folder anywhere); writing it again
+    replaces the pages and keeps previews that are still current. A cron job can write it after each drain:
+    vlbatch run && vlbatch gallery --since 24h /srv/www/last-night
+    """
+    static = _web_module("static_gallery")
+    filters["failed"] = True if failed else None
+    written = static.write_gallery(_config(ctx), out_dir, filters, per_page, _thumbnail_cache(thumbnail_cache))
+    click.echo(f"vlbatch: {written.results} results on {written.pages} pages: {written.index}", err=True)
+
+
+def _web_module(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"batch.service.web.{name}")
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in ("datasette", "pygal", "uvicorn", "jinja2", "markupsafe"):
+            raise VlbatchError(
+                f"this command needs the serve extra ({exc.name} is missing): pip install 'vlbatch[serve]'"
+            ) from None
+        raise
+
+
 @main.command("config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:

@@ -57,6 +57,14 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_media(tmp_path_factory.mktemp("media"), shapes)
 
 
+@pytest.fixture(scope="session")
+def results_env(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A spool folder whose database the real worker filled: see tests/web_env.py. Read it, never change it."""
+    from web_env import make_results
+
+    return make_results(tmp_path_factory.mktemp("results"), tiny_onnx)
+
+
 @pytest.fixture
 def record(request: pytest.FixtureRequest, record_property):
     """Prints and records an oracle comparison's max |logit diff| (shown with -s, kept in JUnit XML)."""

@@ -24,6 +24,7 @@ import numpy as np
 from batch.errors import MediaError
 from batch.infer.media import choose_tile_cap, load_image, load_video_frames, tile_image
 from batch.infer.settings import MediaSettings
+from batch.infer.thumbnail import thumbnail_jpeg
 
 Kind = Literal["image", "video"]
 
@@ -53,10 +54,16 @@ def decode_media(paths: Sequence[Path], kind: Kind, settings: MediaSettings, max
     return DecodedMedia(kind, tiles, tuple(len(item) for item in items), cap)
 
 
+# what the child may be asked to do: a fixed set of functions, named in each request
+TASKS = {"decode": decode_media, "thumbnail": thumbnail_jpeg}
+
+
 class MediaDecoder(Protocol):
     def decode(
         self, paths: Sequence[Path], kind: Kind, settings: MediaSettings, max_total_tiles: int
     ) -> DecodedMedia: ...
+
+    def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -70,6 +77,9 @@ class InProcessDecoder:
 
     def decode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings, max_total_tiles: int) -> DecodedMedia:
         return decode_media(paths, kind, settings, max_total_tiles)
+
+    def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes:
+        return thumbnail_jpeg(path, kind, edge, settings)
 
     def close(self) -> None:
         pass
@@ -88,12 +98,18 @@ class IsolatedDecoder:
     def decode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings, max_total_tiles: int) -> DecodedMedia:
         """Decode in the child. A child that dies is replaced and the unit tried once more (it may have been
         killed from outside); a second death, a time-out or the memory cap fails the unit with a MediaError."""
+        return self._run("decode", ([Path(p) for p in paths], kind, settings, max_total_tiles), paths, settings)
+
+    def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes:
+        """A JPEG preview of an image or a video's middle frame, made in the child under the same limits."""
+        return self._run("thumbnail", (Path(path), kind, edge, settings), [path], settings)
+
+    def _run(self, task: str, args: tuple, paths: Sequence[Path], settings: MediaSettings) -> Any:
         names = ", ".join(str(p) for p in paths)
-        request = ([str(p) for p in paths], kind, settings, max_total_tiles)
         with self._lock:
             for tries_left in (1, 0):
                 try:
-                    status, payload = self._ask(request, names, settings)
+                    status, payload = self._ask((task, args), names, settings)
                     break
                 except _ChildDied as death:
                     if not tries_left:
@@ -208,17 +224,18 @@ def serve(conn: Any, memory_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     while True:
         try:
-            paths, kind, settings, max_total_tiles = conn.recv()
+            task, args = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[str, Any] = ("ok", decode_media([Path(p) for p in paths], kind, settings, max_total_tiles))
+            reply: tuple[str, Any] = ("ok", TASKS[task](*args))
         except MediaError as exc:
             reply = ("error", (exc.path, exc.reason))
         except MemoryError:
             reply = ("memory", None)
         except Exception as exc:  # a decoder bug: this unit fails, the child lives on
-            reply = ("error", (", ".join(paths), f"cannot decode ({type(exc).__name__}: {exc})"))
+            paths = args[0] if isinstance(args[0], list) else [args[0]]
+            reply = ("error", (", ".join(map(str, paths)), f"cannot decode ({type(exc).__name__}: {exc})"))
         conn.send(reply)
 
 

@@ -18,23 +18,40 @@ from typing import Any
 from batch.config import Config
 from batch.errors import VlbatchError
 from batch.service.spool import Spool
-from batch.service.store import Store
+from batch.service.store import Store, pending_migrations
 from batch.service.timefilter import to_utc_iso
 
 TABLE_COLUMNS = ("id", "job_id", "media", "answer", "output_tokens", "ttft_ms", "tokens_per_s", "created_utc")
 JSON_COLUMNS = ("media_paths", "media_sha256", "settings", "tags")  # stored as JSON text, shown as values
 
 
-@contextmanager
-def existing_store(config: Config) -> Iterator[Store]:
-    """The configured database, if it exists; a read-only command never creates one."""
-    path = config.spool.database
-    if not Path(path).is_file():
+def require_database(config: Config) -> Path:
+    """The configured database's path; an error naming the config in use when there is none."""
+    path = Path(config.spool.database)
+    if not path.is_file():
         raise VlbatchError(
             f"no database at {path} (config: {config.source or 'defaults'}): nothing has run with this "
             "configuration yet; pass --config or set $VLBATCH_CONFIG to read another one"
         )
-    store = Store(path, config.spool.database_timeout_seconds)
+    return path
+
+
+def require_current_database(config: Config) -> Path:
+    """The configured database, for viewers that only read it: it must exist and carry every migration."""
+    path = require_database(config)
+    pending = pending_migrations(path)
+    if pending:
+        raise VlbatchError(
+            f"{path} is from an older vlbatch (it lacks {', '.join(pending)}); `vlbatch status` upgrades it "
+            "(the viewers open it read-only and never change it)"
+        )
+    return path
+
+
+@contextmanager
+def existing_store(config: Config) -> Iterator[Store]:
+    """The configured database, if it exists; a read-only command never creates one."""
+    store = Store(require_database(config), config.spool.database_timeout_seconds)
     try:
         yield store
     finally:

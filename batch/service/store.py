@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import sqlite_utils
 
 from batch.infer.safe_open import sha256_of
+from batch.service.result_filter import ResultFilter
 from batch.service.states import JobState
 
 migrations = sqlite_utils.Migrations("vlbatch")
@@ -440,62 +443,28 @@ class Store:
             "mean_ttft_ms": row[3],
         }
 
-    def query_results(
-        self,
-        job: str | None = None,
-        run: int | None = None,
-        since: str | None = None,
-        until: str | None = None,
-        tag: str | None = None,
-        search: str | None = None,
-        limit: int | None = 100,
-    ) -> list[dict[str, Any]]:
-        """Answers as the runs own them, newest first: each with the run's own media paths and the job's tags.
-
-        Without `run`, every job's latest run. `since`/`until` are UTC times in the stored format; `tag` is
-        `value` (a list item or a mapping key) or `key=value`; `search` is an FTS5 query over answers and prompts.
-        """
-        # the link's own columns stand in for the answer's: whose file, which job, when it was recorded
-        own = {"job_id": "jr.job_id", "media_paths": "jr.media_paths", "media_sha256": "jr.media_sha256"}
-        own |= {"created_utc": "jr.created_utc", "tags": "j.tags"}
-        select = [f"{own.get(c, 'r.' + c)} AS {c}" for c in self.columns("results")] + [
-            "jr.run_id",
-            "jr.reused",
-            "jr.id AS link_id",
-        ]
-        where, args = ["jr.run_id = ?" if run is not None else "jr.run_id = j.run_id"], [] if run is None else [run]
-        if job:
-            where.append("jr.job_id = ?")
-            args.append(job)
-        if since:
-            where.append("jr.created_utc >= ?")
-            args.append(since)
-        if until:
-            where.append("jr.created_utc < ?")
-            args.append(until)
-        if tag:
-            key, eq, value = tag.partition("=")
-            if eq:  # numbers and booleans match their YAML spelling: year=2026, rated=true
-                where.append(
-                    "EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.key = ? AND (CAST(t.value AS TEXT) = ? "
-                    "OR t.type = ?))"
-                )
-                args += [key, value, value.lower() if value.lower() in ("true", "false", "null") else "-"]
-            else:
-                where.append("EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value = ? OR t.key = ?)")
-                args += [tag, tag]
-        if search:
-            where.append("r.id IN (SELECT rowid FROM results_fts WHERE results_fts MATCH ?)")
-            args.append(search)
-        sql = (
-            f"SELECT {', '.join(select)} FROM job_results jr JOIN results r ON r.id = jr.result_id "
-            f"JOIN jobs j ON j.id = jr.job_id WHERE {' AND '.join(where)} ORDER BY jr.created_utc DESC, jr.id DESC"
-        )
-        if limit:
-            sql += f" LIMIT {int(limit)}"
+    def query_results(self, limit: int | None = 100, **filters: Any) -> list[dict[str, Any]]:
+        """Answers as the runs own them, newest first (see `ResultFilter` for the filters)."""
+        sql, args = ResultFilter(**filters).select(self.columns("results"), limit)
         cursor = self.db.execute(sql, args)
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can only read the file (opened mode=ro, and query_only)."""
+    conn = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True, check_same_thread=False)
+    conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+def pending_migrations(path: Path) -> list[str]:
+    """The migrations a database file still lacks, read without writing anything (for read-only viewers)."""
+    conn = connect_read_only(path)
+    try:
+        return [m.name for m in migrations.pending(sqlite_utils.Database(conn))]
+    finally:
+        conn.close()
 
 
 def worker_name() -> str:

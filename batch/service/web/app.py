@@ -1,0 +1,78 @@
+"""`vlbatch serve`: Datasette, used as a library, over the results database, read-only, on loopback by default."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from pathlib import Path
+
+import uvicorn
+from datasette.app import Datasette
+from datasette.database import Database
+
+from batch.config import Config
+from batch.errors import VlbatchError
+from batch.infer.decode import IsolatedDecoder
+from batch.service.reports import require_current_database
+from batch.service.store import connect_read_only
+from batch.service.web import plugin
+from batch.service.web.metadata import DATABASE, metadata
+from batch.service.web.thumbnails import DEFAULT_EDGE, Thumbnails
+
+HERE = Path(__file__).parent
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8001
+
+
+class ReadOnlyDatabase(Database):
+    """Every connection, Datasette's write connection included, opens the file read-only and query-only."""
+
+    def connect(self, write: bool = False) -> sqlite3.Connection:
+        conn = connect_read_only(Path(self.path))
+        self._all_file_connections.append(conn)
+        return conn
+
+
+def build(config: Config, thumbnail_cache: Path, edge: int = DEFAULT_EDGE) -> Datasette:
+    """A Datasette over the configured database with vlbatch's metadata, pages and thumbnails."""
+    path = require_current_database(config)
+    plugin.register()
+    datasette = Datasette(
+        metadata=metadata(),
+        template_dir=str(HERE / "templates"),
+        static_mounts=[("vlbatch-static", str(HERE / "static"))],
+        settings={"allow_download": False, "default_page_size": 50, "sql_time_limit_ms": 3000},
+    )
+    datasette.add_database(ReadOnlyDatabase(datasette, path=str(path)), name=DATABASE)
+    thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, IsolatedDecoder(), config.media, edge)
+    datasette.vlbatch_state = plugin.WebState(thumbnails)
+    return datasette
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), so the address printed is the one really bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise VlbatchError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def serve(datasette: Datasette, sock: socket.socket) -> None:
+    """Serve until interrupted (Ctrl-C, SIGTERM); the thumbnail decoder stops with it."""
+    server = uvicorn.Server(uvicorn.Config(datasette.app(), log_level="warning", lifespan="on"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        datasette.vlbatch_state.thumbnails.close()

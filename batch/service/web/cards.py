@@ -1,0 +1,72 @@
+"""One result as both views show it: its media previews beside the answer (or the failure), job, tags and timings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batch.infer.media import VIDEO_EXTENSIONS
+
+
+def tag_labels(tags_json: str | None) -> list[str]:
+    """A job's tags as short labels: list items as they are, mapping entries as key=value."""
+    tags = json.loads(tags_json) if tags_json else None
+    if isinstance(tags, dict):
+        return [f"{key}={_scalar(value)}" for key, value in tags.items()]
+    if isinstance(tags, list):
+        return [_scalar(value) for value in tags]
+    return [] if tags is None else [_scalar(tags)]
+
+
+def timing_labels(row: dict[str, Any]) -> list[str]:
+    """The recorded timings worth a glance: ViT, time to first token, decode speed, tokens out."""
+    labels = []
+    for column, label, unit in (("vit_ms", "ViT", "ms"), ("ttft_ms", "TTFT", "ms")):
+        if row.get(column) is not None:
+            labels.append(f"{label} {row[column]:,.0f} {unit}")
+    if row.get("tokens_per_s"):
+        labels.append(f"{row['tokens_per_s']:.1f} tok/s")
+    if row.get("output_tokens") is not None:
+        labels.append(f"{row['output_tokens']} tokens")
+    return labels
+
+
+def card(row: dict[str, Any], preview_url: Callable[[str], str | None]) -> dict[str, Any]:
+    """A result row (as `ResultFilter.select` returns it) as the card templates expect it.
+
+    `preview_url` maps a recorded media path to the URL of its preview, or None when there is none to show.
+    """
+    media = [
+        {
+            "name": Path(path).name,
+            "path": path,
+            "src": preview_url(path),
+            "video": Path(path).suffix.lower() in VIDEO_EXTENSIONS,
+        }
+        for path in json.loads(row.get("media_paths") or "[]")
+    ]
+    tags = tag_labels(row.get("tags"))
+    answer, error = row.get("answer"), row.get("error")
+    created = (row.get("created_utc") or "").replace("T", " ")[:19]
+    return {
+        "id": row.get("link_id"),
+        "media": media,
+        "answer": answer,
+        "error": error,
+        "job_id": row["job_id"],
+        "run_id": row.get("run_id"),
+        "reused": bool(row.get("reused")),
+        "finish_reason": row.get("finish_reason"),
+        "tags": tags,
+        "timings": timing_labels(row),
+        "created": f"{created} UTC" if created else "",
+        "search_text": " ".join([answer or error or "", row["job_id"], *tags, *(m["name"] for m in media)]).lower(),
+    }
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,43 @@
+"""A results database made by the real worker for the viewer tests: photos (one EXIF-rotated), a clip, a bad file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from spool_env import SpoolEnv
+from synthetic import synthetic_image, write_video
+
+from batch.service.worker import Worker
+
+ROTATED = "portrait-exif.jpg"  # stored 160x100 landscape, EXIF orientation 6: shown upright it is 100x160
+
+
+def make_results(root: Path, model: Path) -> SpoolEnv:
+    """Two jobs drained in-process: `captions` (tags [captions, demo]) over 4 photos, a clip and a corrupt file;
+    `pair` (tags {kind: comparison}) over two photos together."""
+    env = SpoolEnv(root, model)
+    env.write_config()
+    env.image("beach.jpg", 1, (320, 240))
+    env.image("street.png", 2, (240, 320))
+    env.image("harbor.png", 3, (400, 200))
+    rotated = synthetic_image(160, 100, seed=4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    rotated.save(env.media / ROTATED, exif=exif)
+    frames = (synthetic_image(96, 64, seed=i) for i in range(24))
+    write_video(env.media / "clip.mp4", (__import__("numpy").asarray(f) for f in frames))
+    (env.media / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    env.drop("captions.yaml", "prompt: Caption it.\ninputs: ../../media/\ntags: [captions, demo]\n")
+    env.drop(
+        "pair.yaml",
+        "prompt: Compare them.\nmode: together\ninputs: [../../media/beach.jpg, ../../media/street.png]\n"
+        "tags: {kind: comparison}\n",
+    )
+    worker = Worker.from_config(env.config())
+    try:
+        outcomes = {o.job_id: o.state for o in worker.drain()}
+    finally:
+        worker.close()
+    assert outcomes == {"captions": "failed", "pair": "done"}, outcomes  # broken.jpg fails its own file only
+    return env
