@@ -38,6 +38,7 @@ demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## the example jobs on
 	$(BIN)/vlbatch submit jobs/examples/*.yaml
 	$(BIN)/vlbatch run
 	$(BIN)/vlbatch results
+	$(BIN)/vlbatch gallery jobs/gallery   # open jobs/gallery/index.html in a browser
 
 ask-demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## one question straight to the tiny model
 	$(BIN)/vlbatch ask -p "$(DEMO_PROMPT)" --max-new-tokens 48 $(DEMO_IMAGE)
@@ -51,4 +52,4 @@ bench: install  ## real-shape speed table with the transformers and llama.cpp pe
 	$(BIN)/python bench/run_bench.py --weights int4 fp32 --peers transformers llamacpp --json bench.json
 
 clean:
-	rm -rf models .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected vlbatch.db*
+	rm -rf models .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected jobs/gallery vlbatch.db*

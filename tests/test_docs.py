@@ -12,7 +12,8 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_every_command_is_in_the_readme_and_has_help():
-    expected = {"ask", "submit", "watch", "run", "status", "results", "config", "export", "make-model"}
+    expected = {"ask", "submit", "watch", "run", "status", "results", "serve", "gallery", "config", "export"}
+    expected.add("make-model")
     assert set(main.commands) == expected
     for name, command in main.commands.items():
         assert f"`vlbatch {name}`" in README, name
@@ -28,6 +29,20 @@ def test_every_database_column_is_documented(tmp_path):
         assert f"`{table}`" in README, table
         for column in store.db[table].columns_dict:
             assert f"`{column}`" in README, f"{table}.{column}"
+    store.close()
+
+
+def test_every_database_column_is_described_to_datasette(tmp_path):
+    from batch.service.store import Store
+    from batch.service.web.metadata import DATABASE, metadata
+
+    tables = metadata()["databases"][DATABASE]["tables"]
+    store = Store(tmp_path / "docs.db")
+    for table in ("jobs", "runs", "results", "job_results", "sidecars"):
+        described = tables[table]["columns"]
+        for column in store.db[table].columns_dict:
+            assert described.get(column), f"{table}.{column} has no description in batch/service/web/metadata.py"
+        assert not set(described) - set(store.db[table].columns_dict), f"{table}: described columns that do not exist"
     store.close()
 
 

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import uvicorn
-from datasette.app import Datasette
+from datasette.app import Datasette, DatasetteClient
 from datasette.database import Database
 
 from batch.config import Config
@@ -43,9 +43,13 @@ def build(config: Config, thumbnail_cache: Path, edge: int = DEFAULT_EDGE) -> Da
         static_mounts=[("vlbatch-static", str(HERE / "static"))],
         settings={"allow_download": False, "default_page_size": 50, "sql_time_limit_ms": 3000},
     )
+    datasette.remove_database("_memory")  # Datasette adds an empty in-memory one when given no files: not ours
     datasette.add_database(ReadOnlyDatabase(datasette, path=str(path)), name=DATABASE)
     thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, IsolatedDecoder(), config.media, edge)
     datasette.vlbatch_state = plugin.WebState(thumbnails)
+    # Datasette() made its in-process client (`datasette.client`) before the state existed, so with none of the
+    # vlbatch routes: make it again now that the hooks see the state
+    datasette.client = DatasetteClient(datasette)
     return datasette
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from markupsafe import escape
+
 DATABASE = "vlbatch"  # the name (and URL) the results database is served under, whatever its file is called
 
 _RESULT_COLUMNS = {
@@ -37,6 +39,10 @@ _JOB_COLUMNS = {
     "id": "Job id: the file's `id:` or its name without .yaml",
     "source": "The job file as it was found in the inbox",
     "job_sha256": "SHA-256 of the job file",
+    "prompt": "The job's prompt",
+    "mode": "each (one answer per file) or together (one answer over several images)",
+    "tags": "The job's tags (JSON list or mapping)",
+    "claim": "The claimed file in work/ while a worker holds the job",
     "state": "running, done, failed or rejected (also the spool folder it ended in)",
     "attempts": "How many workers have started this run",
     "worker": "host:pid of the worker that ran it last",
@@ -45,8 +51,10 @@ _JOB_COLUMNS = {
     "reused": "Earlier answers this run linked instead of generating again",
     "failed_media": "Files that got no answer",
     "error": "Why the job failed or was rejected",
+    "traceback": "The Python traceback of an unexpected failure, for a bug report",
     "run_id": "The latest run (runs table)",
     "inflight": "The media unit a worker is answering now",
+    "inflight_deaths": "How many workers died in that unit (after two it is recorded failed and skipped)",
     "created_utc": "First seen (UTC)",
     "started_utc": "Latest run started (UTC)",
     "finished_utc": "Latest run finished (UTC)",
@@ -108,9 +116,13 @@ QUERIES: dict[str, dict[str, Any]] = {
 def metadata(base_url: str = "/") -> dict[str, Any]:
     timing_units = {c: "ms" for c in _RESULT_COLUMNS if c.endswith("_ms")}
     views = f'<a href="{base_url}-/gallery">Gallery</a> · <a href="{base_url}-/charts">Charts</a>'
+    # the index page lists tables only: name the canned queries there too
+    queries = " · ".join(
+        f'<a href="{base_url}{DATABASE}/{name}">{escape(query["title"])}</a>' for name, query in QUERIES.items()
+    )
     return {
         "title": "vlbatch results",
-        "description_html": f"Answers and captions from InternVL3, with their timings. {views}",
+        "description_html": f"Answers and captions from InternVL3, with their timings. {views}<br>Queries: {queries}",
         "databases": {
             DATABASE: {
                 "description_html": f"The results database, read-only. {views}",
@@ -133,14 +145,20 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                     },
                     "runs": {
                         "description": "Every execution of a job file (all its attempts), kept as history.",
-                        "columns": {k: v for k, v in _JOB_COLUMNS.items() if k not in ("run_id", "inflight")}
-                        | {"id": "Run id", "job_id": "The job this run belongs to"},
+                        "columns": {
+                            k: v
+                            for k, v in _JOB_COLUMNS.items()
+                            if k not in ("run_id", "inflight", "inflight_deaths", "created_utc")
+                        }
+                        | {"id": "Run id", "job_id": "The job this run belongs to"}
+                        | {"started_utc": "Run started (UTC)", "finished_utc": "Run finished (UTC)"},
                         "facets": ["state", "job_id"],
                         "sort_desc": "started_utc",
                     },
                     "job_results": {
                         "description": "Every answer a run owns, generated or reused, with that run's own files.",
                         "columns": {
+                            "id": "Link id",
                             "job_id": "The job",
                             "run_id": "The run",
                             "result_id": "The answer (results table)",

@@ -142,6 +142,7 @@ async def gallery(datasette: Any, request: Any) -> Response:
         try:
             sql, args = flt.count()
             total = (await db.execute(sql, args)).first()[0]
+            page = min(page, max(1, math.ceil(total / PAGE_SIZE)))  # past the end (a stale link): the last page
             sql, args = flt.select(columns, PAGE_SIZE, (page - 1) * PAGE_SIZE)
             rows = [dict(row) for row in (await db.execute(sql, args)).rows]
             cards = [card(row, lambda p: thumbnail_url(datasette, p)) for row in rows]
