@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install install-size test lint demo ask-demo bench clean
+.PHONY: install install-size test lint demo ask-demo screenshots bench clean
 
 $(BIN)/vlbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## the example jobs on
 
 ask-demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## one question straight to the tiny model
 	$(BIN)/vlbatch ask -p "$(DEMO_PROMPT)" --max-new-tokens 48 $(DEMO_IMAGE)
+
+screenshots: install  ## the README's screenshots of serve and gallery, in headless Debian chromium (apt-get install chromium)
+	$(BIN)/python tests/browser_shots.py docs/screenshots
 
 # llama.cpp built for AVX2/AVX512 without AMX: its AMX buffers crash on multi-token batches on AMX CPUs
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \

@@ -4,7 +4,7 @@
 
 builds the tiny random-weight model and a results database (tests/web_env.py) in a temporary folder, serves it with
 `vlbatch serve`, writes the static gallery with `vlbatch gallery`, and saves gallery.png (/-/gallery), charts.png
-(/-/charts) and static-gallery.png (the static pages from file://) into the folder given.
+(/-/charts, the whole page) and static-gallery.png (the static pages from file://), 1280x900, into the folder given.
 
 The browser is Debian's chromium (/usr/bin/chromium, `apt-get install chromium`) driven by playwright's Python
 package: playwright never downloads a browser of its own here. tests/test_browser.py imports the helpers below, so
@@ -46,6 +46,12 @@ SERVE_URL = re.compile(r"read-only at (http://\S+/) ")
 # every <img> on the page has finished (loaded or failed) and no failed one is left: the cards replace a failed
 # preview with "no preview", the table cells remove it
 IMAGES_SETTLED = "() => Array.from(document.images).every((i) => i.complete && i.naturalWidth > 0)"
+SCROLL_IMAGES = """async () => {
+  for (const img of Array.from(document.images)) {
+    img.scrollIntoView({block: "center"});
+    await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+  }
+}"""
 
 
 def browser_problem() -> str | None:
@@ -114,13 +120,11 @@ def write_static_gallery(env: SpoolEnv, out_dir: Path, cache_dir: Path, *options
 
 
 def settle_images(page: Page, timeout: float = 30_000) -> bool:
-    """Scroll every image into view (lazy ones load only then) and wait until all have loaded or been replaced;
+    """Scroll every image into view (lazy ones load only then) and wait until each has loaded or been replaced;
     False when some are still pending or broken after `timeout` ms (the caller's assertions say which)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    for img in page.locator("img").all():
-        if img.is_visible():
-            img.scroll_into_view_if_needed()
+    page.evaluate(SCROLL_IMAGES)
     try:
         page.wait_for_function(IMAGES_SETTLED, timeout=timeout)
     except PlaywrightTimeout:
@@ -159,15 +163,15 @@ def take_screenshots(out_dir: Path, work: Path) -> list[Path]:
             browser = launch_chromium(p)
             try:
                 page = browser.new_page(viewport=VIEWPORT)
-                for name, address in (
-                    ("gallery.png", url + "-/gallery"),
-                    ("charts.png", url + "-/charts"),
-                    ("static-gallery.png", index.as_uri()),
+                for name, address, full_page in (
+                    ("gallery.png", url + "-/gallery", False),
+                    ("charts.png", url + "-/charts", True),  # all three charts
+                    ("static-gallery.png", index.as_uri(), False),
                 ):
                     page.goto(address, wait_until="load")
                     settle_images(page)
                     shots.append(out_dir / name)
-                    page.screenshot(path=str(shots[-1]))
+                    page.screenshot(path=str(shots[-1]), full_page=full_page)
             finally:
                 browser.close()
     finally:
@@ -194,4 +198,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from batch.infer.media import VIDEO_EXTENSIONS
+
+# control characters a model may emit (NUL among them): shown as U+FFFD, so pages stay text
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def printable(text: str | None) -> str | None:
+    """Text as the pages show it: control characters (a model may emit NUL) replaced by U+FFFD."""
+    return _CONTROL.sub("\ufffd", text) if text else text
 
 
 def tag_labels(tags_json: str | None) -> list[str]:
@@ -33,22 +42,27 @@ def timing_labels(row: dict[str, Any]) -> list[str]:
     return labels
 
 
-def card(row: dict[str, Any], preview_url: Callable[[str], str | None]) -> dict[str, Any]:
+def card(
+    row: dict[str, Any], preview_url: Callable[[str], str | None], shown_path: Callable[[str], str] = str
+) -> dict[str, Any]:
     """A result row (as `ResultFilter.select` returns it) as the card templates expect it.
 
-    `preview_url` maps a recorded media path to the URL of its preview, or None when there is none to show.
+    `preview_url` maps a recorded media path to the URL of its preview, or None when there is none to show;
+    `shown_path` to the path a reader sees (pages meant to be copied elsewhere show less than the full path).
     """
     media = [
         {
             "name": Path(path).name,
-            "path": path,
+            "path": shown_path(path),
             "src": preview_url(path),
             "video": Path(path).suffix.lower() in VIDEO_EXTENSIONS,
         }
         for path in json.loads(row.get("media_paths") or "[]")
     ]
     tags = tag_labels(row.get("tags"))
-    answer, error = row.get("answer"), row.get("error")
+    answer, error = printable(row.get("answer")), printable(row.get("error"))
+    for path in json.loads(row.get("media_paths") or "[]") if error else ():
+        error = error.replace(path, shown_path(path))  # a reason names its file: as the card shows it
     created = (row.get("created_utc") or "").replace("T", " ")[:19]
     return {
         "id": row.get("link_id"),

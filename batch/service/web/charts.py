@@ -35,7 +35,7 @@ def _chart(kind: type, title: str, y_title: str) -> pygal.Graph:
         x_label_rotation=30,
         disable_xml_declaration=True,
         dots_size=2,
-        x_value_formatter=lambda when: when.strftime("%m-%d %H:%M"),
+        x_value_formatter=lambda when: when.strftime("%m-%d %H:%M:%S"),
         no_data_text="no answers yet",
     )
 

@@ -26,7 +26,12 @@ from batch.service.web.metadata import DATABASE
 from batch.service.web.thumbnails import Thumbnails
 
 PAGE_SIZE = 48
-RECORDED_SQL = "SELECT 1 FROM job_results jr, json_each(jr.media_paths) m WHERE m.value = ? LIMIT 1"
+# is the path recorded: in the given link (job_results row) or answer (results row), else anywhere (a scan)
+RECORDED_SQL = {
+    "link": "SELECT 1 FROM job_results jr, json_each(jr.media_paths) m WHERE jr.id = ? AND m.value = ?",
+    "result": "SELECT 1 FROM results r, json_each(r.media_paths) m WHERE r.id = ? AND m.value = ?",
+    None: "SELECT 1 FROM job_results jr, json_each(jr.media_paths) m WHERE m.value = ? LIMIT 1",
+}
 
 
 @dataclass
@@ -45,8 +50,10 @@ def _state(datasette: Any) -> WebState | None:
     return getattr(datasette, "vlbatch_state", None)
 
 
-def thumbnail_url(datasette: Any, path: str) -> str:
-    return datasette.urls.path("/-/thumbnail?" + urlencode({"path": path}, quote_via=quote))
+def thumbnail_url(datasette: Any, path: str, link: int | None = None, result: int | None = None) -> str:
+    """The preview URL of a recorded path; naming the row that records it makes the check a key lookup."""
+    where = {"link": link} if link is not None else {"result": result} if result is not None else {}
+    return datasette.urls.path("/-/thumbnail?" + urlencode({"path": path} | where, quote_via=quote))
 
 
 @hookimpl
@@ -72,7 +79,7 @@ def extra_css_urls(datasette: Any) -> list[str]:
 
 
 @hookimpl
-def render_cell(value: Any, column: str, database: str, datasette: Any) -> Markup | None:
+def render_cell(row: Any, value: Any, column: str, table: str | None, database: str, datasette: Any) -> Markup | None:
     """A `media_paths` cell shows each file's preview above its name."""
     if _state(datasette) is None or database != DATABASE or column != "media_paths" or not isinstance(value, str):
         return None
@@ -82,8 +89,11 @@ def render_cell(value: Any, column: str, database: str, datasette: Any) -> Marku
         return None
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         return None
+    keys = row.keys() if hasattr(row, "keys") else ()
+    row_id = row["id"] if "id" in keys and isinstance(row["id"], int) else None
+    owner = {"job_results": {"link": row_id}, "results": {"result": row_id}}.get(table or "", {})
     figures = "".join(
-        f'<figure class="vb-cell"><img src="{escape(thumbnail_url(datasette, p))}" alt="" loading="lazy" '
+        f'<figure class="vb-cell"><img src="{escape(thumbnail_url(datasette, p, **owner))}" alt="" loading="lazy" '
         f'onerror="this.remove()"><figcaption title="{escape(p)}">{escape(p.rsplit("/", 1)[-1])}'
         "</figcaption></figure>"
         for p in paths
@@ -95,15 +105,21 @@ async def thumbnail(datasette: Any, request: Any) -> Response:
     """The preview of a recorded media file under the media roots; 404 for anything else, before any open."""
     state = _state(datasette)
     path = request.args.get("path") or ""
-    db = datasette.get_database(DATABASE)
-    recorded = (await db.execute(RECORDED_SQL, [path])).first() if path else None
-    real = state.thumbnails.allowed(path) if recorded else None
+    owner = next(((key, request.args[key]) for key in ("link", "result") if key in request.args), (None, None))
+    if not path or (owner[0] and not owner[1].isdigit()):
+        return Response.text("no preview for that path", status=404)
+    args = [int(owner[1]), path] if owner[0] else [path]
+    recorded = (await datasette.get_database(DATABASE).execute(RECORDED_SQL[owner[0]], args)).first()
+    real = await asyncio.to_thread(state.thumbnails.allowed, path) if recorded else None
     if real is None:
         return Response.text("no preview for that path", status=404)
-    preview = await asyncio.to_thread(state.thumbnails.preview, real)
+    try:
+        preview = await asyncio.to_thread(state.thumbnails.preview, real)
+        body = await asyncio.to_thread(preview.file.read_bytes) if preview.file else b""
+    except OSError as exc:  # the preview cache cannot be written (full disk, permissions): a passing fault
+        return Response.text(f"cannot keep previews in {state.thumbnails.cache_dir}: {exc.strerror}", status=503)
     if preview.file is None:
         return Response.text(f"no preview: {preview.error}", status=404)
-    body = await asyncio.to_thread(preview.file.read_bytes)
     return Response(body, content_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -145,7 +161,7 @@ async def gallery(datasette: Any, request: Any) -> Response:
             page = min(page, max(1, math.ceil(total / PAGE_SIZE)))  # past the end (a stale link): the last page
             sql, args = flt.select(columns, PAGE_SIZE, (page - 1) * PAGE_SIZE)
             rows = [dict(row) for row in (await db.execute(sql, args)).rows]
-            cards = [card(row, lambda p: thumbnail_url(datasette, p)) for row in rows]
+            cards = [card(row, lambda p, link=row["link_id"]: thumbnail_url(datasette, p, link)) for row in rows]
         except Exception as exc:  # an FTS5 syntax error in the search text, most often
             errors.append(f"cannot run that search ({exc}); see SQLite FTS5 query syntax")
     jobs = [row[0] for row in (await db.execute("SELECT id FROM jobs ORDER BY id")).rows]

@@ -70,7 +70,8 @@ def write_gallery(
         previews = _copy_previews(rows, thumbnails, out_dir / "thumbs")
     finally:
         thumbnails.close()
-    cards = [card(row, previews.get) for row in rows]
+    roots = [Path(root) for root in config.spool.media_roots]
+    cards = [card(row, previews.get, lambda path: _under_root(path, roots)) for row in rows]
     pages = max(1, math.ceil(len(cards) / per_page))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     template = env.get_template("vlbatch/static_page.html")
@@ -79,7 +80,7 @@ def write_gallery(
         "pages": pages,
         "page_name": page_name,
         "filters": {k: v for k, v in filters.items() if v not in (None, False)},
-        "database": str(config.spool.database),
+        "database": Path(config.spool.database).name,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     for asset in ASSETS:
@@ -117,6 +118,14 @@ def _rows(config: Config, flt: ResultFilter) -> list[dict[str, Any]]:
             raise VlbatchError(f"cannot run that search ({exc}); see SQLite FTS5 query syntax") from None
     finally:
         conn.close()
+
+
+def _under_root(path: str, roots: list[Path]) -> str:
+    """A media path as the pages show it: from its media root on (the pages may be copied or published)."""
+    for root in roots:
+        if Path(path).is_relative_to(root):
+            return f"{root.name}/{Path(path).relative_to(root)}"
+    return Path(path).name
 
 
 def _copy_previews(rows: list[dict[str, Any]], thumbnails: Thumbnails, thumbs: Path) -> dict[str, str]:
