@@ -14,15 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.service.records import cache_key
 from batch.service.spool import Spool
-from batch.service.store import Store, cache_key
+from batch.service.store import Store
 
 
 def fill(store: Store, rows: int) -> list[str]:
     keys = []
     batch = []
+    generation, media = GenerationSettings(), MediaSettings()
     for i in range(rows):
-        key = cache_key([hashlib.sha256(str(i).encode()).hexdigest()], "Caption.", {"t": 0}, "model@x")
+        key = cache_key([hashlib.sha256(str(i).encode()).hexdigest()], "Caption.", generation, media, "model@x")
         keys.append(key)
         batch.append({"job_id": f"job{i // 1000}", "cache_key": key, "prompt": "Caption.", "answer": f"answer {i}"})
         if len(batch) == 50_000:

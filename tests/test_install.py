@@ -118,7 +118,8 @@ def test_extras_follow_the_roles():
     assert _names(extras["cpu"]) == {"onnxruntime"}  # the runtime alone: no exporter packages
     assert _names(extras["export"]) == {"onnx", "onnx-ir", "onnxruntime"}
     assert _names(extras["video"]) == {"av", "decord"}
-    assert {"vlbatch[cpu,export,video]", "torch==2.13.0"} <= set(extras["dev"])
+    assert _names(extras["serve"]) == {"datasette", "pygal"}
+    assert {"vlbatch[cpu,export,video,serve]", "torch==2.13.0"} <= set(extras["dev"])
 
 
 def _imported_top_modules(path: Path) -> set[str]:
@@ -129,6 +130,15 @@ def _imported_top_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def test_only_the_viewers_import_the_serve_extra():
+    """Datasette, pygal and uvicorn are imported by batch/service/web alone: a board without them still runs."""
+    package = REPO / "batch"
+    for path in sorted(package.rglob("*.py")):
+        serve_only = {m for m in _imported_top_modules(path) if m.split(".")[0] in ("datasette", "pygal", "uvicorn")}
+        if serve_only:
+            assert path.parent == package / "service" / "web", (path, serve_only)
 
 
 def test_only_the_exporter_imports_the_export_extra():

@@ -33,7 +33,7 @@ from synthetic import synthetic_image
 
 from batch.cli import main
 from batch.config import load_config
-from batch.infer.decode import InProcessDecoder
+from batch.infer.decode import InProcessDecoder, IsolatedDecoder
 from batch.service.web import app, plugin
 from batch.service.web.cards import printable
 from batch.service.web.metadata import QUERIES
@@ -70,11 +70,9 @@ def watching_opens() -> Iterator[list[str]]:
 def site(env: SpoolEnv, cache: Path, in_process_decoder: bool = False) -> Iterator:
     """The Datasette `vlbatch serve` builds for this folder; with `in_process_decoder` previews are decoded in
     this process (so the audit hook sees every file the decoder opens)."""
-    datasette = app.build(load_config(env.config_path), cache)
+    factory = InProcessDecoder if in_process_decoder else IsolatedDecoder
+    datasette = app.build(load_config(env.config_path), cache, decoder_factory=factory)
     thumbnails = datasette.vlbatch_state.thumbnails
-    if in_process_decoder:
-        thumbnails.decoder.close()
-        thumbnails.decoder = InProcessDecoder()
     try:
         yield datasette
     finally:

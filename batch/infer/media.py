@@ -65,10 +65,12 @@ def media_kind(path: Path) -> str:
 # Images
 
 
-def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: Path | str, max_pixels: int | None = None, fit: int | None = None) -> Image.Image:
     """Decode an image file to an upright 8-bit RGB image (EXIF orientation applied, transparency over white).
 
-    An image of more than ``max_pixels`` pixels is refused from its header, before anything is decoded.
+    An image of more than ``max_pixels`` pixels is refused from its header, before anything is decoded. With
+    ``fit``, a format that can decode at a reduced scale (JPEG: 1/2, 1/4, 1/8) does so, keeping at least
+    ``fit`` pixels on the longer side: for previews, never for the model's input.
     """
     path = Path(path)
     if max_pixels is not None:
@@ -79,7 +81,7 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
         with open_media(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
             with Image.open(handle) as img:
-                return _decode_upright(path, img, max_pixels)
+                return _decode_upright(path, img, max_pixels, fit)
     except (MediaError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -94,14 +96,17 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
         raise MediaError(path, f"cannot decode the image ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode_upright(path: Path, img: Image.Image, max_pixels: int | None) -> Image.Image:
-    """Check the size from the header, then decode, turn upright and convert to RGB."""
+def _decode_upright(path: Path, img: Image.Image, max_pixels: int | None, fit: int | None = None) -> Image.Image:
+    """Check the size from the header, then decode (reduced to `fit` if asked), turn upright, convert to RGB."""
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise MediaError(
             path,
             f"image is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), over the "
             f"{max_pixels / 1e6:g} Mpx limit (media.max_image_pixels)",
         )
+    if fit is not None and max(img.size) > fit:
+        scale = fit / max(img.size)
+        img.draft(img.mode, (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
     img.load()
     return to_rgb(ImageOps.exif_transpose(img))
 

@@ -24,13 +24,16 @@ def write_atomic(
     refuse_symlink: bool = True,
     mode: int | None = None,
     check: Callable[[Path], None] | None = None,
+    durable: bool = True,
 ) -> None:
     """Write `data` (str as UTF-8) to `path` so readers see the old file or the whole new one, never a part.
 
     The data goes to `.<name>.<random>.tmp` in the same folder (created O_EXCL by mkstemp, so a planted file or
     symlink there cannot be followed), is fsynced, optionally passed to `check(temp_path)`, then renamed over
     `path`; the folder is fsynced, best effort. `mode` defaults to what a plain open() would create (0o666 less
-    the umask). Raises SymlinkRefused when `path` is a symlink and `refuse_symlink`, or the OSError of the failing
+    the umask). `durable=False` skips both fsyncs: for caches that can be made again, whose readers must take
+    an entry cut short by a power loss for a missing one.
+    Raises SymlinkRefused when `path` is a symlink and `refuse_symlink`, or the OSError of the failing
     step (ENOSPC, EACCES, ...); any error, including one raised by `check`, removes the temp file first.
     """
     path = Path(path)
@@ -40,7 +43,7 @@ def write_atomic(
     mode = _default_mode() if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        _fill(fd, payload, mode)  # closes fd, also when it fails
+        _fill(fd, payload, mode, durable)  # closes fd, also when it fails
         if check is not None:
             check(Path(tmp))
         os.replace(tmp, path)
@@ -48,17 +51,19 @@ def write_atomic(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
 
 
-def _fill(fd: int, payload: bytes, mode: int) -> None:
-    """Set the mode, write every byte, fsync and close `fd` (closed even when a step fails)."""
+def _fill(fd: int, payload: bytes, mode: int, durable: bool) -> None:
+    """Set the mode, write every byte, fsync (when durable) and close `fd` (closed even when a step fails)."""
     try:
         os.fchmod(fd, mode)
         view = memoryview(payload)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
-from datasette.app import Datasette, DatasetteClient
+from datasette.app import Datasette
 from datasette.database import Database
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.infer.decode import IsolatedDecoder
+from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.service.reports import require_current_database
 from batch.service.store import connect_read_only
 from batch.service.web import plugin
 from batch.service.web.metadata import DATABASE, metadata
-from batch.service.web.thumbnails import DEFAULT_EDGE, Thumbnails
+from batch.service.web.thumbnails import Thumbnails
 
 HERE = Path(__file__).parent
 DEFAULT_HOST = "127.0.0.1"
@@ -33,11 +35,24 @@ class ReadOnlyDatabase(Database):
         return conn
 
 
-def build(config: Config, thumbnail_cache: Path, edge: int = DEFAULT_EDGE) -> Datasette:
+class Site(Datasette):
+    """A Datasette that carries vlbatch's state from the start: its in-process client, made in the constructor,
+    already has the vlbatch routes."""
+
+    def __init__(self, state: plugin.WebState, **settings: Any) -> None:
+        self.vlbatch_state = state
+        super().__init__(**settings)
+
+
+def build(
+    config: Config, thumbnail_cache: Path, decoder_factory: Callable[[], MediaDecoder] = IsolatedDecoder
+) -> Datasette:
     """A Datasette over the configured database with vlbatch's metadata, pages and thumbnails."""
     path = require_current_database(config)
     plugin.register()
-    datasette = Datasette(
+    thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, config.media, decoder_factory=decoder_factory)
+    datasette = Site(
+        plugin.WebState(thumbnails),
         metadata=metadata(),
         template_dir=str(HERE / "templates"),
         static_mounts=[("vlbatch-static", str(HERE / "static"))],
@@ -45,11 +60,6 @@ def build(config: Config, thumbnail_cache: Path, edge: int = DEFAULT_EDGE) -> Da
     )
     datasette.remove_database("_memory")  # Datasette adds an empty in-memory one when given no files: not ours
     datasette.add_database(ReadOnlyDatabase(datasette, path=str(path)), name=DATABASE)
-    thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, IsolatedDecoder(), config.media, edge)
-    datasette.vlbatch_state = plugin.WebState(thumbnails)
-    # Datasette() made its in-process client (`datasette.client`) before the state existed, so with none of the
-    # vlbatch routes: make it again now that the hooks see the state
-    datasette.client = DatasetteClient(datasette)
     return datasette
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -40,8 +41,7 @@ class WebState:
 
 
 def register() -> None:
-    import batch.service.web.plugin as plugin
-
+    plugin = sys.modules[__name__]
     if not pm.is_registered(plugin):
         pm.register(plugin, name="vlbatch")
 

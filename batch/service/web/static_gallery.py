@@ -1,6 +1,6 @@
 """`vlbatch gallery OUT_DIR`: the results as a folder of static pages that open from file://, with no network.
 
-OUT_DIR gets index.html (page 1), page-2.html, ..., thumbs/ (the previews, copied from the preview cache),
+OUT_DIR gets index.html (page 1), page-2.html, ..., thumbs/ (the previews, hard-linked or copied from the preview cache),
 gallery.css, gallery.js (the search box) and search-index.js (every result's searchable text, so the box also
 names matches on other pages). Writing again replaces the pages, removes what the new pages no longer use, and
 keeps previews that are still current; files vlbatch did not write are never touched (a folder holding other
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +28,7 @@ from tqdm import tqdm
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.infer.decode import IsolatedDecoder
+from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.service.atomic_write import write_atomic
 from batch.service.reports import require_current_database
 from batch.service.result_filter import ResultFilter
@@ -58,6 +61,7 @@ def write_gallery(
     per_page: int,
     thumbnail_cache: Path,
     edge: int = DEFAULT_EDGE,
+    decoder_factory: Callable[[], MediaDecoder] = IsolatedDecoder,
 ) -> Written:
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -65,7 +69,7 @@ def write_gallery(
     rows = _rows(config, ResultFilter(**filters))
     (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / MARKER, "written by vlbatch gallery: its pages and thumbs/ are replaced on each run\n")
-    thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, IsolatedDecoder(), config.media, edge)
+    thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, config.media, edge, decoder_factory)
     try:
         previews = _copy_previews(rows, thumbnails, out_dir / "thumbs")
     finally:
@@ -129,19 +133,36 @@ def _under_root(path: str, roots: list[Path]) -> str:
 
 
 def _copy_previews(rows: list[dict[str, Any]], thumbnails: Thumbnails, thumbs: Path) -> dict[str, str]:
-    """Each recorded path's preview copied into thumbs/: {path: "thumbs/NAME.jpg"}, for files that have one."""
+    """Each recorded path's preview put into thumbs/: {path: "thumbs/NAME.jpg"}, for files that have one.
+
+    Previews are made by every decoder of `thumbnails` at once; each is hard-linked from the cache where the
+    two share a filesystem, else copied.
+    """
     paths = list(dict.fromkeys(p for row in rows for p in json.loads(row.get("media_paths") or "[]")))
-    previews = {}
-    for path in tqdm(paths, desc="previews", unit="file", disable=not sys.stderr.isatty(), file=sys.stderr):
+
+    def place(path: str) -> str | None:
         real = thumbnails.allowed(path)
         preview = thumbnails.preview(real) if real else None
         if preview is None or preview.file is None:
-            continue
+            return None
         target = thumbs / preview.file.name
         if not target.is_file():
-            shutil.copyfile(preview.file, target)
-        previews[path] = f"thumbs/{target.name}"
-    return previews
+            try:
+                os.link(preview.file, target)
+            except FileExistsError:  # the same preview, placed by another thread a moment ago
+                pass
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copyfile(preview.file, target)
+        return f"thumbs/{target.name}"
+
+    bar = tqdm(total=len(paths), desc="previews", unit="file", disable=not sys.stderr.isatty(), file=sys.stderr)
+    with bar, ThreadPoolExecutor(len(thumbnails.decoders)) as pool:
+        placed = {}
+        for path, name in zip(paths, pool.map(place, paths), strict=True):
+            bar.update()
+            if name:
+                placed[path] = name
+    return placed
 
 
 def _remove_stale(out_dir: Path, pages: int, previews: set[str]) -> None:

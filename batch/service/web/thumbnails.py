@@ -11,18 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+import queue
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from batch.errors import MediaError, VlbatchError
-from batch.infer.decode import MediaDecoder
+from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.infer.media import media_kind
 from batch.infer.settings import MediaSettings
 from batch.infer.thumbnail import THUMBNAIL_VERSION
 from batch.service.atomic_write import write_atomic
 
 DEFAULT_EDGE = 320
+DECODERS = min(2, os.cpu_count() or 1)  # previews made at once: one decoding child each
+
+
+def _whole_jpeg(path: Path) -> bool:
+    """A cached preview that is all there (it ends with the JPEG end marker): not cut short by a power loss."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-2, os.SEEK_END)
+            return handle.read(2) == b"\xff\xd9"
+    except OSError:
+        return False
 
 
 def default_cache_dir() -> Path:
@@ -40,19 +52,25 @@ class Preview:
 
 
 class Thumbnails:
+    """Previews for one set of media roots; `preview` may be called from several threads (one decoder each)."""
+
     def __init__(
         self,
         media_roots: Sequence[Path],
         cache_dir: Path,
-        decoder: MediaDecoder,
         settings: MediaSettings,
         edge: int = DEFAULT_EDGE,
+        decoder_factory: Callable[[], MediaDecoder] = IsolatedDecoder,
+        decoders: int = DECODERS,
     ) -> None:
         if not media_roots:
             raise VlbatchError("no spool.media_roots are configured: previews are only made for files under them")
         self.roots = tuple(Path(os.path.realpath(root)) for root in media_roots)
         self.cache_dir = Path(cache_dir)
-        self.decoder = decoder
+        self.decoders = [decoder_factory() for _ in range(decoders)]
+        self._free: queue.SimpleQueue[MediaDecoder] = queue.SimpleQueue()
+        for decoder in self.decoders:
+            self._free.put(decoder)
         self.settings = settings
         self.edge = edge
 
@@ -79,18 +97,22 @@ class Thumbnails:
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
         jpeg = self.cache_dir / digest[:2] / f"{digest}.jpg"
         failed = jpeg.with_suffix(".err")
-        if jpeg.is_file():
+        if _whole_jpeg(jpeg):
             return Preview(jpeg)
         if failed.is_file():
             return Preview(None, failed.read_text(encoding="utf-8", errors="replace"))
         jpeg.parent.mkdir(parents=True, exist_ok=True)
+        decoder = self._free.get()  # waits while every decoder is busy; each decode has its own time limit
         try:
-            data = self.decoder.thumbnail(real, media_kind(real), self.edge, self.settings)  # type: ignore[arg-type]
+            data = decoder.thumbnail(real, media_kind(real), self.edge, self.settings)  # type: ignore[arg-type]
         except MediaError as exc:
-            write_atomic(failed, exc.reason)
+            write_atomic(failed, exc.reason, durable=False)
             return Preview(None, exc.reason)
-        write_atomic(jpeg, data)
+        finally:
+            self._free.put(decoder)
+        write_atomic(jpeg, data, durable=False)  # a cache: written without fsync, checked when read
         return Preview(jpeg)
 
     def close(self) -> None:
-        self.decoder.close()
+        for decoder in self.decoders:
+            decoder.close()

@@ -1,5 +1,6 @@
 /* The static gallery's search box: hides the cards of this page that do not match every word typed, and names
-   the other pages with matches (from search-index.js). The words travel to those pages in the URL's #q=. */
+   the other pages with matches (from search-index.js, loaded when the box is first used: it holds every result's
+   text, so pages open without it). The words travel to those pages in the URL's #q=. */
 (function () {
   "use strict";
   const box = document.getElementById("vb-search");
@@ -42,7 +43,17 @@
     }
   }
 
-  box.addEventListener("input", apply);
+  let index = null;
+  function loadIndex() {
+    if (index) return;
+    index = document.createElement("script");
+    index.src = "search-index.js";
+    index.addEventListener("load", () => { if (box.value) apply(); });
+    document.head.append(index);
+  }
+
+  box.addEventListener("focus", loadIndex);
+  box.addEventListener("input", () => { loadIndex(); apply(); });
   if (location.hash.startsWith("#q=")) box.value = decodeURIComponent(location.hash.slice(3));
-  if (box.value) apply();
+  if (box.value) { loadIndex(); apply(); }
 })();
