@@ -1,10 +1,10 @@
 """`vlbatch gallery OUT_DIR`: the results as a folder of static pages that open from file://, with no network.
 
-OUT_DIR gets index.html (page 1), page-2.html, ..., thumbs/ (the previews, hard-linked or copied from the preview cache),
-gallery.css, gallery.js (the search box) and search-index.js (every result's searchable text, so the box also
-names matches on other pages). Writing again replaces the pages, removes what the new pages no longer use, and
-keeps previews that are still current; files vlbatch did not write are never touched (a folder holding other
-files and no `.vlbatch-gallery` marker is refused).
+OUT_DIR gets index.html (page 1), page-2.html, ..., thumbs/ (the previews, hard-linked or copied from the
+preview cache), gallery.css, gallery.js (the search box) and search-index.js (every result's searchable text, so
+the box also names matches on other pages). Writing again replaces the pages, removes what the new pages no
+longer use, and keeps previews that are still current; files vlbatch did not write are never touched (a folder
+holding other files and no `.vlbatch-gallery` marker is refused).
 """
 
 from __future__ import annotations
