@@ -247,8 +247,12 @@ def _open_worker(
     force: bool,
     providers: tuple[str, ...] | None = None,
     device_id: int | None = None,
+    ray_address: str | None = None,
 ) -> Any:
-    """The worker over the configured spool and database; a database that cannot be opened is exit 3 or 4."""
+    """The worker over the configured spool and database; a database that cannot be opened is exit 3 or 4.
+
+    With `ray_address` (the --ray flag: "" for the configured or automatic address), a Ray head instead.
+    """
     import sqlite3
 
     from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
@@ -256,7 +260,16 @@ def _open_worker(
 
     config = _worker_config(ctx, dir=model_dir, threads=threads, providers=providers, device_id=device_id)
     try:
-        return Worker.from_config(config, force=force)
+        if ray_address is None:
+            return Worker.from_config(config, force=force)
+        try:
+            from batch.service.cluster.worker import RayWorker
+        except ImportError as exc:
+            if exc.name and exc.name.split(".")[0] == "ray":
+                raise VlbatchError("--ray needs the ray extra: pip install 'vlbatch[ray]'") from None
+            raise
+        address = ray_address or config.cluster.ray_address or "auto"
+        return RayWorker.from_config(config, force=force, address=address)
     except (sqlite3.DatabaseError, OSError) as exc:
         if not (is_passing(exc) or is_corrupt_database(exc)):
             raise
@@ -279,6 +292,15 @@ _WORKER_OPTIONS = [
         "--device-id", type=click.IntRange(min=0), help="axengine device: one AXCL card per worker (model.device_id)."
     ),
     click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored."),
+    click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Send units to Ray actors on a cluster: ADDRESS (host:6379, auto, local) or cluster.ray_address.",
+    ),
 ]
 
 

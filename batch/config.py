@@ -101,11 +101,58 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`run --ray` / `watch --ray`: units answered by Ray actors, one loaded model each, on the cluster's nodes."""
+
+    ray_address: str | None = None  # --ray with no address: this, else "auto" (the cluster `ray start` made here)
+    actors: int = 0  # 0 = one per unit of `resource` in the cluster, or per `cpus_per_actor` CPUs without one
+    resource: str | None = None  # a custom Ray resource each actor takes one of, e.g. npu (ray start --resources)
+    cpus_per_actor: int = 1  # Ray CPUs each actor reserves; also its onnxruntime threads
+    media: str = "shared"  # shared: actors read the head's paths (through path_map) | bytes: the head sends the files
+    bytes_nodes: tuple[str, ...] = ()  # nodes (host name or IP) that get bytes whatever `media` says
+    path_map: tuple[str, ...] = ()  # HEAD_PREFIX=NODE_PREFIX: where nodes see the head's media and model folders
+    in_flight_per_actor: int = 2  # units queued at each actor: enough to keep it busy, never a flood
+    actor_start_seconds: float = 300.0  # an actor not ready this long after it was asked for (model load) is given up
+
+    def __post_init__(self) -> None:
+        for name in ("actors", "cpus_per_actor", "in_flight_per_actor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "actors" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'actors' else 'positive'} integer")
+        if self.media not in ("shared", "bytes"):
+            raise ValueError(f"media must be shared or bytes, got {self.media!r}")
+        value = self.actor_start_seconds
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"actor_start_seconds must be a positive number, got {value!r}")
+        for name in ("bytes_nodes", "path_map"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise ValueError(f"{name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(str(v) for v in value))  # YAML gives a list
+        for entry in self.path_map:
+            head, eq, node = entry.partition("=")
+            if not eq or not head.startswith("/") or not node.startswith("/"):
+                raise ValueError(f"path_map entries are /HEAD/PREFIX=/NODE/PREFIX, got {entry!r}")
+
+    def node_path(self, path: Path | str) -> str:
+        """`path` as the nodes see it: the longest matching head prefix of path_map replaced."""
+        text = str(path)
+        best = ("", "")
+        for entry in self.path_map:
+            head, _, node = entry.partition("=")
+            head = head.rstrip("/")
+            if (text == head or text.startswith(head + "/")) and len(head) > len(best[0]):
+                best = (head, node.rstrip("/"))
+        return best[1] + text[len(best[0]) :] if best[0] else text
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None  # the file it came from (absolute); None = built-in defaults
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,12 +171,13 @@ class Config:
         }
 
 
-SECTIONS = ("model", "generation", "media", "spool")
+SECTIONS = ("model", "generation", "media", "spool", "cluster")
 _CLASSES: dict[str, type] = {
     "model": ModelConfig,
     "generation": GenerationSettings,
     "media": MediaSettings,
     "spool": SpoolConfig,
+    "cluster": ClusterConfig,
 }
 
 # older short names, still honoured: alias -> the derived name it stands for

@@ -162,13 +162,19 @@ def _sample(section: str, key: str, hint: typing.Any, default: typing.Any, tmp: 
     if hint is Path:
         return str(tmp / key), tmp / key
     if typing.get_origin(hint) is tuple and str in typing.get_args(hint):
-        names = {("model", "providers"): ("AXCLRTExecutionProvider", "AxEngineExecutionProvider")}
+        names = {
+            ("model", "providers"): ("AXCLRTExecutionProvider", "AxEngineExecutionProvider"),
+            ("cluster", "bytes_nodes"): ("board-2", "10.0.0.7"),
+            ("cluster", "path_map"): ("/srv/photos=/mnt/photos", "/opt/models=/models"),
+        }
         assert (section, key) in names, f"add a valid sample value for the list-of-text setting {section}.{key}"
         return os.pathsep.join(names[section, key]), names[section, key]
     if typing.get_origin(hint) is tuple:
         return f"{tmp / 'a'}{os.pathsep}{tmp / 'b'}", (tmp / "a", tmp / "b")
     if hint is str:
         choices = {("model", "backend"): "axengine", ("media", "video_decoder"): "pyav"}
+        choices |= {("cluster", "ray_address"): "10.0.0.2:6379", ("cluster", "resource"): "npu"}
+        choices |= {("cluster", "media"): "bytes"}
         assert (section, key) in choices, f"add a valid sample value for the text setting {section}.{key}"
         return choices[section, key], choices[section, key]
     raise AssertionError(f"{section}.{key}: no sample for type {hint!r}; teach the config's env reader this type")

@@ -25,7 +25,7 @@ def test_every_database_column_is_documented(tmp_path):
     from batch.service.store import Store
 
     store = Store(tmp_path / "docs.db")
-    for table in ("jobs", "results", "job_results", "sidecars"):
+    for table in ("jobs", "results", "job_results", "sidecars", "actors"):
         assert f"`{table}`" in README, table
         for column in store.db[table].columns_dict:
             assert f"`{column}`" in README, f"{table}.{column}"
@@ -38,7 +38,7 @@ def test_every_database_column_is_described_to_datasette(tmp_path):
 
     tables = metadata()["databases"][DATABASE]["tables"]
     store = Store(tmp_path / "docs.db")
-    for table in ("jobs", "runs", "results", "job_results", "sidecars"):
+    for table in ("jobs", "runs", "results", "job_results", "sidecars", "actors"):
         described = tables[table]["columns"]
         for column in store.db[table].columns_dict:
             assert described.get(column), f"{table}.{column} has no description in batch/service/web/metadata.py"

@@ -119,7 +119,8 @@ def test_extras_follow_the_roles():
     assert _names(extras["export"]) == {"onnx", "onnx-ir", "onnxruntime"}
     assert _names(extras["video"]) == {"av", "decord"}
     assert _names(extras["serve"]) == {"datasette", "pygal"}
-    assert {"vlbatch[cpu,export,video,serve]", "torch==2.13.0"} <= set(extras["dev"])
+    assert _names(extras["ray"]) == {"ray"}
+    assert {"vlbatch[cpu,export,video,serve,ray]", "torch==2.13.0"} <= set(extras["dev"])
 
 
 def _imported_top_modules(path: Path) -> set[str]:

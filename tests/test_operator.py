@@ -63,7 +63,8 @@ def test_every_command_logs_its_config_and_database_first(answered: SpoolEnv):
 def test_one_log_line_per_answer(answered: SpoolEnv):
     lines = [line for line in answered.run_log.splitlines() if "event=answer.done" in line]
     assert len(lines) == 3
-    assert all(re.search(r"job=\S+ file=\S+\.png ttft_ms=[\d.]+ tokens=\d+ tok_s=[\d.]+", line) for line in lines)
+    pattern = r"job=\S+ file=\S+\.png node=\S+ ttft_ms=[\d.]+ tokens=\d+ tok_s=[\d.]+"
+    assert all(re.search(pattern, line) for line in lines)
 
 
 def test_status_shows_each_running_job_with_progress_and_eta(answered: SpoolEnv):

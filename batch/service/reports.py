@@ -77,7 +77,23 @@ def status_report(config: Config, now: datetime | None = None) -> dict[str, Any]
             "running": [_progress(store, job, now) for job in store.running_jobs()],
             "throughput": throughput,
             "recent_failures": store.recent_failures(),
+            "actors": [_actor(row) for row in store.recent_actors(to_utc_iso(now - timedelta(days=1)))],
         }
+
+
+def _actor(row: dict[str, Any]) -> dict[str, Any]:
+    """A Ray actor seen in the last day: where it ran, its state and what it answered."""
+    decode_s = (row["decode_ms"] or 0) / 1e3
+    return {
+        "actor": row["id"],
+        "node": row["node"],
+        "backend": row["backend"],
+        "state": row["state"],
+        "answers": row["answers"],
+        "tokens_per_s": round(row["output_tokens"] / decode_s, 2) if decode_s else None,
+        "last_error": row["last_error"],
+        "updated_utc": row["updated_utc"],
+    }
 
 
 def _progress(store: Store, job: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -123,6 +139,13 @@ def format_status(report: dict[str, Any]) -> str:
             f"{window:>6}: {figures['answers']} answers ({figures['answers_per_hour']:.1f}/h), "
             f"{figures['output_tokens']} tokens, {figures['tokens_per_s']:.2f} tok/s decode, "
             f"mean TTFT {figures['mean_ttft_ms']:.0f} ms"
+        )
+    for actor in report.get("actors", []):
+        speed = "" if actor["tokens_per_s"] is None else f", {actor['tokens_per_s']:.2f} tok/s"
+        error = f"; last error: {actor['last_error'].splitlines()[0]}" if actor["last_error"] else ""
+        lines.append(
+            f"actor {actor['actor']} on {actor['node'] or '?'} ({actor['backend'] or '?'}): {actor['state']}, "
+            f"{actor['answers']} answers{speed}{error}"
         )
     for failure in report["recent_failures"]:
         lines.append(f"{failure['state']}: {failure['id']}: {(failure['error'] or '').splitlines()[0]}")

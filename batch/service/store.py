@@ -7,6 +7,7 @@ database. Tables (see README, "The database"):
 - `results`: one row per generated answer (or per media file that failed), with token counts and timings.
 - `job_results`: every answer a run owns, generated or reused, with that run's own media paths and hashes.
 - `sidecars`: the `.txt` files vlbatch wrote next to media, so it never overwrites someone else's.
+- `actors`: the Ray actors (`run --ray`) a head has used: node, backend, answers, speed, last error.
 - `results_fts`: full-text index over answers and prompts.
 """
 
@@ -169,6 +170,31 @@ def m003_runs_and_exact_links(db: sqlite_utils.Database) -> None:
     db["job_results"].create_index(["result_id"])
     db["job_results"].create_index(["job_id"])
     db["sidecars"].create_index(["sha256"])
+
+
+@migrations()
+def m004_nodes_and_actors(db: sqlite_utils.Database) -> None:
+    """Which host answered (several machines may now answer one spool), and the Ray actors a head has used."""
+    db["results"].add_column("node", str)
+    db["actors"].create(
+        {
+            "id": str,
+            "head": str,
+            "node": str,
+            "node_ip": str,
+            "pid": int,
+            "backend": str,
+            "state": str,
+            "answers": int,
+            "output_tokens": int,
+            "decode_ms": float,
+            "last_error": str,
+            "started_utc": str,
+            "updated_utc": str,
+        },
+        pk="id",
+    )
+    db["actors"].create_index(["updated_utc"])
 
 
 class JobIdBusy(Exception):
@@ -407,6 +433,28 @@ class Store:
 
     def record_sidecar(self, path: Path, sha256: str, result_id: int) -> None:
         self.db["sidecars"].upsert({"path": str(path), "sha256": sha256, "result_id": result_id}, pk="path")
+
+    # Ray actors ---------------------------------------------------------------------------------
+    def record_actor(self, actor_id: str, **fields: Any) -> None:
+        """Create or update an actor's row (its state, node, last error...); `updated_utc` is set to now."""
+        now = utc_now()
+        with self.atomic():
+            if self.db["actors"].count_where("id = ?", [actor_id]):
+                self.db["actors"].update(actor_id, {**fields, "updated_utc": now})
+            else:
+                row = {"answers": 0, "output_tokens": 0, "decode_ms": 0.0, "started_utc": now, "updated_utc": now}
+                self.db["actors"].insert({"id": actor_id, **row, **fields})
+
+    def actor_answered(self, actor_id: str, output_tokens: int, decode_ms: float) -> None:
+        with self.atomic():
+            self.db.execute(
+                "UPDATE actors SET answers = answers + 1, output_tokens = output_tokens + ?, "
+                "decode_ms = decode_ms + ?, updated_utc = ? WHERE id = ?",
+                [output_tokens, decode_ms, utc_now(), actor_id],
+            )
+
+    def recent_actors(self, since_utc: str) -> list[dict[str, Any]]:
+        return list(self.db["actors"].rows_where("updated_utc >= ?", [since_utc], order_by="node, started_utc"))
 
     # queries ------------------------------------------------------------------------------------
     def counts_by_state(self) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from batch.config import Config
 from batch.errors import MediaError, VlbatchError
 from batch.infer.decode import IsolatedDecoder
+from batch.infer.generate import GenerationResult
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.select import model_identity
 from batch.infer.settings import answer_settings
@@ -49,6 +51,7 @@ from batch.service.states import HANDED_BACK, JobState, RetryPolicy
 from batch.service.store import JobIdBusy, Store, file_sha256, worker_name
 
 log = logging.getLogger("batch.service.worker")
+NODE = os.uname().nodename  # recorded with each answer: several machines may answer one spool
 
 
 class HandBack(Exception):
@@ -416,30 +419,10 @@ class Worker:
     def _answer_unit(self, run: _UnitRun, index: int, unit: tuple[Path, ...]) -> None:
         """One unit: hash, reuse a stored answer if one fits, else decode (read ahead), generate and record."""
         job = run.job
-        paths = to_json([str(p) for p in unit])
-        try:
-            hashes = [file_sha256(p) for p in unit]
-        except MediaError as exc:
-            return self._unit_failed(
-                run, {"media_paths": paths, "prompt": job.prompt}, f"{exc.path}: cannot read ({exc.reason})"
-            )
-        own = {"media_paths": paths, "media_sha256": to_json(hashes)}
-        linked = self.store.linked(run.run_id, paths) if run.resume else None
-        if linked is not None:  # answered by an earlier attempt of this run
-            return self._write_sidecar(job, unit, linked)
-        key = cache_key(hashes, job.prompt, job.generation, job.media_settings, self.model_id)
-        previous = None if self.force else self.store.previous_answer(key)
-        if previous is not None:
-            self.store.link(job.id, run.run_id, previous, own["media_paths"], own["media_sha256"], reused=True)
-            return self._write_sidecar(job, unit, previous)
-        base = {
-            **own,
-            "cache_key": key,
-            "prompt": job.prompt,
-            "settings": to_json(answer_settings(job.generation, job.media_settings)),
-            "tags": to_json(job.tags),
-            "model_id": self.model_id,
-        }
+        base = self._needs_answer(run, unit)
+        if base is None:
+            return
+        paths = base["media_paths"]
         try:
             request = self._prepared(run, index)
         except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
@@ -455,9 +438,52 @@ class Worker:
             result = self.pipeline.answer(request, job.generation, on_text=self._check_abort)
         except VlbatchError as exc:
             return self._unit_failed(run, base, str(exc))
-        result_id = self.store.add_result(
-            job.id, run.run_id, {**base, **answer_row(result, self.pipeline.backend.name)}
-        )
+        self._record_answer(run, unit, base, result, self.pipeline.backend.name, NODE)
+
+    def _needs_answer(self, run: _UnitRun, unit: tuple[Path, ...]) -> dict[str, Any] | None:
+        """The unit's results row so far, when the model must answer it; None when it is settled here (linked to
+        an answer this run or an earlier one holds, or failed unreadable)."""
+        job = run.job
+        paths = to_json([str(p) for p in unit])
+        try:
+            hashes = [file_sha256(p) for p in unit]
+        except MediaError as exc:
+            self._unit_failed(
+                run, {"media_paths": paths, "prompt": job.prompt}, f"{exc.path}: cannot read ({exc.reason})"
+            )
+            return None
+        own = {"media_paths": paths, "media_sha256": to_json(hashes)}
+        linked = self.store.linked(run.run_id, paths) if run.resume else None
+        if linked is not None:  # answered by an earlier attempt of this run
+            self._write_sidecar(job, unit, linked)
+            return None
+        key = cache_key(hashes, job.prompt, job.generation, job.media_settings, self.model_id)
+        previous = None if self.force else self.store.previous_answer(key)
+        if previous is not None:
+            self.store.link(job.id, run.run_id, previous, own["media_paths"], own["media_sha256"], reused=True)
+            self._write_sidecar(job, unit, previous)
+            return None
+        return {
+            **own,
+            "cache_key": key,
+            "prompt": job.prompt,
+            "settings": to_json(answer_settings(job.generation, job.media_settings)),
+            "tags": to_json(job.tags),
+            "model_id": self.model_id,
+        }
+
+    def _record_answer(
+        self,
+        run: _UnitRun,
+        unit: tuple[Path, ...],
+        base: dict[str, Any],
+        result: GenerationResult,
+        backend: str,
+        node: str,
+    ) -> int:
+        """Commit a generated answer (with the host that made it), then write its sidecar."""
+        job = run.job
+        result_id = self.store.add_result(job.id, run.run_id, {**base, **answer_row(result, backend), "node": node})
         self.store.end_unit(job.id)
         t = result.timings
         event(
@@ -465,11 +491,13 @@ class Worker:
             "answer.done",
             job=job.id,
             file=", ".join(p.name for p in unit),
+            node=node,
             ttft_ms=t.ttft_ms,
             tokens=result.output_tokens,
             tok_s=t.tokens_per_s,
         )
         self._write_sidecar(job, unit, result_id)
+        return result_id
 
     def _prepared(self, run: _UnitRun, index: int) -> Request:
         """This unit's decoded media (prepared ahead while the previous unit generated); starts the next one."""

@@ -33,6 +33,7 @@ _RESULT_COLUMNS = {
     "settings": "Every setting that shapes the answer (JSON)",
     "tags": "The job's tags (JSON list or mapping)",
     "created_utc": "When the answer was recorded (UTC, ISO 8601)",
+    "node": "The host that answered (the head's own, or a Ray actor's node)",
 }
 
 _JOB_COLUMNS = {
@@ -177,6 +178,26 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                             "sha256": "SHA-256 of what vlbatch wrote",
                             "result_id": "The answer",
                         },
+                    },
+                    "actors": {
+                        "description": "The Ray actors (run --ray) a head has used, one loaded model each.",
+                        "columns": {
+                            "id": "Actor name: spool, start time, serial",
+                            "head": "host:pid of the head that started it",
+                            "node": "The host it runs on",
+                            "node_ip": "That host's IP address in the cluster",
+                            "pid": "The actor's process id on its node",
+                            "backend": "onnxruntime or axengine",
+                            "state": "starting, ready, gone (died or could not start: see last_error) or stopped",
+                            "answers": "Answers it generated",
+                            "output_tokens": "Tokens it generated",
+                            "decode_ms": "Time it spent decoding tokens",
+                            "last_error": "Why it is gone, or the last unit it could not answer",
+                            "started_utc": "When the head asked for it (UTC)",
+                            "updated_utc": "Last change (UTC)",
+                        },
+                        "units": {"decode_ms": "ms"},
+                        "facets": ["state", "node"],
                     },
                     "_sqlite_migrations": {"hidden": True},
                 },

@@ -1,0 +1,109 @@
+"""What one Ray actor is: a loaded model on its node answering units the head sends, read from a shared path or
+sent as bytes. Plain Python (no Ray import): the pool wraps it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from batch.config import ClusterConfig, ModelConfig
+from batch.errors import VlbatchError
+from batch.infer.decode import IsolatedDecoder
+from batch.infer.generate import GenerationResult
+from batch.infer.pipeline import Pipeline
+from batch.infer.settings import GenerationSettings, MediaSettings
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """One unit for an actor: the question, and the files as paths on the node or as (name, bytes) pairs."""
+
+    prompt: str
+    paths: tuple[str, ...]
+    files: tuple[tuple[str, bytes], ...] | None  # set when the node does not mount the media
+    generation: GenerationSettings
+    media: MediaSettings
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node: str  # host name
+    ip: str
+    pid: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class UnitAnswer:
+    """The actor's reply: a result, or the reason the unit failed (media, prompt too long...)."""
+
+    result: GenerationResult | None
+    error: str | None
+    node: str
+    backend: str
+
+
+class UnitAnswerer:
+    """Loads the model once (paths through cluster.path_map), then answers one unit at a time. Media are decoded
+    in a child process with the configured limits, as in a local worker."""
+
+    def __init__(self, model: ModelConfig, media: MediaSettings, cluster: ClusterConfig, threads: int) -> None:
+        if model.dir is None:
+            raise VlbatchError("no model: set model.dir")
+        node_dir = Path(cluster.node_path(model.dir))
+        hf_dir = Path(cluster.node_path(model.hf_dir)) if model.hf_dir else None
+        self.pipeline = Pipeline.open(
+            node_dir,
+            model.backend,
+            hf_dir,
+            threads,
+            media,
+            decoder=IsolatedDecoder(),
+            providers=model.providers,
+            device_id=model.device_id,
+        )
+        self.node = socket.gethostname()
+        self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), self.pipeline.backend.name)
+
+    def info(self) -> NodeInfo:
+        return self.info_
+
+    def answer(self, task: UnitTask) -> UnitAnswer:
+        try:
+            if task.files is None:
+                return self._answer(task, [Path(p) for p in task.paths])
+            with tempfile.TemporaryDirectory(prefix="vlbatch-unit-") as folder:
+                paths = []
+                for i, (name, data) in enumerate(task.files):
+                    path = Path(folder) / f"{i}-{Path(name).name}"  # the suffix tells the media kind
+                    path.write_bytes(data)
+                    paths.append(path)
+                answer = self._answer(task, paths)
+                if answer.error:  # name the head's files, not the temporary copies
+                    error = answer.error
+                    for copy, original in zip(paths, task.paths, strict=True):
+                        error = error.replace(str(copy), original)
+                    answer = replace(answer, error=error)
+                return answer
+        except VlbatchError as exc:
+            return UnitAnswer(None, str(exc), self.node, self.info_.backend)
+
+    def _answer(self, task: UnitTask, paths: list[Path]) -> UnitAnswer:
+        try:
+            request = self.pipeline.prepare(task.prompt, paths, task.media)
+            return UnitAnswer(self.pipeline.answer(request, task.generation), None, self.node, self.info_.backend)
+        except VlbatchError as exc:
+            return UnitAnswer(None, str(exc), self.node, self.info_.backend)
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())

@@ -1,0 +1,270 @@
+"""The head's pool of Ray actors: placing them, feeding them with backpressure, taking their answers back in
+completion order, and replacing an actor that dies (its unit goes to another actor; twice dead, the unit fails).
+
+Ray is the engine: placement by resources (`cluster.resource`, `cluster.cpus_per_actor`), the object store for
+media sent as bytes, actor death detection. The head keeps what must not be shared: the database and the spool.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from batch.config import Config
+from batch.errors import VlbatchError
+from batch.service.cluster.answerer import NodeInfo, UnitAnswer, UnitAnswerer, UnitTask
+from batch.service.logs import event
+
+log = logging.getLogger("batch.service.cluster")
+DEATHS_PER_UNIT = 2  # a unit whose actor died this many times is failed, not sent again
+
+
+class NoActors(OSError):
+    """No actor can answer now (none started, all dead): a passing fault, the job is handed back and retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EAGAIN, reason)
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    name: str
+    info: NodeInfo | None = None
+    ready_ref: Any = None
+    asked_at: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+
+@dataclass
+class _Sent:
+    tag: Any  # what the caller needs back with the answer
+    task: UnitTask
+    actor: _Actor
+    deaths: int = 0
+
+
+@dataclass(frozen=True)
+class Done:
+    tag: Any  # what the caller needs back with the answer
+    answer: UnitAnswer
+    actor: str  # the actor's name (the `actors` table id)
+
+
+class ActorPool:
+    """`submit` units, `next_done` their answers; `full` says when to stop submitting (backpressure)."""
+
+    def __init__(self, config: Config, address: str, on_actor: Callable[..., None]) -> None:
+        self.ray = ray
+        self.config = config
+        self.cluster = config.cluster
+        self.on_actor = on_actor  # on_actor(name, **fields): the `actors` table
+        self._started_ray = False
+        if not ray.is_initialized():
+            ray.init(
+                address=None if address == "local" else address,
+                namespace="vlbatch",
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                include_dashboard=False if address == "local" else None,
+            )
+            self._started_ray = True
+        self.actors: list[_Actor] = []
+        self.sent: dict[Any, _Sent] = {}  # object ref of answer() -> what was sent
+        self._serial = 0
+        self.wanted = self._actor_count()
+        remote = ray.remote(UnitAnswerer)
+        resources = {self.cluster.resource: 1} if self.cluster.resource else None
+        self._remote = remote.options(
+            num_cpus=self.cluster.cpus_per_actor, resources=resources, max_restarts=0, max_task_retries=0
+        )
+        for _ in range(self.wanted):
+            self._start_actor()
+        event(log, "cluster.started", address=address, actors=self.wanted, resource=self.cluster.resource)
+
+    # placing actors -----------------------------------------------------------------------------
+    def _actor_count(self) -> int:
+        if self.cluster.actors:
+            return self.cluster.actors
+        total = self.ray.cluster_resources()
+        if self.cluster.resource:
+            count = int(total.get(self.cluster.resource, 0))
+            if not count:
+                raise VlbatchError(
+                    f"the Ray cluster has no {self.cluster.resource!r} resource (cluster.resource); start each board "
+                    f"with ray start --resources='{{\"{self.cluster.resource}\": 1}}'"
+                )
+            return count
+        return max(1, int(total.get("CPU", 1)) // self.cluster.cpus_per_actor)
+
+    def _start_actor(self) -> None:
+        self._serial += 1
+        name = f"{self.config.spool.dir.name}-{time.strftime('%Y%m%dT%H%M%S')}-{self._serial}"
+        model, media = self.config.model, self.config.media
+        handle = self._remote.remote(model, media, self.cluster, self.cluster.cpus_per_actor)
+        actor = _Actor(handle, name)
+        actor.ready_ref = handle.info.remote()
+        self.actors.append(actor)
+        self.on_actor(name, state="starting")
+
+    def _settle_starting(self, timeout: float) -> None:
+        """Mark actors ready (or failed: they are excluded, with the reason recorded by node)."""
+        starting = {a.ready_ref: a for a in self.actors if a.info is None}
+        if not starting:
+            return
+        ready, _ = self.ray.wait(list(starting), num_returns=len(starting), timeout=timeout)
+        for ref in ready:
+            actor = starting[ref]
+            try:
+                actor.info = self.ray.get(ref)
+            except Exception as exc:
+                self._drop(actor, f"could not start: {_reason(exc)}")
+                continue
+            actor.ready_ref = None
+            info = actor.info
+            self.on_actor(
+                actor.name, state="ready", node=info.node, node_ip=info.ip, pid=info.pid, backend=info.backend
+            )
+            event(log, "cluster.actor_ready", actor=actor.name, node=actor.info.node, backend=actor.info.backend)
+        for actor in [a for a in self.actors if a.info is None]:
+            if time.monotonic() - actor.asked_at > self.cluster.actor_start_seconds:
+                limit = self.cluster.actor_start_seconds
+                self._drop(actor, f"not ready after {limit:g} s (cluster.actor_start_seconds)")
+
+    def _drop(self, actor: _Actor, reason: str) -> None:
+        self.actors.remove(actor)
+        self.on_actor(actor.name, state="gone", last_error=reason)
+        event(log, "cluster.actor_gone", logging.WARNING, actor=actor.name, reason=reason)
+        try:
+            self.ray.kill(actor.handle)
+        except Exception:
+            pass
+
+    @property
+    def ready(self) -> list[_Actor]:
+        return [a for a in self.actors if a.info is not None]
+
+    def wait_ready(self) -> None:
+        """Until at least one actor is ready; NoActors when none can start."""
+        deadline = time.monotonic() + self.cluster.actor_start_seconds + 1
+        while not self.ready:
+            if not self.actors:
+                raise NoActors("no Ray actor could start (see `vlbatch status` for each actor's reason)")
+            if time.monotonic() > deadline:
+                raise NoActors("no Ray actor became ready in time")
+            self._settle_starting(timeout=1.0)
+
+    # units --------------------------------------------------------------------------------------
+    def full(self) -> bool:
+        return len(self.sent) >= max(1, len(self.ready)) * self.cluster.in_flight_per_actor
+
+    def busy(self) -> bool:
+        return bool(self.sent)
+
+    def submit(self, tag: Any, task: UnitTask) -> None:
+        self.wait_ready()
+        self._send(_Sent(tag, task, self._least_busy()))
+
+    def _least_busy(self) -> _Actor:
+        return min(self.ready, key=lambda a: a.in_flight)
+
+    def _send(self, sent: _Sent) -> None:
+        actor = sent.actor
+        task = sent.task
+        if task.files is None and self._wants_bytes(actor):
+            task = _with_bytes(task)
+            sent.task = task
+        ref = actor.handle.answer.remote(task)
+        actor.in_flight += 1
+        self.sent[ref] = sent
+
+    def _wants_bytes(self, actor: _Actor) -> bool:
+        info = actor.info
+        nodes = set(self.cluster.bytes_nodes)
+        return self.cluster.media == "bytes" or (info is not None and bool({info.node, info.ip} & nodes))
+
+    def next_done(self, timeout: float = 1.0) -> Done | None:
+        """One finished unit (in completion order), or None after `timeout`; an actor found dead is replaced and
+        its units sent again (a unit that took two actors down fails)."""
+        self._settle_starting(timeout=0)
+        if not self.sent:
+            return None
+        ready, _ = self.ray.wait(list(self.sent), num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        ref = ready[0]
+        sent = self.sent.pop(ref)
+        sent.actor.in_flight -= 1
+        try:
+            return Done(sent.tag, self.ray.get(ref), sent.actor.name)
+        except self.ray.exceptions.RayActorError as exc:
+            return self._actor_died(sent, exc)
+        except self.ray.exceptions.RayTaskError as exc:  # a bug in the actor: this unit fails, the actor lives
+            failed = UnitAnswer(None, f"the actor failed: {_reason(exc)}", _node(sent.actor), "")
+            return Done(sent.tag, failed, sent.actor.name)
+
+    def _actor_died(self, sent: _Sent, exc: Exception) -> Done | None:
+        actor = sent.actor
+        if actor in self.actors:
+            self._drop(actor, f"died: {_reason(exc)}")
+            self._start_actor()  # Ray places the replacement wherever the resources are
+        sent.deaths += 1
+        names = ", ".join(sent.task.paths)
+        if sent.deaths >= DEATHS_PER_UNIT:
+            error = f"{names}: the actor process died {sent.deaths} times while answering it; skipped"
+            return Done(sent.tag, UnitAnswer(None, error, _node(actor), ""), actor.name)
+        event(log, "cluster.unit_resent", logging.WARNING, file=names, reason="its actor died")
+        # the other units the dead actor held come back the same way, each from its own failed ref
+        self.wait_ready()
+        sent.actor = self._least_busy()
+        self._send(sent)
+        return None
+
+    def cancel(self) -> None:
+        """Forget every unit in flight (a hand-back): nothing of theirs is committed."""
+        for ref, sent in list(self.sent.items()):
+            sent.actor.in_flight -= 1
+            try:
+                self.ray.cancel(ref)
+            except Exception:
+                pass
+        self.sent.clear()
+
+    def close(self) -> None:
+        self.cancel()
+        for actor in list(self.actors):
+            self.on_actor(actor.name, state="stopped")
+            try:
+                self.ray.kill(actor.handle)
+            except Exception:
+                pass
+        self.actors.clear()
+        if self._started_ray:
+            self.ray.shutdown()
+
+
+def _with_bytes(task: UnitTask) -> UnitTask:
+    from dataclasses import replace
+
+    from batch.infer.safe_open import open_media
+
+    files = []
+    for path in task.paths:
+        with open_media(path) as handle:
+            files.append((path, handle.read()))
+    return replace(task, files=tuple(files))
+
+
+def _node(actor: _Actor) -> str:
+    return actor.info.node if actor.info else "?"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
