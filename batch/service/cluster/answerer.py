@@ -20,7 +20,10 @@ from batch.infer.settings import GenerationSettings, MediaSettings
 
 @dataclass(frozen=True)
 class UnitTask:
-    """One unit for an actor: the question, and the files as paths on the node or as (name, bytes) pairs."""
+    """One unit for an actor: the question, and the files as paths or as (name, bytes) pairs.
+
+    The head builds it with its own paths; the pool maps them through cluster.path_map when it sends the unit to
+    an actor that reads the media itself, or reads them into `files` for one that gets bytes."""
 
     prompt: str
     paths: tuple[str, ...]
@@ -35,6 +38,7 @@ class NodeInfo:
     ip: str
     pid: int
     backend: str
+    error: str | None = None  # the model could not be loaded here: the actor is of no use, and says why
 
 
 @dataclass(frozen=True)
@@ -52,22 +56,29 @@ class UnitAnswerer:
     in a child process with the configured limits, as in a local worker."""
 
     def __init__(self, model: ModelConfig, media: MediaSettings, cluster: ClusterConfig, threads: int) -> None:
-        if model.dir is None:
-            raise VlbatchError("no model: set model.dir")
-        node_dir = Path(cluster.node_path(model.dir))
-        hf_dir = Path(cluster.node_path(model.hf_dir)) if model.hf_dir else None
-        self.pipeline = Pipeline.open(
-            node_dir,
-            model.backend,
-            hf_dir,
-            threads,
-            media,
-            decoder=IsolatedDecoder(),
-            providers=model.providers,
-            device_id=model.device_id,
-        )
         self.node = socket.gethostname()
-        self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), self.pipeline.backend.name)
+        # a model that cannot be loaded is reported through info() with this node, not raised: an exception in
+        # __init__ kills the actor, and the head would learn the reason but not the node that failed
+        self.pipeline: Pipeline | None = None
+        try:
+            if model.dir is None:
+                raise VlbatchError("no model: set model.dir")
+            node_dir = Path(cluster.node_path(model.dir))
+            hf_dir = Path(cluster.node_path(model.hf_dir)) if model.hf_dir else None
+            self.pipeline = Pipeline.open(
+                node_dir,
+                model.backend,
+                hf_dir,
+                threads,
+                media,
+                decoder=IsolatedDecoder(),
+                providers=model.providers,
+                device_id=model.device_id,
+            )
+        except Exception as exc:
+            self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), model.backend, f"{type(exc).__name__}: {exc}")
+        else:
+            self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), self.pipeline.backend.name)
 
     def info(self) -> NodeInfo:
         return self.info_
@@ -93,6 +104,8 @@ class UnitAnswerer:
             return UnitAnswer(None, str(exc), self.node, self.info_.backend)
 
     def _answer(self, task: UnitTask, paths: list[Path]) -> UnitAnswer:
+        if self.pipeline is None:
+            raise VlbatchError(f"no model loaded on {self.node}: {self.info_.error}")
         try:
             request = self.pipeline.prepare(task.prompt, paths, task.media)
             return UnitAnswer(self.pipeline.answer(request, task.generation), None, self.node, self.info_.backend)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 
 from batch.config import Config
-from batch.errors import VlbatchError
 from batch.service.cluster.answerer import NodeInfo, UnitAnswer, UnitAnswerer, UnitTask
 from batch.service.logs import event
 
@@ -40,6 +42,7 @@ class _Actor:
     ready_ref: Any = None
     asked_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    running_seq: int = -1  # once dead: the unit it was answering (the others only waited in its queue)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class _Sent:
     task: UnitTask
     actor: _Actor
     deaths: int = 0
+    seq: int = 0  # send order: an actor answers its units in this order
 
 
 @dataclass(frozen=True)
@@ -60,25 +64,30 @@ class Done:
 class ActorPool:
     """`submit` units, `next_done` their answers; `full` says when to stop submitting (backpressure)."""
 
-    def __init__(self, config: Config, address: str, on_actor: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        address: str,
+        on_actor: Callable[..., None],
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.ray = ray
         self.config = config
         self.cluster = config.cluster
         self.on_actor = on_actor  # on_actor(name, **fields): the `actors` table
+        self.stopping = stopping  # a wait for actors ends early when this turns true (a second stop signal)
         self._started_ray = False
-        if not ray.is_initialized():
-            ray.init(
-                address=None if address == "local" else address,
-                namespace="vlbatch",
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                include_dashboard=False if address == "local" else None,
-            )
-            self._started_ray = True
         self.actors: list[_Actor] = []
         self.sent: dict[Any, _Sent] = {}  # object ref of answer() -> what was sent
         self._serial = 0
-        self.wanted = self._actor_count()
+        self._seq = 0
+        if not ray.is_initialized():
+            self._join(address)
+        try:
+            self.wanted = self._actor_count()
+        except NoActors:
+            self.close()
+            raise
         remote = ray.remote(UnitAnswerer)
         resources = {self.cluster.resource: 1} if self.cluster.resource else None
         self._remote = remote.options(
@@ -88,6 +97,27 @@ class ActorPool:
             self._start_actor()
         event(log, "cluster.started", address=address, actors=self.wanted, resource=self.cluster.resource)
 
+    def _join(self, address: str) -> None:
+        """Join (or, for "local", start) the cluster; a cluster that cannot be reached is a passing fault."""
+        # ray.init sets its own SIGTERM handler (sys.exit): the head's stop signals must stay the worker's
+        main = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+        try:
+            ray.init(
+                address=None if address == "local" else address,
+                namespace="vlbatch",
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                include_dashboard=False if address == "local" else None,
+            )
+        except Exception as exc:
+            raise NoActors(f"cannot join the Ray cluster at {address}: {_reason(exc)}") from exc
+        finally:
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+        self._started_ray = True
+
     # placing actors -----------------------------------------------------------------------------
     def _actor_count(self) -> int:
         if self.cluster.actors:
@@ -95,8 +125,8 @@ class ActorPool:
         total = self.ray.cluster_resources()
         if self.cluster.resource:
             count = int(total.get(self.cluster.resource, 0))
-            if not count:
-                raise VlbatchError(
+            if not count:  # the boards may not have joined yet: handed back and tried again
+                raise NoActors(
                     f"the Ray cluster has no {self.cluster.resource!r} resource (cluster.resource); start each board "
                     f"with ray start --resources='{{\"{self.cluster.resource}\": 1}}'"
                 )
@@ -105,7 +135,8 @@ class ActorPool:
 
     def _start_actor(self) -> None:
         self._serial += 1
-        name = f"{self.config.spool.dir.name}-{time.strftime('%Y%m%dT%H%M%S')}-{self._serial}"
+        # the head's pid too: two heads on one spool (spool.max_workers) may start actors in the same second
+        name = f"{self.config.spool.dir.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._serial}"
         model, media = self.config.model, self.config.media
         handle = self._remote.remote(model, media, self.cluster, self.cluster.cpus_per_actor)
         actor = _Actor(handle, name)
@@ -122,15 +153,17 @@ class ActorPool:
         for ref in ready:
             actor = starting[ref]
             try:
-                actor.info = self.ray.get(ref)
+                info = self.ray.get(ref)
             except Exception as exc:
                 self._drop(actor, f"could not start: {_reason(exc)}")
                 continue
+            self.on_actor(actor.name, node=info.node, node_ip=info.ip, pid=info.pid, backend=info.backend)
+            if info.error:  # alive, but without a model (a wrong path, no NPU): recorded with its node, left out
+                self._drop(actor, f"could not start: {info.error}")
+                continue
+            actor.info = info
             actor.ready_ref = None
-            info = actor.info
-            self.on_actor(
-                actor.name, state="ready", node=info.node, node_ip=info.ip, pid=info.pid, backend=info.backend
-            )
+            self.on_actor(actor.name, state="ready")
             event(log, "cluster.actor_ready", actor=actor.name, node=actor.info.node, backend=actor.info.backend)
         for actor in [a for a in self.actors if a.info is None]:
             if time.monotonic() - actor.asked_at > self.cluster.actor_start_seconds:
@@ -152,8 +185,13 @@ class ActorPool:
 
     def wait_ready(self) -> None:
         """Until at least one actor is ready; NoActors when none can start."""
+        if not self.actors:  # all failed or died before: ask again (the fault may be gone, a node may be back)
+            for _ in range(self.wanted):
+                self._start_actor()
         deadline = time.monotonic() + self.cluster.actor_start_seconds + 1
         while not self.ready:
+            if self.stopping():
+                raise NoActors("stopped while waiting for an actor")
             if not self.actors:
                 raise NoActors("no Ray actor could start (see `vlbatch status` for each actor's reason)")
             if time.monotonic() > deadline:
@@ -176,11 +214,15 @@ class ActorPool:
 
     def _send(self, sent: _Sent) -> None:
         actor = sent.actor
-        task = sent.task
+        task = sent.task  # the head's paths: read here for bytes, mapped for an actor that reads them itself
         if task.files is None and self._wants_bytes(actor):
             task = _with_bytes(task)
-            sent.task = task
+            sent.task = task  # a unit sent again keeps its bytes
+        if task.files is None:
+            task = replace(task, paths=tuple(self.cluster.node_path(p) for p in task.paths))
         ref = actor.handle.answer.remote(task)
+        self._seq += 1
+        sent.seq = self._seq
         actor.in_flight += 1
         self.sent[ref] = sent
 
@@ -212,9 +254,13 @@ class ActorPool:
     def _actor_died(self, sent: _Sent, exc: Exception) -> Done | None:
         actor = sent.actor
         if actor in self.actors:
+            # an actor answers one unit at a time: the oldest unit it held was the one running when it died
+            held = [s.seq for s in self.sent.values() if s.actor is actor] + [sent.seq]
+            actor.running_seq = min(held)
             self._drop(actor, f"died: {_reason(exc)}")
             self._start_actor()  # Ray places the replacement wherever the resources are
-        sent.deaths += 1
+        if sent.seq == actor.running_seq:  # the units only queued behind it are sent again without blame
+            sent.deaths += 1
         names = ", ".join(sent.task.paths)
         if sent.deaths >= DEATHS_PER_UNIT:
             error = f"{names}: the actor process died {sent.deaths} times while answering it; skipped"
@@ -250,8 +296,6 @@ class ActorPool:
 
 
 def _with_bytes(task: UnitTask) -> UnitTask:
-    from dataclasses import replace
-
     from batch.infer.safe_open import open_media
 
     files = []

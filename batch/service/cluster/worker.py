@@ -18,7 +18,8 @@ from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.runtime.select import model_identity
 from batch.service.cluster.answerer import UnitTask
-from batch.service.cluster.pool import ActorPool, Done
+from batch.service.cluster.pool import ActorPool, Done, NoActors
+from batch.service.logs import event
 from batch.service.spool import Spool
 from batch.service.store import Store
 from batch.service.worker import HandBack, Worker, _UnitRun
@@ -51,12 +52,16 @@ class RayWorker(Worker):
                 self.config,
                 self.address,
                 lambda actor, **fields: self.store.record_actor(actor, head=self.name, **fields),
+                stopping=lambda: self.abort_requested,
             )
             self._pool.wait_ready()
         return self._pool
 
     def watch(self) -> None:
-        _ = self.pool  # start the actors before the first job arrives
+        try:
+            _ = self.pool  # start the actors before the first job arrives
+        except NoActors as exc:  # waited out like any passing fault: each job asks for actors again
+            event(log, "cluster.no_actors", logging.WARNING, reason=exc.strerror)
         super().watch()
 
     @property
@@ -84,13 +89,8 @@ class RayWorker(Worker):
                     self._commit(run, pool.next_done(timeout=0.5), bar)
                     if self.abort_requested:
                         raise HandBack
-                task = UnitTask(
-                    job.prompt,
-                    tuple(self.config.cluster.node_path(p) for p in unit),
-                    None,
-                    job.generation,
-                    job.media_settings,
-                )
+                # the head's paths: the pool reads them (media: bytes) or maps them through path_map
+                task = UnitTask(job.prompt, tuple(str(p) for p in unit), None, job.generation, job.media_settings)
                 try:
                     pool.submit((unit, base), task)
                 except VlbatchError as exc:  # a file the head cannot read to send as bytes
