@@ -133,13 +133,17 @@ def _imported_top_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_viewers_import_the_serve_extra():
-    """Datasette, pygal and uvicorn are imported by batch/service/web alone: a board without them still runs."""
+@pytest.mark.parametrize(
+    ("extra", "modules", "home"),
+    [("serve", ("datasette", "pygal", "uvicorn"), "service/web"), ("ray", ("ray",), "service/cluster")],
+)
+def test_each_optional_extra_is_imported_by_its_own_package_alone(extra, modules, home):
+    """A machine without the extra (a board without Datasette or Ray) imports and runs everything else."""
     package = REPO / "batch"
     for path in sorted(package.rglob("*.py")):
-        serve_only = {m for m in _imported_top_modules(path) if m.split(".")[0] in ("datasette", "pygal", "uvicorn")}
-        if serve_only:
-            assert path.parent == package / "service" / "web", (path, serve_only)
+        found = {m for m in _imported_top_modules(path) if m.split(".")[0] in modules}
+        if found:
+            assert path.parent == package / home, (extra, path, found)
 
 
 def test_only_the_exporter_imports_the_export_extra():
