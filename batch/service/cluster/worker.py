@@ -100,7 +100,7 @@ class RayWorker(Worker):
                 self._commit(run, pool.next_done(timeout=0.5), bar)
                 if self.abort_requested:
                     raise HandBack
-        except HandBack:
+        except BaseException:  # a hand-back or a fault: what is in flight belongs to this run alone, so it goes
             pool.cancel()
             raise
         finally:
