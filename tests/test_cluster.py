@@ -338,6 +338,20 @@ def test_a_killed_actor_is_replaced_and_every_file_is_answered_once(answered, cl
     assert "event=cluster.unit_resent" in head.text()
 
 
+def test_one_image_jobs_run_side_by_side_on_both_actors(cluster, heads, tmp_path, tiny_onnx):
+    """The head runs as many jobs at once as the pool holds units, so one-image jobs keep every actor busy."""
+    _media(tmp_path, many=8)
+    env = Env(tmp_path, tiny_onnx).configure(cluster={})
+    for i in range(8):
+        env.drop(f"one-{i}.yaml", f"prompt: Caption.\ninputs: ../../media/many/{i:02d}.png\n")
+    head = heads(env, cluster.address)
+    assert head.wait() == 0, head.text()[-3000:]
+    assert len(list((env.jobs / "done").iterdir())) == 8
+    assert len(env.rows("select 1 from job_results")) == len(env.rows("select 1 from results")) == 8
+    assert sorted(a["answers"] for a in env.actors()) != [0, 8], "one actor answered every job"
+    assert sum(a["answers"] for a in env.actors()) == 8
+
+
 def test_one_stop_signal_finishes_the_job(cluster, heads, tmp_path, tiny_onnx):
     _media(tmp_path, many=16)
     env = Env(tmp_path, tiny_onnx).configure(cluster={})

@@ -43,6 +43,7 @@ class _Actor:
     asked_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     running_seq: int = -1  # once dead: the unit it was answering (the others only waited in its queue)
+    last_sent: int = 0  # the send order of its latest unit
 
 
 @dataclass
@@ -104,7 +105,7 @@ class ActorPool:
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         try:
             ray.init(
-                address=None if address == "local" else address,
+                address=address,  # "local" starts a cluster of its own, never joins one found on this host
                 namespace="vlbatch",
                 log_to_driver=False,
                 logging_level=logging.WARNING,
@@ -210,7 +211,7 @@ class ActorPool:
         self._send(_Sent(tag, task, self._least_busy()))
 
     def _least_busy(self) -> _Actor:
-        return min(self.ready, key=lambda a: a.in_flight)
+        return min(self.ready, key=lambda a: (a.in_flight, a.last_sent))  # ties: the one idle longest
 
     def _send(self, sent: _Sent) -> None:
         actor = sent.actor
@@ -222,7 +223,7 @@ class ActorPool:
             task = replace(task, paths=tuple(self.cluster.node_path(p) for p in task.paths))
         ref = actor.handle.answer.remote(task)
         self._seq += 1
-        sent.seq = self._seq
+        sent.seq = actor.last_sent = self._seq
         actor.in_flight += 1
         self.sent[ref] = sent
 
@@ -272,15 +273,17 @@ class ActorPool:
         self._send(sent)
         return None
 
-    def cancel(self) -> None:
-        """Forget every unit in flight (a hand-back): nothing of theirs is committed."""
+    def cancel(self, which: Callable[[Any], bool] = lambda tag: True) -> None:
+        """Forget the units in flight whose tag `which` picks (a hand-back): nothing of theirs is committed."""
         for ref, sent in list(self.sent.items()):
+            if not which(sent.tag):
+                continue
             sent.actor.in_flight -= 1
+            del self.sent[ref]
             try:
                 self.ray.cancel(ref)
             except Exception:
                 pass
-        self.sent.clear()
 
     def close(self) -> None:
         self.cancel()
@@ -293,6 +296,50 @@ class ActorPool:
         self.actors.clear()
         if self._started_ray:
             self.ray.shutdown()
+
+
+class PoolLane:
+    """One job's view of a pool several jobs share (each in its own thread): the same calls as ActorPool, with
+    answers routed to the job that sent the unit. Every call into the pool holds one lock."""
+
+    def __init__(self, pool: ActorPool, lock: threading.Lock, inboxes: dict[int, list[Done]], lane: int) -> None:
+        self.pool, self.lock, self.inboxes, self.lane = pool, lock, inboxes, lane
+        self.outstanding = 0
+
+    def full(self) -> bool:
+        with self.lock:
+            return self.pool.full()
+
+    def busy(self) -> bool:
+        return self.outstanding > 0
+
+    def submit(self, tag: Any, task: UnitTask) -> None:
+        with self.lock:
+            self.pool.submit((self.lane, tag), task)
+        self.outstanding += 1
+
+    def next_done(self, timeout: float = 1.0) -> Done | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                mine = self.inboxes.setdefault(self.lane, [])
+                if not mine:
+                    done = self.pool.next_done(timeout=0.02)
+                    if done is not None:
+                        lane, tag = done.tag
+                        self.inboxes.setdefault(lane, []).append(replace(done, tag=tag))
+                if mine:
+                    self.outstanding -= 1
+                    return mine.pop(0)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)  # let the other jobs' threads take their answers
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.pool.cancel(lambda tag: tag[0] == self.lane)
+            self.inboxes.pop(self.lane, None)
+        self.outstanding = 0
 
 
 def _with_bytes(task: UnitTask) -> UnitTask:

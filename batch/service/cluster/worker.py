@@ -1,15 +1,21 @@
 """The head of `run --ray` / `watch --ray`: the local worker's spool, claims, database, reuse and sidecars, with
 each unit the model must answer sent to the Ray actor pool instead of a local model.
 
-Units are sent in job order, at most `cluster.in_flight_per_actor` per actor, and committed as they come back;
-a second stop signal hands the job back with whatever is in flight dropped (nothing of it was committed), and a
-later attempt of the run skips every unit already recorded.
+The head runs several jobs at once, one per lane (a thread with its own database connection), as many lanes as
+the pool holds units (actors x `cluster.in_flight_per_actor`), so that one-image jobs keep every actor busy too.
+Each job's units are sent in order and committed as they come back; a second stop signal hands every running
+job back with whatever is in flight dropped (nothing of it was committed), and a later attempt of a run skips
+every unit already recorded.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -18,13 +24,14 @@ from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.runtime.select import model_identity
 from batch.service.cluster.answerer import UnitTask
-from batch.service.cluster.pool import ActorPool, Done, NoActors
+from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane
 from batch.service.logs import event
 from batch.service.spool import Spool
 from batch.service.store import Store
-from batch.service.worker import HandBack, Worker, _UnitRun
+from batch.service.worker import HandBack, Outcome, Worker, _UnitRun
 
 log = logging.getLogger("batch.service.cluster")
+MAX_LANES = 64  # jobs one head runs at once, whatever the cluster holds (each lane: a thread, a connection)
 
 
 class RayWorker(Worker):
@@ -32,6 +39,9 @@ class RayWorker(Worker):
         super().__init__(config, store, spool, self._no_local_model, model_id, force)
         self.address = address
         self._pool: ActorPool | None = None
+        self._lock = threading.Lock()
+        self._inboxes: dict[int, list[Done]] = {}
+        self._lanes = threading.local()
 
     @classmethod
     def from_config(cls, config: Config, force: bool = False, address: str | None = None) -> RayWorker:
@@ -51,18 +61,14 @@ class RayWorker(Worker):
             self._pool = ActorPool(
                 self.config,
                 self.address,
-                lambda actor, **fields: self.store.record_actor(actor, head=self.name, **fields),
+                self._record_actor,
                 stopping=lambda: self.abort_requested,
             )
             self._pool.wait_ready()
         return self._pool
 
-    def watch(self) -> None:
-        try:
-            _ = self.pool  # start the actors before the first job arrives
-        except NoActors as exc:  # waited out like any passing fault: each job asks for actors again
-            event(log, "cluster.no_actors", logging.WARNING, reason=exc.strerror)
-        super().watch()
+    def _record_actor(self, actor: str, **fields: Any) -> None:
+        self._lane().store.record_actor(actor, head=self.name, **fields)
 
     @property
     def pipeline(self) -> Any:  # watch() touches it to load the model early: the actors are that model
@@ -73,9 +79,96 @@ class RayWorker(Worker):
             self._pool.close()
         super().close()
 
+    # several jobs at once -------------------------------------------------------------------------
+    def _lane_limit(self) -> int:
+        """How many jobs may run at once: as many as the pool holds units; one while no actor can start."""
+        try:
+            return max(1, self.pool.wanted * self.config.cluster.in_flight_per_actor)
+        except NoActors as exc:  # the first job asks again, and is handed back if there is still none
+            event(log, "cluster.no_actors", logging.WARNING, reason=exc.strerror)
+            return 1
+
+    def drain(self) -> list[Outcome]:
+        return self._run_lanes(until_empty=True)
+
+    def watch(self) -> None:
+        observer = self._observer()
+        observer.start()
+        event(log, "worker.watching", inbox=self.spool.inbox, worker=self.name, ray=self.address)
+        try:
+            self._run_lanes(until_empty=False)
+        finally:
+            observer.stop()
+            observer.join()
+        event(log, "worker.stopped", worker=self.name)
+
+    def _run_lanes(self, until_empty: bool) -> list[Outcome]:
+        """Claim ready jobs into free lanes until the inbox is empty (`run`) or a stop signal (`watch`, `run`)."""
+        outcomes: list[Outcome] = []
+        running: dict[Future[Outcome | None], Path] = {}
+        bar = tqdm(desc="jobs", unit="job", total=0, disable=not sys.stderr.isatty(), file=sys.stderr)
+        lanes = self._lane_limit()
+        with ThreadPoolExecutor(MAX_LANES, thread_name_prefix="lane") as executor:
+            while not (self.stop_requested and not running):
+                next_ready = None
+                if not self.stop_requested:
+                    lanes = lanes if self._pool is not None else self._lane_limit()
+                    try:
+                        self.recover()
+                        ready, next_ready = self.spool.pending()
+                    except Exception as exc:
+                        self._wait_out(exc, give_up=until_empty)
+                        continue
+                    for path in [p for p in ready if p not in running.values()][: min(lanes, MAX_LANES) - len(running)]:
+                        running[executor.submit(self._lane_take, path)] = path
+                    bar.total = max(bar.total, bar.n + len(running))
+                if not running:
+                    if until_empty and next_ready is None:
+                        break
+                    self.wake.wait(self._pause(next_ready))
+                    self.wake.clear()
+                    continue
+                finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    del running[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as exc:  # the lane handed its job back: a fault of the machine
+                        self._wait_out(exc, give_up=until_empty)
+                        continue
+                    self._backoff.reset()
+                    self._failing_since = None
+                    if outcome:
+                        outcomes.append(outcome)
+                        bar.update(1)
+        bar.close()
+        return outcomes
+
+    def _pause(self, next_ready: float | None) -> float:
+        timeout = self.config.spool.rescan_seconds
+        return timeout if next_ready is None else min(timeout, max(0.02, next_ready - time.time()))
+
+    def _lane(self) -> RayWorker:
+        """The job this thread runs (its own database connection), or the head itself in the head's thread."""
+        return getattr(self._lanes, "worker", None) or self
+
+    def _lane_take(self, path: Path) -> Outcome | None:
+        """One job in a lane thread, with a database connection of its own for its whole run."""
+        lane = _Lane(self)
+        self._lanes.worker = lane
+        try:
+            return lane.take(path)
+        finally:
+            self._lanes.worker = None
+            lane.close()
+
+    # one job's units ------------------------------------------------------------------------------
+    def _units_pool(self) -> Any:
+        return PoolLane(self.pool, self._lock, self._inboxes, id(self))
+
     def _run_units(self, job: Any, run_id: int, resume: bool) -> list[str]:
         run = _UnitRun(job, run_id, resume, job.units())
-        pool = self.pool
+        pool = self._units_pool()
         bar = tqdm(total=len(run.units), desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
         try:
             for unit in run.units:
@@ -120,3 +213,25 @@ class RayWorker(Worker):
             t = answer.result.timings
             self.store.actor_answered(done.actor, answer.result.output_tokens, t.decode_ms)
         bar.update()
+
+
+class _Lane(RayWorker):
+    """A job running beside others on the same head: its own database connection and claim, the head's pool,
+    stop signals and name."""
+
+    def __init__(self, head: RayWorker) -> None:
+        self.head = head
+        store = Store(head.config.spool.database, head.config.spool.database_timeout_seconds)
+        super().__init__(head.config, store, head.spool, head.model_id, head.address, head.force)
+        self.name = head.name
+
+    # the head's state, read through: set once in Worker.__init__, ignored here
+    stop_requested = property(lambda self: self.head.stop_requested, lambda self, value: None)
+    abort_requested = property(lambda self: self.head.abort_requested, lambda self, value: None)
+
+    @property
+    def pool(self) -> ActorPool:
+        return self.head.pool
+
+    def _units_pool(self) -> Any:
+        return PoolLane(self.head.pool, self.head._lock, self.head._inboxes, id(self))
