@@ -338,6 +338,29 @@ def test_a_killed_actor_is_replaced_and_every_file_is_answered_once(answered, cl
     assert "event=cluster.unit_resent" in head.text()
 
 
+def test_a_killed_head_recovers_as_a_single_worker_does(answered, cluster, heads, tmp_path, tiny_onnx):
+    """kill -9 of the head mid-job: its actors go with it; once the lease runs out the next head takes the job
+    back and answers only what was not committed."""
+    _, local, _, _ = answered
+    _media(tmp_path)
+    env = Env(tmp_path, tiny_onnx).configure(cluster={})
+    env.drop("many.yaml", JOBS["many.yaml"])
+    head = heads(env, cluster.address)
+    head.until(lambda: env.committed("many") >= 6)
+    head.proc.kill()
+    head.proc.wait()
+    before = env.committed("many")
+    assert 6 <= before < 40 and list((env.jobs / "work").glob("*many.yaml*"))
+    time.sleep(11)  # the lease (10 s) runs out
+    again = heads(env, cluster.address)
+    assert again.wait() == 0, again.text()[-3000:]
+    assert env.job("many")["state"] == "done" and env.job("many")["attempts"] == 2
+    results = env.rows("select media_paths from results")
+    assert len(results) == 40 and len({r["media_paths"] for r in results}) == 40, "a file was answered twice"
+    ours, theirs = env.answers("many"), local.answers("many")
+    assert {n: _same(r) for n, r in ours.items()} == {n: _same(r) for n, r in theirs.items()}
+
+
 def test_one_image_jobs_run_side_by_side_on_both_actors(cluster, heads, tmp_path, tiny_onnx):
     """The head runs as many jobs at once as the pool holds units, so one-image jobs keep every actor busy."""
     _media(tmp_path, many=8)
