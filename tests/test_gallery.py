@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from markupsafe import escape
 from PIL import Image
 from spool_env import SpoolEnv
+from web_env import latest_rows
 
 from batch.cli import main
 from batch.service.web.cards import printable
@@ -32,22 +32,6 @@ def gallery(results_env: SpoolEnv, cache: Path):
         return CliRunner().invoke(main, [*command, str(thumbnail_cache), *args], catch_exceptions=False)
 
     return _gallery
-
-
-def latest_rows(db_path: Path) -> list[dict]:
-    """Every result of each job's latest run, straight from the database."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [
-            dict(row)
-            for row in conn.execute(
-                "SELECT jr.job_id, jr.media_paths, r.answer, r.error FROM job_results jr "
-                "JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id WHERE jr.run_id = j.run_id"
-            )
-        ]
-    finally:
-        conn.close()
 
 
 def search_word(rows: list[dict]) -> tuple[str, list[dict]]:

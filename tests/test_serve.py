@@ -30,6 +30,7 @@ from markupsafe import escape
 from PIL import Image
 from spool_env import SpoolEnv, wait_for
 from synthetic import synthetic_image
+from web_env import latest_rows
 
 from batch.cli import main
 from batch.config import load_config
@@ -115,22 +116,6 @@ def record_paths(db_path: Path, paths: list[str]) -> None:
                 [json.dumps([path])],
             )
     conn.close()
-
-
-def latest_rows(db_path: Path) -> list[dict]:
-    """Every result of each job's latest run, straight from the database."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [
-            dict(row)
-            for row in conn.execute(
-                "SELECT jr.id AS link_id, jr.job_id, jr.media_paths, r.answer, r.error FROM job_results jr "
-                "JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id WHERE jr.run_id = j.run_id"
-            )
-        ]
-    finally:
-        conn.close()
 
 
 def shown(text: str) -> str:

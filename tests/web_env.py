@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from PIL import Image
@@ -11,6 +12,22 @@ from synthetic import synthetic_image, write_video
 from batch.service.worker import Worker
 
 ROTATED = "portrait-exif.jpg"  # stored 160x100 landscape, EXIF orientation 6: shown upright it is 100x160
+
+
+def latest_rows(db_path: Path) -> list[dict]:
+    """Every result of each job's latest run, straight from the database (read-only)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [
+            dict(row)
+            for row in conn.execute(
+                "SELECT jr.id AS link_id, jr.job_id, jr.media_paths, r.answer, r.error FROM job_results jr "
+                "JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id WHERE jr.run_id = j.run_id"
+            )
+        ]
+    finally:
+        conn.close()
 
 
 def make_results(root: Path, model: Path) -> SpoolEnv:
