@@ -70,10 +70,6 @@ class RayWorker(Worker):
     def _record_actor(self, actor: str, **fields: Any) -> None:
         self._lane().store.record_actor(actor, head=self.name, **fields)
 
-    @property
-    def pipeline(self) -> Any:  # watch() touches it to load the model early: the actors are that model
-        return self.pool
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
