@@ -444,6 +444,13 @@ def results(ctx: click.Context, fmt: str, **filters: Any) -> None:
     click.echo(format_results(rows, fmt), nl=False)
 
 
+_thumbnail_cache_option = click.option(
+    "--thumbnail-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for preview images (default: $XDG_CACHE_HOME/vlbatch/thumbnails).",
+)
+
+
 def _thumbnail_cache(value: Path | None) -> Path:
     from batch.service.web.thumbnails import default_cache_dir
 
@@ -453,11 +460,7 @@ def _thumbnail_cache(value: Path | None) -> Path:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all networks).")
 @click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
-@click.option(
-    "--thumbnail-cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for preview images (default: $XDG_CACHE_HOME/vlbatch/thumbnails).",
-)
+@_thumbnail_cache_option
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None) -> None:
     """Browse the results in a web browser: Datasette over the database, read-only, with a gallery and charts.
@@ -484,11 +487,7 @@ def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None
 @click.option("-s", "--search", help="Only answers matching this full-text search (SQLite FTS5 syntax).")
 @click.option("--failed", is_flag=True, help="Only the files that got no answer, with the reasons.")
 @click.option("--per-page", default=100, show_default=True, type=click.IntRange(min=1, max=1000))
-@click.option(
-    "--thumbnail-cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for preview images (default: $XDG_CACHE_HOME/vlbatch/thumbnails).",
-)
+@_thumbnail_cache_option
 @click.pass_context
 def gallery(
     ctx: click.Context, out_dir: Path, failed: bool, per_page: int, thumbnail_cache: Path | None, **filters: Any
@@ -497,7 +496,7 @@ def gallery(
 
     The folder needs no server and no network (open index.html, or copy the folder anywhere); writing it again
     replaces the pages and keeps previews that are still current. A cron job can write it after each drain:
-    vlbatch run && vlbatch gallery --since 24h /srv/www/last-night
+    vlbatch run; vlbatch gallery --since 24h /srv/www/last-night
     """
     static = _web_module("static_gallery")
     filters["failed"] = True if failed else None
