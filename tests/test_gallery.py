@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from markupsafe import escape
 from PIL import Image
 from spool_env import SpoolEnv
-from web_env import latest_rows
+from web_env import cards_of, latest_rows, search_word, shown
 
 from batch.cli import main
-from batch.service.web.cards import printable
 from batch.service.web.static_gallery import MARKER
 
 
@@ -34,34 +32,15 @@ def gallery(results_env: SpoolEnv, cache: Path):
     return _gallery
 
 
-def search_word(rows: list[dict]) -> tuple[str, list[dict]]:
-    """A plain word of some answers but not all (no FTS5 syntax in it), and the rows whose answer has it."""
-    for row in rows:
-        for word in re.findall(r"(?<![^\W_])[a-z]{4,}(?![^\W_])", (row["answer"] or "").lower()):
-            having = [r for r in rows if r["answer"] and re.search(rf"(?<![^\W_]){word}(?![^\W_])", r["answer"], re.I)]
-            if word not in ("caption", "compare", "them") and 0 < len(having) < len(rows) - 1:
-                return word, having
-    raise AssertionError(f"no answer has a word of its own: {rows}")
-
-
 def published(row: dict, env: SpoolEnv) -> str:
     """A result's answer, or its reason with the file named from its media root on, as the pages show it."""
     return shown(row["answer"] or row["error"].replace(str(env.media), env.media.name))
-
-
-def shown(text: str) -> str:
-    """A stored text as the pages write it: control characters replaced, HTML-escaped."""
-    return str(escape(printable(text)))
 
 
 def pages_of(out: Path) -> list[str]:
     """The pages in order: index.html, page-2.html, ..."""
     names = ["index.html", *sorted((p.name for p in out.glob("page-*.html")), key=lambda n: int(n[5:-5]))]
     return [(out / name).read_text(encoding="utf-8") for name in names]
-
-
-def cards_of(page: str) -> list[str]:
-    return re.findall(r'<article class="vb-card.*?</article>', page, re.S)
 
 
 def jobs_of(page: str) -> list[str]:

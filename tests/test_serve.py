@@ -26,17 +26,15 @@ from urllib.parse import quote, urlencode
 
 import pytest
 from click.testing import CliRunner
-from markupsafe import escape
 from PIL import Image
 from spool_env import SpoolEnv, wait_for
 from synthetic import synthetic_image
-from web_env import latest_rows
+from web_env import cards_of, latest_rows, search_word, shown
 
 from batch.cli import main
 from batch.config import load_config
 from batch.infer.decode import InProcessDecoder, IsolatedDecoder
 from batch.service.web import app, plugin
-from batch.service.web.cards import printable
 from batch.service.web.metadata import QUERIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,25 +114,6 @@ def record_paths(db_path: Path, paths: list[str]) -> None:
                 [json.dumps([path])],
             )
     conn.close()
-
-
-def shown(text: str) -> str:
-    """A value as the templates write it: control characters replaced, HTML-escaped."""
-    return str(escape(printable(text)))
-
-
-def search_word(rows: list[dict]) -> tuple[str, list[dict]]:
-    """A plain word of some answers but not all (no FTS5 syntax in it), and the rows whose answer has it."""
-    for row in rows:
-        for word in re.findall(r"(?<![^\W_])[a-z]{4,}(?![^\W_])", (row["answer"] or "").lower()):
-            having = [r for r in rows if r["answer"] and re.search(rf"(?<![^\W_]){word}(?![^\W_])", r["answer"], re.I)]
-            if word not in ("caption", "compare", "them") and 0 < len(having) < len(rows) - 1:
-                return word, having
-    raise AssertionError(f"no answer has a word of its own: {rows}")
-
-
-def cards_of(page: str) -> list[str]:
-    return re.findall(r'<article class="vb-card.*?</article>', page, re.S)
 
 
 def jpeg(body: bytes) -> Image.Image:

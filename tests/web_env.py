@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
+from markupsafe import escape
 from PIL import Image
 from spool_env import SpoolEnv
 from synthetic import synthetic_image, write_video
 
+from batch.service.web.cards import printable
 from batch.service.worker import Worker
 
 ROTATED = "portrait-exif.jpg"  # stored 160x100 landscape, EXIF orientation 6: shown upright it is 100x160
@@ -28,6 +31,26 @@ def latest_rows(db_path: Path) -> list[dict]:
         ]
     finally:
         conn.close()
+
+
+def shown(text: str) -> str:
+    """A stored text as the pages write it: control characters replaced, HTML-escaped."""
+    return str(escape(printable(text)))
+
+
+def cards_of(page: str) -> list[str]:
+    """The result cards of a served or static gallery page."""
+    return re.findall(r'<article class="vb-card.*?</article>', page, re.S)
+
+
+def search_word(rows: list[dict]) -> tuple[str, list[dict]]:
+    """A plain word of some answers but not all (no FTS5 syntax in it), and the rows whose answer has it."""
+    for row in rows:
+        for word in re.findall(r"(?<![^\W_])[a-z]{4,}(?![^\W_])", (row["answer"] or "").lower()):
+            having = [r for r in rows if r["answer"] and re.search(rf"(?<![^\W_]){word}(?![^\W_])", r["answer"], re.I)]
+            if word not in ("caption", "compare", "them") and 0 < len(having) < len(rows) - 1:
+                return word, having
+    raise AssertionError(f"no answer has a word of its own: {rows}")
 
 
 def make_results(root: Path, model: Path) -> SpoolEnv:
