@@ -304,10 +304,18 @@ _WORKER_OPTIONS = [
 ]
 
 
-def _worker_options(command: Any) -> Any:
-    for option in reversed(_WORKER_OPTIONS):
-        command = option(command)
-    return command
+def _all(options: list[Any]) -> Any:
+    """One decorator for several click options, in the order given (as --help lists them)."""
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+_worker_options = _all(_WORKER_OPTIONS)
 
 
 @main.command()
@@ -416,13 +424,22 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+_FILTER_OPTIONS = [  # ResultFilter's fields: which answers `results` and `gallery` show
+    click.option("--job", help="Only this job's answers (its latest run), with the job's own files."),
+    click.option("--run", type=click.IntRange(min=1), help="Only the answers of this run (see status --job)."),
+    click.option(
+        "--since", callback=_when, help="Recorded at or after: ISO 8601 (2026-11-01, ...T10:00+01:00) or 2h, 3d."
+    ),
+    click.option("--until", callback=_when, help="Recorded before: the same forms as --since."),
+    click.option("--tag", help="Only jobs with this tag: a value of a tag list or mapping key, or key=value."),
+    click.option("-s", "--search", help="Full-text search of answers and prompts (SQLite FTS5 syntax)."),
+]
+
+_filter_options = _all(_FILTER_OPTIONS)
+
+
 @main.command()
-@click.option("--job", help="Only this job's answers (its latest run), with the job's own files.")
-@click.option("--run", type=click.IntRange(min=1), help="Only the answers of this run (see status --job).")
-@click.option("--since", callback=_when, help="Recorded at or after: ISO 8601 (2026-11-01, ...T10:00+01:00) or 2h, 3d.")
-@click.option("--until", callback=_when, help="Recorded before: the same forms as --since.")
-@click.option("--tag", help="Only jobs with this tag: a value of a tag list or mapping key, or key=value.")
-@click.option("-s", "--search", help="Full-text search of answers and prompts (SQLite FTS5 syntax).")
+@_filter_options
 @click.option("-n", "--limit", default=100, show_default=True, type=click.IntRange(min=0), help="0 = no limit.")
 @click.option(
     "--format",
@@ -479,12 +496,7 @@ def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--job", help="Only this job's answers (its latest run).")
-@click.option("--run", type=click.IntRange(min=1), help="Only the answers of this run (see status --job).")
-@click.option("--since", callback=_when, help="Recorded at or after: ISO 8601 or an age such as 24h, 3d.")
-@click.option("--until", callback=_when, help="Recorded before: the same forms as --since.")
-@click.option("--tag", help="Only jobs with this tag: a value of a tag list or mapping key, or key=value.")
-@click.option("-s", "--search", help="Only answers matching this full-text search (SQLite FTS5 syntax).")
+@_filter_options
 @click.option("--failed", is_flag=True, help="Only the files that got no answer, with the reasons.")
 @click.option("--per-page", default=100, show_default=True, type=click.IntRange(min=1, max=1000))
 @_thumbnail_cache_option
