@@ -201,6 +201,17 @@ def test_thumbnail_refuses_paths_without_opening_them(copied: SpoolEnv, tmp_path
         assert own_row.status_code == 200
 
 
+def test_a_preview_cache_that_cannot_be_written_is_a_503_and_the_site_goes_on(
+    results_env: SpoolEnv, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with site(results_env, blocked) as datasette:
+        preview, gallery = fetch(datasette, thumb(results_env.media / "beach.jpg"), "/-/gallery")
+    assert preview.status_code == 503 and "cannot keep previews" in preview.text
+    assert gallery.status_code == 200 and len(cards_of(gallery.text)) == 7
+
+
 def test_thumbnails_of_recorded_media(results_env: SpoolEnv, tmp_path: Path) -> None:
     media = results_env.media
     cache = tmp_path / "cache"
