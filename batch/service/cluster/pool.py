@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from batch.config import Config
+from batch.infer.safe_open import open_media
 from batch.service.cluster.answerer import NodeInfo, UnitAnswer, UnitAnswerer, UnitTask
 from batch.service.logs import event
 
@@ -343,8 +344,6 @@ class PoolLane:
 
 
 def _with_bytes(task: UnitTask) -> UnitTask:
-    from batch.infer.safe_open import open_media
-
     files = []
     for path in task.paths:
         with open_media(path) as handle:
