@@ -1,13 +1,19 @@
-"""vlbatch at InternVL3-2B's real shape (random weights): the upstream table's cases on this CPU.
+"""vlbatch at InternVL3-2B's real shape (random weights): the upstream table's cases and a photo caption.
 
     python bench/run_bench.py [--weights int4 fp32] [--peers transformers llamacpp] [--threads 2]
-                              [--decode-tokens 32] [--json out.json]
+                              [--decode-tokens 32] [--json out.json] [--allow-missing-peers]
 
 Builds (once, cached under models/) the real-shape model and one export per weight format, then reports
 per export: model load time, ViT ms per 448 tile, TTFT for 0 images (128-token prompt), 1 image, 4 images
 and an 8-frame video, decode ms/token and tokens/s over a fixed number of tokens (end-of-turn ignored),
-and the process's peak RSS. The peers run afterwards, one subprocess each, on the same weights, prompts
-and thread count: transformers (torch fp32) and llama.cpp (Q4_0, Q8_0); the ratios close the report.
+and the process's peak RSS. The planning cases caption a 4:3 photo (64 tokens) at max_tiles 12, 6 and 1:
+TTFT, the ViT's and the prefill's share of it, seconds per photo and photos per hour, next to the same
+arithmetic from the published AX650N figures (computed, not measured). The peers run afterwards, one
+subprocess each, on the same weights, prompts and thread count: transformers (torch fp32) and llama.cpp
+(Q4_0, Q8_0); the ratios close the report.
+
+A peer that gives no figures (a crash, a signal, a missing package, a time-out) is shown as FAILED with its
+cause, no ratio is printed against it, and the run exits 1 unless --allow-missing-peers is given.
 A benchmark, not a test: nothing checks these numbers.
 """
 
@@ -18,7 +24,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,24 +34,29 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
-from synthetic import write_demo_media  # noqa: E402
+from peers import PeerOutcome, run_peer  # noqa: E402
+from synthetic import synthetic_image, write_demo_media  # noqa: E402
 
 from batch.infer.generate import Timings  # noqa: E402
-from batch.infer.media import MediaSettings  # noqa: E402
+from batch.infer.media import choose_tile_cap, tile_count  # noqa: E402
 from batch.infer.pipeline import Pipeline, Request  # noqa: E402
-from batch.infer.settings import GenerationSettings  # noqa: E402
+from batch.infer.settings import GenerationSettings, MediaSettings  # noqa: E402
 from batch.model.export.exporter import export  # noqa: E402
 from batch.model.tinymodel import convert_to_native, make_model  # noqa: E402
+from batch.service.planning import AX650N_PREFILL_CAPACITY, ax650n_rates  # noqa: E402
 
-MODELS = REPO / "models"
+PHOTO = (2048, 1536)  # a 4:3 photo, as most cameras and phones take them
+CAPTION_PROMPT = "Write a caption for this photo."
+PEER_INSTALL = "pip install -e '.[bench]', or make bench"
 
 
-def cached_export(weights: str) -> Path:
-    hf = MODELS / "real-shape-hf"
+def cached_export(models: Path, preset: str, weights: str) -> Path:
+    hf = models / f"{preset}-hf"
     if not (hf / "config.json").exists():
-        make_model(hf, preset="real-shape")
-    out = MODELS / f"real-shape-{weights}"
+        make_model(hf, preset=preset)
+    out = models / f"{preset}-{weights}"
     if not (out / "manifest.json").exists():
         export(hf, out, weights=weights)
     return out
@@ -58,26 +68,51 @@ def machine() -> dict[str, str | int]:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count() or 0, "python": platform.python_version()}
+    flags: set[str] = set()
+    try:
+        line = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")))
+        flags = set(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimddp", "sve", "i8mm")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "cpu_features": " ".join(f for f in wanted if f in flags),
+        "python": platform.python_version(),
+    }
 
 
 def run_case(pipeline: Pipeline, request: Request, decode_tokens: int) -> dict[str, float]:
+    """One answer of decode_tokens + 1 tokens (end-of-turn ignored), timed stage by stage."""
     timings = Timings()
     settings = GenerationSettings(max_new_tokens=decode_tokens + 1, ignore_eos=True)
+    started = time.perf_counter()
     for _ in pipeline.steps(request, settings, timings):
         pass
     return {
         "prompt_tokens": len(request.ids),
+        "tiles": 0 if request.pixels is None else len(request.pixels),
+        "image_tokens": int((request.ids == pipeline.image_token).sum()),
+        "preprocess_ms": request.preprocess_ms,
         "vit_ms": timings.vit_ms,
         "prefill_ms": timings.prefill_ms,
         "ttft_ms": timings.ttft_ms,
+        "decode_ms": timings.decode_ms,
         "decode_ms_per_token": timings.decode_ms / max(1, timings.decode_tokens),
         "decode_tok_s": timings.tokens_per_s,
+        "answer_s": time.perf_counter() - started,
     }
 
 
 def bench_export(
-    folder: Path, threads: int, decode_tokens: int, media: Path, save_cases: Path | None = None
+    folder: Path,
+    threads: int,
+    decode_tokens: int,
+    caption_tokens: int,
+    photo_tiles: list[int],
+    media: Path,
+    save_cases: Path | None = None,
 ) -> dict[str, object]:
     started = time.perf_counter()
     pipeline = Pipeline.open(folder, threads=threads, media=MediaSettings(max_tiles=1))
@@ -105,6 +140,17 @@ def bench_export(
             f"decode {r['decode_tok_s']:5.2f} tok/s",
             flush=True,
         )
+    photos = {}
+    for max_tiles in photo_tiles:  # the planning cases: one photo captioned, preparation included
+        pipeline.vit_cache = type(pipeline.vit_cache)()
+        request = pipeline.prepare(CAPTION_PROMPT, [media / "photo.jpg"], MediaSettings(max_tiles=max_tiles))
+        r = photos[f"photo max_tiles {max_tiles}"] = run_case(pipeline, request, caption_tokens - 1)
+        r["seconds_per_photo"] = r["preprocess_ms"] / 1e3 + r["answer_s"]
+        print(
+            f"  photo max_tiles {max_tiles:<2} {r['tiles']:>2} tiles {r['prompt_tokens']:>5} tokens  "
+            f"TTFT {r['ttft_ms'] / 1e3:6.1f} s  {r['seconds_per_photo']:6.1f} s/photo",
+            flush=True,
+        )
     pipeline.close()
     one = results["1 image"]
     return {
@@ -112,57 +158,79 @@ def bench_export(
         "vit_ms_per_tile": one["vit_ms"],
         "prefill_tok_s": one["prompt_tokens"] / (one["prefill_ms"] / 1e3),
         "cases": results,
+        "photos": photos,
     }
 
 
-def run_peer(command: list[str]) -> dict[str, object]:
-    print("$ " + " ".join(command), flush=True)
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode:
-        print(proc.stderr[-2000:])
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def ax650n_photos(measured: dict[str, dict[str, float]], caption_tokens: int) -> dict[str, dict[str, Any]]:
+    """The planning cases computed from the published AX650N figures, per published axmodel folder.
 
-
-def peers(names: list[str], threads: int, decode_tokens: int, cases: Path) -> dict[str, object]:
-    out: dict[str, object] = {}
-    if "transformers" in names:
-        native = MODELS / "real-shape-native"
-        if not (native / "config.json").exists():
-            convert_to_native(MODELS / "real-shape-hf", native)
-        out["transformers"] = run_peer(
-            [
-                sys.executable,
-                str(REPO / "bench" / "peer_transformers.py"),
-                str(native),
-                str(cases),
-                "--threads",
-                str(threads),
-                "--decode-tokens",
-                str(decode_tokens),
-            ]
-        )
-    if "llamacpp" in names:
-        out["llamacpp"] = run_peer(
-            [
-                sys.executable,
-                str(REPO / "bench" / "peer_llamacpp.py"),
-                str(MODELS / "real-shape-hf"),
-                str(MODELS / "real-shape-gguf"),
-                "--threads",
-                str(threads),
-                "--prompt-tokens",
-                "128",
-                "400",
-                "--decode-tokens",
-                str(decode_tokens),
-            ]
-        )
+    Each folder prefills at most so many tokens (1152 for chunk_128, 2176 for chunk_128_2048), so the pipeline
+    lowers max_tiles there exactly as it does on any backend; the text around the image is the measured case's.
+    """
+    rates = ax650n_rates()
+    out: dict[str, dict[str, Any]] = {}
+    for folder, capacity in AX650N_PREFILL_CAPACITY.items():
+        out[folder] = {}
+        for name, case in measured.items():
+            settings = MediaSettings(max_tiles=int(name.rsplit(" ", 1)[1]))
+            per_tile = case["image_tokens"] // case["tiles"]
+            text = case["prompt_tokens"] - case["image_tokens"]
+            cap = choose_tile_cap([PHOTO], settings, (capacity - text) // per_tile)
+            tiles = tile_count(*PHOTO, cap, settings.image_size, settings.use_thumbnail)
+            unit = rates.unit(tiles, text + tiles * per_tile, caption_tokens)
+            out[folder][name] = {
+                "tiles": tiles,
+                "prompt_tokens": text + tiles * per_tile,
+                "vit_ms": unit.vit_ms,
+                "prefill_ms": unit.prefill_ms,
+                "ttft_ms": unit.ttft_ms,
+                "seconds_per_photo": unit.total_ms / 1e3,
+            }
     return out
 
 
-def comparison(report: dict[str, Any]) -> list[str]:
-    """Decode, prefill, ViT and TTFT side by side, with vlbatch's ratio over each peer."""
+def planning_table(report: dict[str, Any]) -> list[str]:
+    """The 'how long will my folder take' rows: every export's measured photos, then AX650N computed."""
+    lines = [
+        f"{'who':<31} {'max_tiles':>9} {'tiles':>5} {'tokens':>6} {'TTFT s':>7} {'ViT %':>6} {'prefill %':>9} "
+        f"{'s/photo':>8} {'photos/h':>8}"
+    ]
+    sources = [(f"vlbatch {w} (measured)", report[w]["photos"]) for w in report["weights"] if report.get(w)]
+    for folder, photos in report.get("ax650n_photos", {}).items():
+        sources.append((f"AX650N {folder} (computed)", photos))
+    for who, photos in sources:
+        for name, r in photos.items():
+            ttft = r["ttft_ms"]
+            lines.append(
+                f"{who:<31} {name.rsplit(' ', 1)[1]:>9} {r['tiles']:>5} {r['prompt_tokens']:>6} {ttft / 1e3:>7.1f} "
+                f"{100 * r['vit_ms'] / ttft:>5.0f}% {100 * r['prefill_ms'] / ttft:>8.0f}% "
+                f"{r['seconds_per_photo']:>8.1f} {3600 / r['seconds_per_photo']:>8.0f}"
+            )
+    return lines
+
+
+def peers(
+    names: list[str], models: Path, preset: str, threads: int, decode_tokens: int, cases: Path, timeout_s: float
+) -> dict[str, PeerOutcome]:
+    out: dict[str, PeerOutcome] = {}
+    if "transformers" in names:
+        native = models / f"{preset}-native"
+        if not (native / "config.json").exists():
+            convert_to_native(models / f"{preset}-hf", native)
+        command = [sys.executable, str(REPO / "bench" / "peer_transformers.py"), str(native), str(cases)]
+        command += ["--threads", str(threads), "--decode-tokens", str(decode_tokens)]
+        out["transformers"] = run_peer("transformers", command, timeout_s, install_hint=PEER_INSTALL)
+    if "llamacpp" in names:
+        command = [sys.executable, str(REPO / "bench" / "peer_llamacpp.py"), str(models / f"{preset}-hf")]
+        command += [str(models / f"{preset}-gguf"), "--threads", str(threads), "--prompt-tokens", "128", "400"]
+        command += ["--decode-tokens", str(decode_tokens)]
+        out["llamacpp"] = run_peer("llamacpp", command, timeout_s, install_hint=PEER_INSTALL)
+    return out
+
+
+def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list[str]:
+    """Decode, prefill, ViT and TTFT side by side, with vlbatch's ratio over each peer that gave figures."""
     rows: list[tuple[str, str, float | None]] = []
     for weights in ("int4", "int8", "fp32"):
         r = report.get(weights)
@@ -172,59 +240,96 @@ def comparison(report: dict[str, Any]) -> list[str]:
             rows.append((f"vlbatch {weights}", "prefill tok/s", r["prefill_tok_s"]))
             rows.append((f"vlbatch {weights}", "ViT ms/tile", r["vit_ms_per_tile"]))
             rows.append((f"vlbatch {weights}", "TTFT 1 image ms", one["ttft_ms"]))
-    hf = report.get("peers", {}).get("transformers", {})
-    if "decode_tok_s" in hf:
-        rows.append(("transformers fp32", "decode tok/s", hf["decode_tok_s"]))
-        rows.append(("transformers fp32", "ViT ms/tile", hf["vit_ms_per_tile"]))
-        rows.append(("transformers fp32", "TTFT 1 image ms", hf["ttft_ms"]["1 image"]))
-    for quant, figures in report.get("peers", {}).get("llamacpp", {}).items():
-        if isinstance(figures, dict):
-            rows.append((f"llama.cpp {quant}", "decode tok/s", figures["decode_tok_s"]))
-            rows.append((f"llama.cpp {quant}", "prefill tok/s", figures["prefill_400_tok_s"]))
-    lines = [f"{'who':<20} {'metric':<16} {'value':>10}"]
-    lines += [f"{who:<20} {metric:<16} {value:>10.2f}" for who, metric, value in rows]
+    failed: list[tuple[str, str]] = []
+    hf = outcomes.get("transformers")
+    if hf is not None and hf.figures is not None:
+        rows.append(("transformers fp32", "decode tok/s", hf.figures["decode_tok_s"]))
+        rows.append(("transformers fp32", "ViT ms/tile", hf.figures["vit_ms_per_tile"]))
+        rows.append(("transformers fp32", "TTFT 1 image ms", hf.figures["ttft_ms"]["1 image"]))
+    elif hf is not None:
+        failed.append(("transformers fp32", hf.failure or "no figures"))
+    llama = outcomes.get("llamacpp")
+    if llama is not None and llama.figures is not None:
+        variant = llama.figures.get("cpu_variant")
+        for quant, figures in llama.figures.items():
+            if isinstance(figures, dict):
+                who = f"llama.cpp {quant}" + (f" ({variant})" if variant else "")
+                rows.append((who, "decode tok/s", figures["decode_tok_s"]))
+                rows.append((who, "prefill tok/s", figures["prefill_400_tok_s"]))
+    elif llama is not None:
+        failed.append(("llama.cpp", llama.failure or "no figures"))
+    lines = [f"{'who':<28} {'metric':<16} {'value':>10}"]
+    lines += [f"{who:<28} {metric:<16} {value:>10.2f}" for who, metric, value in rows]
+    lines += [f"{who:<28} {'FAILED':<16} {cause}" for who, cause in failed]
     best = {m: v for who, m, v in rows if who == f"vlbatch {report['weights'][0]}"}
     for who, metric, value in rows:
-        if who.startswith("vlbatch") or metric not in best:
+        if who.startswith("vlbatch") or metric not in best or not value:
             continue
         higher_is_better = metric.endswith("tok/s")
         ratio = best[metric] / value if higher_is_better else value / best[metric]
         lines.append(f"vlbatch {report['weights'][0]} vs {who}: {metric} x{ratio:.2f}")
+    lines += [f"vlbatch {report['weights'][0]} vs {who}: no ratio, the peer FAILED" for who, _ in failed]
     return lines
 
 
-def main() -> None:
+def write_photo(folder: Path) -> None:
+    synthetic_image(*PHOTO, seed=7).save(folder / "photo.jpg", quality=90)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", nargs="+", default=["int4", "fp32"], choices=["fp32", "int8", "int4"])
     parser.add_argument("--peers", nargs="*", default=[], choices=["transformers", "llamacpp"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--caption-tokens", type=int, default=64, help="answer length of the planning cases")
+    parser.add_argument("--photo-tiles", type=int, nargs="*", default=[12, 6, 1], help="max_tiles of the photo cases")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--allow-missing-peers", action="store_true", help="exit 0 even when a peer failed (it is still shown)"
+    )
+    parser.add_argument("--peer-timeout", type=float, default=3600, help="seconds a peer may run (default 3600)")
+    parser.add_argument("--preset", default="real-shape", help="model preset (tiny: a quick check of the script)")
+    parser.add_argument("--models", type=Path, default=REPO / "models", help="where the models are cached")
     args = parser.parse_args()
     report: dict[str, Any] = {
         "machine": {**machine(), "threads": args.threads},
-        "model": "real-shape (InternVL3-2B dimensions), random weights",
+        "model": f"{args.preset} (InternVL3-2B dimensions), random weights"
+        if args.preset == "real-shape"
+        else f"{args.preset}, random weights",
         "weights": args.weights,
     }
     print(f"machine: {report['machine']}")
     with tempfile.TemporaryDirectory() as tmp:
         media = Path(tmp)
         write_demo_media(media)
+        write_photo(media)
         cases = Path(tmp) / "cases.npz"
         for weights in args.weights:
-            folder = cached_export(weights)
+            folder = cached_export(args.models, args.preset, weights)
             print(f"{weights}:", flush=True)
-            report[weights] = bench_export(folder, args.threads, args.decode_tokens, media, cases)
-            r = report[weights]
+            report[weights] = r = bench_export(
+                folder, args.threads, args.decode_tokens, args.caption_tokens, args.photo_tiles, media, cases
+            )
             summary = f"ViT {r['vit_ms_per_tile']:.0f} ms/tile, prefill {r['prefill_tok_s']:.1f} tok/s"
             print(f"  load {r['load_s']:.1f} s, {summary}")
+        report["ax650n_photos"] = ax650n_photos(report[args.weights[0]]["photos"], args.caption_tokens)
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
-        report["peers"] = peers(args.peers, args.threads, args.decode_tokens, cases)
-    print("\n".join(comparison(report)))
+        outcomes = peers(
+            args.peers, args.models, args.preset, args.threads, args.decode_tokens, cases, args.peer_timeout
+        )
+    report["peers"] = {name: o.figures if o.ok else {"failed": o.failure} for name, o in outcomes.items()}
+    print("\n".join(planning_table(report)))
+    print("\n".join(comparison(report, outcomes)))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    failed = [name for name, o in outcomes.items() if not o.ok]
+    if failed and not args.allow_missing_peers:
+        print(f"FAILED peers: {', '.join(failed)} (see above); --allow-missing-peers accepts a run without them")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

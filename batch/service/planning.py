@@ -1,0 +1,169 @@
+"""How long a unit of work takes, from rates: ViT per tile, prefill by chunk, decode per token.
+
+One cost model serves `vlbatch estimate`, the benchmark's planning table and the README's "how long will my
+folder take". Prefill chunk k (counting from 1) costs `first_chunk_ms + growth_ms * (k - 1)`: every chunk does
+the same matrix work and attends over a history that grows by one chunk, so a prompt of x chunks costs
+`first_chunk_ms * x + growth_ms * x * (x - 1) / 2`. Rates come from three places, in order of trust: the
+answers this worker stored (`rates_from_results`), a benchmark report (`rates_from_bench`), and the figures
+built in here (`REFERENCE_RATES`): the published AX650N timings (computed, not measured here) and one CPU
+benchmark run (measured, on the CPU it names).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+CHUNK_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class UnitTime:
+    """Milliseconds one unit spends in each stage; TTFT is ViT plus prefill."""
+
+    vit_ms: float
+    prefill_ms: float
+    decode_ms: float
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.vit_ms + self.prefill_ms
+
+    @property
+    def total_ms(self) -> float:
+        return self.ttft_ms + self.decode_ms
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one worker does per second; `measured` is False for figures computed from published tables."""
+
+    vit_ms_per_tile: float
+    prefill_first_chunk_ms: float
+    prefill_growth_ms: float  # extra cost of each later chunk over the one before it
+    decode_ms_per_token: float
+    source: str
+    measured: bool = True
+    chunk_tokens: int = CHUNK_TOKENS
+    whole_chunks: bool = False  # the NPU's prefill graphs always run a full chunk; onnxruntime runs what is there
+
+    def chunks(self, prompt_tokens: int) -> float:
+        x = prompt_tokens / self.chunk_tokens
+        return float(math.ceil(x)) if self.whole_chunks else x
+
+    def prefill_ms(self, prompt_tokens: int) -> float:
+        x = self.chunks(prompt_tokens)
+        return self.prefill_first_chunk_ms * x + self.prefill_growth_ms * x * (x - 1) / 2
+
+    def unit(self, tiles: int, prompt_tokens: int, output_tokens: int) -> UnitTime:
+        """One answer: the first token comes with the prefill, each later one costs a decode step."""
+        return UnitTime(
+            self.vit_ms_per_tile * tiles,
+            self.prefill_ms(prompt_tokens),
+            self.decode_ms_per_token * max(0, output_tokens - 1),
+        )
+
+
+def fit_prefill(samples: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """(first_chunk_ms, growth_ms) from (chunks, prefill ms) pairs, by least squares; growth is never negative.
+
+    With one distinct prompt length the growth cannot be told apart from the per-chunk cost, and is 0.
+    """
+    pairs = [(x, ms) for x, ms in samples if x > 0 and ms > 0]
+    if not pairs:
+        raise ValueError("no prefill timings to fit")
+    x = np.array([p[0] for p in pairs], dtype=np.float64)
+    t = np.array([p[1] for p in pairs], dtype=np.float64)
+    if len(set(np.round(x, 6))) > 1:
+        basis = np.stack([x, x * (x - 1) / 2], axis=1)
+        (first, growth), *_ = np.linalg.lstsq(basis, t, rcond=None)
+        if growth >= 0 and first > 0:
+            return float(first), float(growth)
+    return float((t * x).sum() / (x * x).sum()), 0.0
+
+
+def rates_from_results(rows: Iterable[Mapping[str, Any]], source: str, whole_chunks: bool = False) -> Rates | None:
+    """Rates from stored answers (`results` rows with tiles, vit_ms, prompt_tokens, prefill_ms, output_tokens,
+    decode_ms); None when they hold no answer with a prefill time."""
+    rows = list(rows)
+    vit = [(r["vit_ms"], r["tiles"]) for r in rows if (r.get("tiles") or 0) > 0 and (r.get("vit_ms") or 0) > 0]
+    decode = [
+        (r["decode_ms"], r["output_tokens"] - 1)
+        for r in rows
+        if (r.get("output_tokens") or 0) > 1 and (r.get("decode_ms") or 0) > 0
+    ]
+    shape = Rates(0, 0, 0, 0, source, whole_chunks=whole_chunks)
+    prefill = [(shape.chunks(r["prompt_tokens"]), r["prefill_ms"]) for r in rows if (r.get("prompt_tokens") or 0) > 0]
+    try:
+        first, growth = fit_prefill(prefill)
+    except ValueError:
+        return None
+    return replace(
+        shape,
+        vit_ms_per_tile=sum(ms for ms, _ in vit) / sum(n for _, n in vit) if vit else 0.0,
+        prefill_first_chunk_ms=first,
+        prefill_growth_ms=growth,
+        decode_ms_per_token=sum(ms for ms, _ in decode) / sum(n for _, n in decode) if decode else 0.0,
+    )
+
+
+def rates_from_bench(report: Mapping[str, Any], weights: str) -> Rates:
+    """Rates from a `bench/run_bench.py --json` report for one export (int4, int8 or fp32)."""
+    try:
+        figures = report[weights]
+        cases = figures["cases"].values()
+    except (KeyError, AttributeError, TypeError):
+        raise ValueError(f"the benchmark report has no figures for {weights} weights") from None
+    machine = report.get("machine", {})
+    source = (
+        f"bench/run_bench.py {weights}, {report.get('model', 'model?')}, "
+        f"{machine.get('cpu', 'CPU?')}, {machine.get('threads', '?')} threads"
+    )
+    first, growth = fit_prefill((c["prompt_tokens"] / CHUNK_TOKENS, c["prefill_ms"]) for c in cases)
+    decode = [c["decode_ms_per_token"] for c in cases if c.get("decode_ms_per_token")]
+    return Rates(
+        vit_ms_per_tile=figures["vit_ms_per_tile"],
+        prefill_first_chunk_ms=first,
+        prefill_growth_ms=growth,
+        decode_ms_per_token=float(np.median(decode)),
+        source=source,
+    )
+
+
+# The published AX650N timings (w8a16, InternVL3-2B): ViT per 448 tile, TTFT for 1, 3, 9 and 17 prefill
+# chunks of 128 tokens, decode per token. The prefill model above fits them within 7% (1 chunk) and 2% (3 or
+# more); figures made from them are computed, never measured here.
+AX650N_VIT_MS = 364.87
+AX650N_PREFILL_MS = {1: 220.98, 3: 862.29, 9: 4588.79, 17: 13904.38}
+AX650N_DECODE_MS = 86.97
+# longest prompts of the published axmodel folders: InternVL3-2B_axmodel_chunk_128 (photos) and _128_2048 (video)
+AX650N_PREFILL_CAPACITY = {"chunk_128": 1152, "chunk_128_2048": 2176}
+
+
+def ax650n_rates() -> Rates:
+    first, growth = fit_prefill(AX650N_PREFILL_MS.items())
+    return Rates(
+        vit_ms_per_tile=AX650N_VIT_MS,
+        prefill_first_chunk_ms=first,
+        prefill_growth_ms=growth,
+        decode_ms_per_token=AX650N_DECODE_MS,
+        source="computed from the published AX650N timings (w8a16), not measured here",
+        measured=False,
+        whole_chunks=True,
+    )
+
+
+def reference_rates(backend: str, weights: str | None) -> Rates | None:
+    """The built-in figures for a backend (and, for onnxruntime, the export's weights); None where there are none."""
+    if backend == "axengine":
+        return ax650n_rates()
+    return CPU_REFERENCE_RATES.get(weights or "")
+
+
+# One `make bench` run (bench/run_bench.py, real-shape model with random weights, 2 threads); refresh with
+# `python bench/run_bench.py --json bench.json` and `vlbatch estimate --rates bench.json` on your own machine.
+CPU_REFERENCE_RATES: dict[str, Rates] = {}

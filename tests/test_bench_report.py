@@ -1,0 +1,130 @@
+"""The benchmark cannot hide a failed peer: it shows FAILED with the cause in words, prints no ratio against
+it and exits 1 unless --allow-missing-peers; causes come from real processes (signals, exits, time-outs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from peers import failure_cause, run_peer  # noqa: E402
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "peer.py"
+    path.write_text(textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def test_a_peer_killed_by_sigill_is_named_as_a_missing_cpu_feature(tmp_path: Path) -> None:
+    command = _script(tmp_path, "import os, signal\nprint('{}')\nos.kill(os.getpid(), signal.SIGILL)\n")
+    outcome = run_peer("crash", command, timeout_s=60)
+    assert not outcome.ok and outcome.figures is None
+    assert outcome.failure == (
+        "SIGILL: illegal instruction, the library was built for a CPU feature this machine lacks"
+    )
+
+
+def test_the_error_line_wins_over_noise_printed_after_it(tmp_path: Path) -> None:
+    command = _script(
+        tmp_path,
+        """
+        import sys
+        try:
+            raise RuntimeError("quantize failed")
+        except RuntimeError:
+            import traceback; traceback.print_exc()
+        print("quant size = 1010.63 MiB", file=sys.stderr)
+        sys.exit(1)
+        """,
+    )
+    outcome = run_peer("noisy", command, timeout_s=60)
+    assert outcome.failure == "exit status 1: RuntimeError: quantize failed"
+
+
+def test_a_missing_package_names_it_and_how_to_install(tmp_path: Path) -> None:
+    command = _script(tmp_path, "import vlbatch_no_such_package\n")
+    outcome = run_peer("absent", command, timeout_s=60, install_hint="pip install it")
+    assert outcome.failure == "missing package vlbatch_no_such_package (pip install it)"
+
+
+def test_a_peer_past_its_time_limit_is_stopped_and_says_so(tmp_path: Path) -> None:
+    command = _script(tmp_path, "import time\ntime.sleep(60)\n")
+    outcome = run_peer("slow", command, timeout_s=1)
+    assert outcome.failure is not None and outcome.failure.startswith("timed out after 1 s")
+
+
+def test_output_that_is_not_a_result_is_a_failure(tmp_path: Path) -> None:
+    outcome = run_peer("chatty", _script(tmp_path, "print('done')\n"), timeout_s=60)
+    assert outcome.failure == "printed no result (its last line of output is not a JSON object)"
+    good = run_peer("good", _script(tmp_path, "print('warming up')\nprint('{\"tok_s\": 3.5}')\n"), timeout_s=60)
+    assert good.ok and good.figures == {"tok_s": 3.5}
+
+
+def test_a_signal_without_a_known_cause_is_still_named() -> None:
+    assert failure_cause(-15, "") == "SIGTERM: ended by a signal"
+    assert failure_cause(2, "") == "exit status 2: no message"
+
+
+@pytest.fixture(scope="module")
+def crashing_llama_cpp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama_cpp package that dies of SIGILL on import, as a build for a CPU feature this machine lacks does."""
+    root = tmp_path_factory.mktemp("sigill")
+    (root / "llama_cpp").mkdir()
+    (root / "llama_cpp" / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench_models")
+
+
+def _run_bench(models: Path, shim: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLBATCH_")}
+    env["PYTHONPATH"] = str(shim)
+    command = [sys.executable, str(REPO / "bench" / "run_bench.py"), "--preset", "tiny", "--models", str(models)]
+    command += ["--weights", "fp32", "--peers", "llamacpp", "--threads", "1", "--decode-tokens", "2"]
+    command += ["--caption-tokens", "4", "--photo-tiles", "6", "1", "--json", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_run_bench_shows_a_crashed_peer_as_failed_and_exits_1(
+    bench_models: Path, crashing_llama_cpp: Path, tmp_path: Path
+) -> None:
+    proc = _run_bench(bench_models, crashing_llama_cpp, tmp_path / "bench.json")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    cause = "SIGILL: illegal instruction, the library was built for a CPU feature this machine lacks"
+    failed_rows = [line for line in proc.stdout.splitlines() if line.startswith("llama.cpp") and "FAILED" in line]
+    assert failed_rows and cause in failed_rows[0]
+    assert not re.search(r"vs llama\.cpp.* x[0-9]", proc.stdout)  # no ratio against a side that gave no figures
+    assert "vlbatch fp32 vs llama.cpp: no ratio, the peer FAILED" in proc.stdout
+    assert "FAILED peers: llamacpp" in proc.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["peers"] == {"llamacpp": {"failed": cause}}
+    # the planning cases ran, measured and computed
+    assert set(report["fp32"]["photos"]) == {"photo max_tiles 6", "photo max_tiles 1"}
+    assert report["fp32"]["photos"]["photo max_tiles 6"]["tiles"] == 7  # 4:3 at max 6: a 3x2 grid and the thumbnail
+    assert report["fp32"]["photos"]["photo max_tiles 1"]["tiles"] == 1
+    assert set(report["ax650n_photos"]) == {"chunk_128", "chunk_128_2048"}
+    assert report["ax650n_photos"]["chunk_128_2048"]["photo max_tiles 6"]["tiles"] == 7  # 1944 tokens fit 2176
+    assert report["ax650n_photos"]["chunk_128"]["photo max_tiles 6"]["tiles"] == 1  # lowered to fit 1152
+
+
+@pytest.mark.slow
+def test_allow_missing_peers_still_shows_the_failure_but_exits_0(
+    bench_models: Path, crashing_llama_cpp: Path, tmp_path: Path
+) -> None:
+    proc = _run_bench(bench_models, crashing_llama_cpp, tmp_path / "bench.json", "--allow-missing-peers")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(line.startswith("llama.cpp") and "FAILED" in line for line in proc.stdout.splitlines())
