@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install install-size test lint demo ask-demo screenshots bench clean
+.PHONY: install install-size test lint demo ask-demo screenshots bench-peers bench clean
 
 $(BIN)/vlbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,12 +46,25 @@ ask-demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## one question st
 screenshots: install  ## the README's screenshots of serve and gallery, in headless Debian chromium (apt-get install chromium)
 	$(BIN)/python tests/browser_shots.py docs/screenshots
 
-# llama.cpp built for AVX2/AVX512 without AMX: its AMX buffers crash on multi-token batches on AMX CPUs
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DLLAMA_CURL=OFF
+# llama.cpp with every CPU variant as its own library, the best one picked at run time (ggml's CPU scoring):
+# the same build runs on AVX2-only, AVX-512 (with or without VNNI/BF16), AVX-VNNI and AMX x86-64 CPUs and on
+# arm64. `make bench LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON"` builds for this machine only. The variants (and
+# headers) go into the package's own folder, llama_cpp/lib, not site-packages/bin.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+	-DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DCMAKE_INSTALL_INCLUDEDIR=llama_cpp/include \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF
 
-bench: install  ## real-shape speed table with the transformers and llama.cpp peers (needs .[bench], ~30 min)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[bench]'
+# pip keeps an installed llama-cpp-python whatever CMAKE_ARGS say: rebuild it when the flags differ from its build's
+bench-peers: install  ## the benchmark's peers: transformers, and llama-cpp-python compiled with LLAMA_CMAKE_ARGS (~20 min once)
+	@if [ "$$(cat $(VENV)/llama-cmake-args 2>/dev/null)" != "$(LLAMA_CMAKE_ARGS)" ]; then \
+		echo "building llama-cpp-python with: $(LLAMA_CMAKE_ARGS)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --force-reinstall --no-deps --no-cache-dir \
+			"$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)" && \
+		echo "$(LLAMA_CMAKE_ARGS)" > $(VENV)/llama-cmake-args; \
+	fi
+	$(BIN)/pip install --quiet -e '.[bench]'
+
+bench: bench-peers  ## real-shape speed table with the transformers and llama.cpp peers (~40 min); exits 1 if a peer fails
 	$(BIN)/python bench/run_bench.py --weights int4 fp32 --peers transformers llamacpp --json bench.json
 
 clean:

@@ -1,18 +1,28 @@
 """Peer: llama.cpp (llama-cpp-python) on the same language model, as GGUF quantized to Q4_0 and Q8_0.
 
     python bench/peer_llamacpp.py HF_DIR GGUF_DIR --threads 2 --prompt-tokens 128 400 --decode-tokens 32
+                                  [--quants Q4_0 Q8_0] [--cpu-variant NAME [--force-variant]] [--allow-amx]
 
 Writes GGUF_DIR/model-f16.gguf from the InternVL folder's language model (the `gguf` package; a byte-level
 vocabulary of the model's size), quantizes it with `llama_model_quantize`, and prints one JSON object with
-prefill tokens/s per prompt length and decode tokens/s for each quantization. Needs `pip install
-'vlbatch[bench]'` (llama-cpp-python compiles from source, 5-10 minutes); `make bench` builds it without
-AMX, whose buffers crashed llama.cpp on multi-token batches on an AMX-capable Xeon.
+prefill tokens/s per prompt length and decode tokens/s for each quantization, and the CPU variant it ran.
+
+`make bench` builds llama.cpp with every CPU variant as its own library (GGML_BACKEND_DL with
+GGML_CPU_ALL_VARIANTS): AVX2-only, AVX-512 with and without VNNI and BF16, AVX-VNNI, AMX on x86-64; armv8.x
+with and without dot-product, i8mm and SVE on arm64. This script loads the best variant the CPU can run, as
+llama.cpp's own tools do, except the AMX one (`sapphirerapids`) unless --allow-amx: its AMX buffers crashed
+llama.cpp on multi-token batches on an AMX Xeon, and the AVX-512 VNNI variant runs on the same CPU. A
+`--cpu-variant` pins one (`--force-variant` even one this CPU cannot run, which dies of SIGILL: the failure a
+build for a fixed feature list has on a CPU without that feature). A static build (one CPU library) runs as is.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -81,22 +91,109 @@ def write_gguf(hf_dir: Path, path: Path) -> None:
     w.close()
 
 
-def main() -> None:
-    import llama_cpp
+AMX_VARIANTS = {"sapphirerapids"}
+_PREFIX = "libggml-cpu-"
 
+
+def library_dir() -> Path:
+    """llama-cpp-python's folder of shared libraries, found without importing it (that would start llama.cpp)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'llama_cpp'", name="llama_cpp")
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+def cpu_variants(lib: Path) -> dict[str, Path]:
+    """The CPU variants of a GGML_BACKEND_DL build, by name (haswell, zen4, ...); empty for a static build."""
+    return {
+        path.name[len(_PREFIX) :].split(".")[0]: path
+        for path in sorted(lib.glob(f"{_PREFIX}*"))
+        if path.suffix in (".so", ".dylib", ".dll")
+    }
+
+
+def variant_scores(variants: dict[str, Path]) -> dict[str, int]:
+    """ggml's own score of each variant on this CPU: 0 = needs an instruction this CPU lacks, else higher = better.
+
+    Loading a variant to ask runs none of its kernels: the score function is built for the baseline CPU.
+    """
+    _ggml(next(iter(variants.values())).parent)  # the variants need libggml-base, found by the name it is loaded as
+    scores = {}
+    for name, path in variants.items():
+        score = ctypes.CDLL(str(path)).ggml_backend_score
+        score.restype = ctypes.c_int
+        scores[name] = int(score())
+    return scores
+
+
+def _ggml(lib: Path) -> ctypes.CDLL:
+    """libggml (and with it libggml-base), the library that keeps the registry of backends."""
+    names = [p for p in lib.iterdir() if p.name.split(".")[0] == "libggml"]
+    if not names:
+        raise FileNotFoundError(f"{lib}: no libggml")
+    return ctypes.CDLL(str(min(names, key=lambda p: len(p.name))), mode=ctypes.RTLD_GLOBAL)
+
+
+def load_cpu_backend(wanted: str | None, allow_amx: bool, force: bool) -> tuple[str, dict[str, int]]:
+    """Register one CPU variant with ggml before llama.cpp starts; (its name, every variant's score).
+
+    Must run before `import llama_cpp` initialises the backends (it loads every library it finds only when
+    none is registered yet).
+    """
+    lib = library_dir()
+    variants = cpu_variants(lib)
+    if not variants:
+        if wanted:
+            sys.exit(f"--cpu-variant {wanted}: this llama-cpp-python is a static build with one CPU library")
+        return "static", {}
+    scores = variant_scores(variants)
+    if wanted is None:
+        usable = {n: s for n, s in scores.items() if s > 0 and (allow_amx or n not in AMX_VARIANTS)}
+        if not usable:
+            sys.exit(f"no CPU variant of {lib} runs on this CPU (scores: {scores})")
+        wanted = max(usable, key=lambda n: usable[n])
+    elif wanted not in variants:
+        sys.exit(f"--cpu-variant {wanted}: not built; the variants in {lib} are {', '.join(variants)}")
+    elif scores[wanted] == 0 and not force:
+        sys.exit(f"--cpu-variant {wanted} needs an instruction this CPU lacks (ggml's score 0); --force-variant")
+    ggml = _ggml(lib)
+    if force and scores[wanted] == 0:  # past ggml's own check, which refuses a variant scored 0
+        init = ctypes.CDLL(str(variants[wanted])).ggml_backend_init
+        init.restype = ctypes.c_void_p
+        ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_register(init())
+    else:
+        ggml.ggml_backend_load.restype = ctypes.c_void_p
+        ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+        if not ggml.ggml_backend_load(str(variants[wanted]).encode()):
+            sys.exit(f"ggml could not load {variants[wanted]}")
+    return wanted, scores
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("gguf_dir", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 400])
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--quants", nargs="+", default=["Q4_0", "Q8_0"], choices=["Q4_0", "Q8_0"])
+    parser.add_argument("--cpu-variant", help="run this CPU variant (default: the best this CPU runs, AMX aside)")
+    parser.add_argument("--force-variant", action="store_true", help="even one this CPU cannot run (it will crash)")
+    parser.add_argument("--allow-amx", action="store_true", help="let the default choice take the AMX variant")
     args = parser.parse_args()
+    variant, scores = load_cpu_backend(args.cpu_variant, args.allow_amx, args.force_variant)
+
+    import llama_cpp
+
     args.gguf_dir.mkdir(parents=True, exist_ok=True)
     f16 = args.gguf_dir / "model-f16.gguf"
     if not f16.exists():
         write_gguf(args.hf_dir, f16)
-    result = {}
-    for name, ftype in (("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)):
+    result: dict[str, object] = {"cpu_variant": variant, "cpu_variant_scores": scores}
+    ftypes = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+    for name in args.quants:
+        ftype = ftypes[name]
         path = args.gguf_dir / f"model-{name}.gguf"
         if not path.exists():
             params = llama_cpp.llama_model_quantize_default_params()

@@ -252,7 +252,7 @@ def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list
     if llama is not None and llama.figures is not None:
         variant = llama.figures.get("cpu_variant")
         for quant, figures in llama.figures.items():
-            if isinstance(figures, dict):
+            if isinstance(figures, dict) and "decode_tok_s" in figures:
                 who = f"llama.cpp {quant}" + (f" ({variant})" if variant else "")
                 rows.append((who, "decode tok/s", figures["decode_tok_s"]))
                 rows.append((who, "prefill tok/s", figures["prefill_400_tok_s"]))
