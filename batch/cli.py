@@ -1,4 +1,4 @@
-"""The `vlbatch` command line: ask, export, make-model.
+"""The `vlbatch` command line: ask, export, make-model, the spool's commands (submit, run, watch, estimate, ...).
 
 Exit codes: 0 done, 1 a problem with the input, the model or the config (message on stderr), 2 bad usage,
 3 `run` gave up on faults of the machine (full disk, locked database), 4 the database is damaged.
@@ -279,9 +279,8 @@ def _open_worker(
         raise InfrastructureError(where) from exc
 
 
-_WORKER_OPTIONS = [
+_MODEL_OPTIONS = [  # which model, on which device: shared by the commands that run a worker and by estimate
     click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml)."),
-    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime (model.threads)."),
     click.option(
         "--providers",
         callback=_provider_list,
@@ -291,7 +290,14 @@ _WORKER_OPTIONS = [
     click.option(
         "--device-id", type=click.IntRange(min=0), help="axengine device: one AXCL card per worker (model.device_id)."
     ),
-    click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored."),
+]
+_FORCE_OPTION = click.option("--force", is_flag=True, help="Answer again even where the same answer is already stored.")
+
+_WORKER_OPTIONS = [
+    _MODEL_OPTIONS[0],
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime (model.threads)."),
+    *_MODEL_OPTIONS[1:],
+    _FORCE_OPTION,
     click.option(
         "--ray",
         "ray_address",
@@ -357,6 +363,63 @@ def run(ctx: click.Context, **options: Any) -> None:
     for outcome in bad:
         click.echo(f"  {outcome.job_id}: {outcome.state}: {(outcome.reason or '').splitlines()[0]}", err=True)
     if bad:
+        ctx.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@_all(_MODEL_OPTIONS)
+@click.option("--hf-dir", type=click.Path(path_type=Path), help="HF folder (config, tokenizer) for axmodels.")
+@_FORCE_OPTION
+@click.option(
+    "--rates",
+    "rates_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Speed figures from a `bench/run_bench.py --json` report (what `make bench` writes to bench.json).",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(["int4", "int8", "fp32"]),
+    help="Which export's figures of the --rates report (default: the model folder's weights, else fp32).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: each job's figures, totals, rates.")
+@click.pass_context
+def estimate(
+    ctx: click.Context,
+    job_files: tuple[Path, ...],
+    model_dir: Path | None,
+    providers: tuple[str, ...] | None,
+    device_id: int | None,
+    hf_dir: Path | None,
+    force: bool,
+    rates_file: Path | None,
+    weights: str | None,
+    as_json: bool,
+) -> None:
+    """How long JOB_FILES will take one worker, counted before they run.
+
+    Each job is read as the worker will read it; its units are counted (already answered ones are reused and
+    cost no model time; unreadable files and prompts too long are counted apart), images' sizes read from their
+    headers, tiles and prompt tokens counted as the pipeline counts them. The time comes from --rates, else
+    from this model's answers stored in the database, else from the built-in figures for the runtime; the
+    report says which, and whether they were measured or computed. Nothing runs, nothing is written.
+
+    \b
+    Example:
+      vlbatch estimate jobs/examples/*.yaml
+      vlbatch estimate --rates bench.json --weights int4 --json holiday.yaml
+    """
+    from batch.service import estimate as planner
+
+    config = _worker_config(ctx, dir=model_dir, hf_dir=hf_dir, providers=providers, device_id=device_id)
+    result = planner.estimate(config, job_files, force=force, rates_file=rates_file, weights=weights)
+    for rejected in result.rejected:
+        click.echo(f"vlbatch: error: {rejected}", err=True)
+    if as_json:
+        click.echo(json.dumps(planner.estimate_dict(result), indent=2, ensure_ascii=False))
+    elif result.jobs:
+        click.echo(planner.format_estimate(result))
+    if result.rejected:
         ctx.exit(EXIT_FAILED)
 
 

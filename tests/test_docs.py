@@ -13,7 +13,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 def test_every_command_is_in_the_readme_and_has_help():
     expected = {"ask", "submit", "watch", "run", "status", "results", "serve", "gallery", "config", "export"}
-    expected.add("make-model")
+    expected |= {"make-model", "estimate"}
     assert set(main.commands) == expected
     for name, command in main.commands.items():
         assert f"`vlbatch {name}`" in README, name

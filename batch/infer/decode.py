@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from batch.errors import MediaError
-from batch.infer.media import choose_tile_cap, load_image, load_video_frames, tile_image
+from batch.infer.media import choose_tile_cap, image_size, load_image, load_video_frames, tile_image
 from batch.infer.settings import MediaSettings
 from batch.infer.thumbnail import thumbnail_jpeg
 
@@ -54,14 +54,21 @@ def decode_media(paths: Sequence[Path], kind: Kind, settings: MediaSettings, max
     return DecodedMedia(kind, tiles, tuple(len(item) for item in items), cap)
 
 
+def probe_images(paths: Sequence[Path], settings: MediaSettings) -> tuple[tuple[int, int], ...]:
+    """Each image's upright (width, height) as decode_media() would see it, from the file headers alone."""
+    return tuple(image_size(p, settings.max_image_pixels) for p in paths)
+
+
 # what the child may be asked to do: a fixed set of functions, named in each request
-TASKS = {"decode": decode_media, "thumbnail": thumbnail_jpeg}
+TASKS = {"decode": decode_media, "probe": probe_images, "thumbnail": thumbnail_jpeg}
 
 
 class MediaDecoder(Protocol):
     def decode(
         self, paths: Sequence[Path], kind: Kind, settings: MediaSettings, max_total_tiles: int
     ) -> DecodedMedia: ...
+
+    def probe(self, paths: Sequence[Path], settings: MediaSettings) -> tuple[tuple[int, int], ...]: ...
 
     def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes: ...
 
@@ -77,6 +84,9 @@ class InProcessDecoder:
 
     def decode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings, max_total_tiles: int) -> DecodedMedia:
         return decode_media(paths, kind, settings, max_total_tiles)
+
+    def probe(self, paths: Sequence[Path], settings: MediaSettings) -> tuple[tuple[int, int], ...]:
+        return probe_images(paths, settings)
 
     def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes:
         return thumbnail_jpeg(path, kind, edge, settings)
@@ -99,6 +109,10 @@ class IsolatedDecoder:
         """Decode in the child. A child that dies is replaced and the unit tried once more (it may have been
         killed from outside); a second death, a time-out or the memory cap fails the unit with a MediaError."""
         return self._run("decode", ([Path(p) for p in paths], kind, settings, max_total_tiles), paths, settings)
+
+    def probe(self, paths: Sequence[Path], settings: MediaSettings) -> tuple[tuple[int, int], ...]:
+        """Image sizes read from the headers in the child, under the same time limit and memory cap as a decode."""
+        return self._run("probe", ([Path(p) for p in paths], settings), paths, settings)
 
     def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes:
         """A JPEG preview of an image or a video's middle frame, made in the child under the same limits."""

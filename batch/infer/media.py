@@ -4,7 +4,7 @@ This module owns everything between a file on disk and the float32 ``pixel_value
 
 * recognising media by suffix (:func:`media_kind`);
 * decoding images with Pillow, honouring EXIF orientation and flattening every mode to 8-bit RGB
-  (:func:`load_image`);
+  (:func:`load_image`), and their upright size from the header alone (:func:`image_size`);
 * InternVL's dynamic tiling (``dynamic_preprocess`` / ``find_closest_aspect_ratio`` from OpenGVLab's
   reference code, reproduced exactly in :func:`closest_tile_grid` and :func:`tile_image`);
 * ImageNet normalisation into ``(N, 3, S, S)`` arrays (:func:`to_pixel_values`);
@@ -16,15 +16,18 @@ Problems a user can fix (missing, corrupt or unsupported files) are raised as :c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
+import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from batch.errors import MediaError
 from batch.infer.safe_open import fd_path, open_media
@@ -38,6 +41,11 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+# EXIF orientations that turn the picture a quarter (5-8): the upright image has width and height swapped
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})
+_PNG_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})  # where Pillow finds EXIF and XMP orientation
+_PNG_MAX_CHUNKS = 1_000_000
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -72,6 +80,30 @@ def load_image(path: Path | str, max_pixels: int | None = None, fit: int | None 
     ``fit``, a format that can decode at a reduced scale (JPEG: 1/2, 1/4, 1/8) does so, keeping at least
     ``fit`` pixels on the longer side: for previews, never for the model's input.
     """
+    with _open_image(path, max_pixels) as img:
+        return _decode_upright(Path(path), img, max_pixels, fit)
+
+
+def image_size(path: Path | str, max_pixels: int | None = None) -> tuple[int, int]:
+    """The (width, height) of the image load_image() returns, read from the file's header without decoding it.
+
+    EXIF orientation is applied as load_image() applies it, and the same files are refused for the same reasons
+    (an unreadable header, more than ``max_pixels`` pixels). A PNG whose metadata comes after its pixel data
+    (where Pillow reads it only with the pixels) is decoded, so its orientation is never missed.
+    """
+    path = Path(path)
+    with _open_image(path, max_pixels) as img:
+        _check_pixels(path, img, max_pixels)
+        if isinstance(img, PngImagePlugin.PngImageFile) and _png_metadata_after_pixels(img.fp):
+            img.load()
+        # Image.getexif reads the metadata already parsed from the header (PNG's own getexif would decode)
+        orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+        return (img.height, img.width) if orientation in _SWAPS_SIDES else (img.width, img.height)
+
+
+@contextlib.contextmanager
+def _open_image(path: Path | str, max_pixels: int | None) -> Iterator[Image.Image]:
+    """The image file opened by Pillow (header read, nothing decoded); every failure inside is a MediaError."""
     path = Path(path)
     if max_pixels is not None:
         # Pillow's own bomb check follows the configured limit: it warns above it (the check below names the
@@ -81,7 +113,7 @@ def load_image(path: Path | str, max_pixels: int | None = None, fit: int | None 
         with open_media(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
             with Image.open(handle) as img:
-                return _decode_upright(path, img, max_pixels, fit)
+                yield img
     except (MediaError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -96,19 +128,46 @@ def load_image(path: Path | str, max_pixels: int | None = None, fit: int | None 
         raise MediaError(path, f"cannot decode the image ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode_upright(path: Path, img: Image.Image, max_pixels: int | None, fit: int | None = None) -> Image.Image:
-    """Check the size from the header, then decode (reduced to `fit` if asked), turn upright, convert to RGB."""
+def _check_pixels(path: Path, img: Image.Image, max_pixels: int | None) -> None:
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise MediaError(
             path,
             f"image is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), over the "
             f"{max_pixels / 1e6:g} Mpx limit (media.max_image_pixels)",
         )
+
+
+def _decode_upright(path: Path, img: Image.Image, max_pixels: int | None, fit: int | None = None) -> Image.Image:
+    """Check the size from the header, then decode (reduced to `fit` if asked), turn upright, convert to RGB."""
+    _check_pixels(path, img, max_pixels)
     if fit is not None and max(img.size) > fit:
         scale = fit / max(img.size)
         img.draft(img.mode, (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
     img.load()
     return to_rgb(ImageOps.exif_transpose(img))
+
+
+def _png_metadata_after_pixels(fp: BinaryIO) -> bool:
+    """Whether a PNG has text or EXIF chunks after its first image data chunk (read by walking chunk headers)."""
+    start = fp.tell()
+    try:
+        fp.seek(8)  # the signature
+        seen_pixels = False
+        for _ in range(_PNG_MAX_CHUNKS):
+            header = fp.read(8)
+            if len(header) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IEND":
+                return False
+            if kind in (b"IDAT", b"fdAT"):
+                seen_pixels = True
+            elif seen_pixels and kind in _PNG_METADATA:
+                return True
+            fp.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+        return True  # too many chunks to walk: decode, to be sure
+    finally:
+        fp.seek(start)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -17,16 +17,8 @@ from batch.infer.decode import InProcessDecoder, MediaDecoder
 from batch.infer.detokenize import IncrementalDetokenizer
 from batch.infer.generate import GenerationResult, Step, Timings, generate_steps
 from batch.infer.media import media_kind, normalize_tiles
-from batch.infer.prompt import (
-    DEFAULT_SYSTEM,
-    END_OF_TEXT,
-    IM_END,
-    IMG_CONTEXT,
-    IMG_END,
-    IMG_START,
-    PromptMedia,
-    build_prompt,
-)
+from batch.infer.prompt import DEFAULT_SYSTEM, END_OF_TEXT, IM_END, IMG_CONTEXT, IMG_END, IMG_START, PromptMedia
+from batch.infer.prompt_budget import PromptBudget
 from batch.infer.runtime.base import Backend
 from batch.infer.runtime.select import embeddings_file, metadata_dir, open_backend
 from batch.infer.settings import GenerationSettings, MediaSettings
@@ -65,7 +57,7 @@ class Pipeline:
         self.spec = spec
         self.embeddings = embeddings
         self.media = media or MediaSettings(max_tiles=spec.max_dynamic_patch, use_thumbnail=spec.use_thumbnail)
-        self.system = system
+        self.prompts = PromptBudget(tokenizer, spec.image_tokens_per_tile, backend.prefill_capacity, system)
         self.decoder = decoder or InProcessDecoder()
         self.vit_cache = VitCache()
         vocab = tokenizer.get_vocab()
@@ -122,43 +114,25 @@ class Pipeline:
         kinds = [media_kind(p) for p in paths]
         if "video" in kinds and len(paths) > 1:
             raise VlbatchError(f"one video per question, without other media: {', '.join(p.name for p in paths)}")
-        capacity = self.backend.prefill_capacity
         decoded = None
         if paths:
             kind = "video" if kinds[0] == "video" else "image"
-            # every tile adds the same number of image tokens; the text around them does not depend on the count
             items = settings.video_frames if kind == "video" else len(paths)
-            per_tile = self.spec.image_tokens_per_tile
-            fixed = len(self._encode(question, kind, (1,) * items)[0]) - items * per_tile
-            decoded = self.decoder.decode(paths, kind, settings, max(1, (capacity - fixed) // per_tile))
+            decoded = self.decoder.decode(paths, kind, settings, self.prompts.tile_budget(question, kind, items))
             if decoded.cap < settings.max_tiles and kind == "image":
                 log.info("max_tiles lowered from %d to %d so the prompt fits", settings.max_tiles, decoded.cap)
-            ids, prompt_media = self._encode(question, kind, decoded.per_item)
+            ids, prompt_media = self.prompts.encode(question, kind, decoded.per_item)
         else:
-            ids, prompt_media = self._encode(question, None, ())
-        if len(ids) > capacity:
-            raise PromptTooLongError(self._too_long(question, len(ids), prompt_media, capacity))
+            ids, prompt_media = self.prompts.encode(question, None, ())
+        if len(ids) > self.prompts.capacity:
+            raise PromptTooLongError(self.prompts.too_long(question, len(ids), prompt_media))
         pixels = normalize_tiles(decoded.tiles) if decoded is not None else None
         return Request(ids, pixels, prompt_media, (time.perf_counter() - started) * 1e3)
 
-    def _encode(self, question: str, kind, per_item: tuple[int, ...]) -> tuple[np.ndarray, PromptMedia | None]:
-        media = PromptMedia(kind, per_item) if per_item else None
-        text = build_prompt(question, media, self.spec.image_tokens_per_tile, self.system)
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64), media
-
-    def _too_long(self, question: str, n: int, media: PromptMedia | None, capacity: int) -> str:
-        text_only = len(self._encode(question, None, ())[0])
-        message = f"prompt is {n} tokens but this model prefills at most {capacity}"
-        if media is None:
-            return message + "; shorten the text"
-        per_item = (n - text_only) / len(media.tiles)
-        fit = max(0, int((capacity - text_only) // per_item))
-        what = "frame" if media.kind == "video" else "image"
-        fits = f"1 {what} fits" if fit == 1 else f"{fit} {what}s fit"
-        return (
-            f"{message}: {text_only} of text and {len(media.tiles)} {what}s at about {per_item:.0f} tokens each; "
-            f"at most {fits} (use fewer {what}s or a lower max_tiles)"
-        )
+    @property
+    def system(self) -> str | None:
+        """The system turn every prompt starts with (None: none)."""
+        return self.prompts.system
 
     # generation --------------------------------------------------------------------------------
     def steps(self, request: Request, settings: GenerationSettings, timings: Timings) -> Iterator[Step]:

@@ -25,7 +25,9 @@ from urllib.parse import quote
 
 import sqlite_utils
 
+from batch.errors import VlbatchError
 from batch.infer.safe_open import sha256_of
+from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
 from batch.service.result_filter import ResultFilter
 from batch.service.states import JobState
 
@@ -214,6 +216,9 @@ def file_sha256(path: Path) -> str:
     return sha256_of(path)
 
 
+_PREVIOUS_ANSWER = "SELECT id FROM results WHERE cache_key = ? AND error IS NULL ORDER BY id DESC LIMIT 1"
+
+
 class Store:
     """All reads and writes of the database file; migrates it when opened."""
 
@@ -384,9 +389,7 @@ class Store:
     # results ------------------------------------------------------------------------------------
     def previous_answer(self, key: str) -> int | None:
         """The newest successful answer with this cache key (an indexed lookup)."""
-        row = self.db.execute(
-            "SELECT id FROM results WHERE cache_key = ? AND error IS NULL ORDER BY id DESC LIMIT 1", [key]
-        ).fetchone()
+        row = self.db.execute(_PREVIOUS_ANSWER, [key]).fetchone()
         return row[0] if row else None
 
     def linked(self, run_id: int, media_paths: str) -> int | None:
@@ -504,6 +507,67 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True, check_same_thread=False)
     conn.execute("PRAGMA query_only = 1")
     return conn
+
+
+class StoredAnswers:
+    """The answers stored so far, for a command that only reads: the file is opened read-only and never created,
+    migrated or written; a missing file (or one without a results table yet) holds no answers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn = None
+        if self.path.is_file():
+            try:
+                self._conn = connect_read_only(self.path)
+            except sqlite3.DatabaseError as exc:
+                raise self._unreadable(exc) from exc
+            self._conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def _rows(self, sql: str, args: list[Any]) -> list[sqlite3.Row]:
+        if self._conn is None:
+            return []
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            if "no such table" in str(exc):  # created, but no worker has migrated it yet
+                return []
+            raise self._unreadable(exc) from exc
+
+    def _unreadable(self, exc: sqlite3.DatabaseError) -> VlbatchError:
+        if is_corrupt_database(exc):
+            return DatabaseCorrupt(f"{self.path}: the database is damaged ({describe(exc)})")
+        return VlbatchError(f"{self.path}: cannot read the database ({describe(exc)})")
+
+    def previous_answer(self, key: str) -> int | None:
+        """The newest successful answer with this cache key: what a worker would reuse (Store.previous_answer)."""
+        rows = self._rows(_PREVIOUS_ANSWER, [key])
+        return rows[0][0] if rows else None
+
+    def has_model(self, model_id: str) -> bool:
+        """Whether any successful answer of this model is stored (else none of its cache keys can match)."""
+        return bool(self._rows("SELECT 1 FROM results WHERE model_id = ? AND error IS NULL LIMIT 1", [model_id]))
+
+    def timings(self, model_id: str, backend: str, limit: int = 500) -> list[dict[str, Any]]:
+        """The newest successful answers of this model on this runtime: sizes and stage timings."""
+        rows = self._rows(
+            "SELECT tiles, vit_ms, prompt_tokens, prefill_ms, output_tokens, decode_ms FROM results "
+            "WHERE model_id = ? AND backend = ? AND error IS NULL ORDER BY id DESC LIMIT ?",
+            [model_id, backend, limit],
+        )
+        return [dict(row) for row in rows]
+
+    def output_tokens(self, model_id: str, prompt: str) -> tuple[int, float]:
+        """(answers, mean output tokens) of this model's successful answers to exactly this prompt text."""
+        rows = self._rows(
+            "SELECT count(*), coalesce(avg(output_tokens), 0) FROM results "
+            "WHERE model_id = ? AND prompt = ? AND error IS NULL",
+            [model_id, prompt],
+        )
+        return (int(rows[0][0]), float(rows[0][1])) if rows else (0, 0.0)
 
 
 def pending_migrations(path: Path) -> list[str]:

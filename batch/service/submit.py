@@ -12,7 +12,7 @@ import yaml
 from batch.config import Config
 from batch.errors import VlbatchError
 from batch.service.atomic_write import write_atomic
-from batch.service.jobfile import JobRejected, parse_job
+from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.spool import Spool, free_path
 
 
@@ -45,6 +45,27 @@ def submit_job(path: Path, config: Config) -> Path:
     except OSError as exc:
         raise SubmitError(f"{target}: cannot write the job into the inbox ({exc.strerror or exc})") from None
     return target
+
+
+def check_job(path: Path, config: Config) -> Job:
+    """The job as a worker will read it once submitted, without submitting it: relative inputs resolved against
+    the job file's own folder (as submit_job does), media allowed only under spool.media_roots or the inbox.
+
+    JobRejected for a job that submit_job or the worker would refuse.
+    """
+    path = Path(path)
+    job = parse_job(
+        path, allowed_roots=list(config.spool.media_roots), generation=config.generation, media=config.media
+    )
+    roots = [Path(os.path.realpath(root)) for root in (*config.spool.media_roots, Spool(config.spool.dir).inbox)]
+    outside = [media for media in job.media if not any(media.is_relative_to(root) for root in roots)]
+    if outside:
+        raise JobRejected(
+            path,
+            f"input {outside[0]} is outside the allowed media folders ({', '.join(map(str, roots))}) "
+            "(the worker reads media only under spool.media_roots)",
+        )
+    return job
 
 
 def submit_openai_batch(path: Path, config: Config) -> list[Path]:

@@ -180,6 +180,30 @@ def _group_count(session: Any) -> int:
     return count
 
 
+def _prefill_shape(first: _Session) -> tuple[int, int]:
+    """(chunk length, longest prompt) from layer 0's shape groups: group 0 decodes, each later one prefills a chunk."""
+    if first.groups < 2:
+        raise ModelFolderError(f"{first.path}: needs a decode group and at least one prefill group")
+    for name in _INPUTS:
+        first.input(0, name)
+    chunk_len = first.input(1, "input").shape[1]
+    return chunk_len, chunk_len * (first.groups - 1)
+
+
+def _layer_zero(folder: Path) -> Path:
+    files = _layer_files(folder)
+    if 0 not in files:
+        raise ModelFolderError(f"{folder}: decoder layer files missing for layers [0]")
+    return files[0]
+
+
+def prefill_capacity(folder: Path, providers: Sequence[str] = (), device_id: int | None = None) -> int:
+    """The longest prompt the folder prefills, read from the layer-0 session alone (the rest stays unloaded)."""
+    folder = Path(folder)
+    axengine = import_axengine(folder)
+    return _prefill_shape(_Session(axengine, _layer_zero(folder), session_providers(axengine, providers, device_id)))[1]
+
+
 class AxBackend(Backend):
     name = "axengine"
     hidden_dtype = np.dtype(ml_dtypes.bfloat16)
@@ -210,17 +234,12 @@ class AxBackend(Backend):
 
     def _read_shapes(self) -> None:
         first = self._layers[0]
-        if first.groups < 2:
-            raise ModelFolderError(f"{first.path}: needs a decode group and at least one prefill group")
-        for name in _INPUTS:
-            first.input(0, name)
+        self.chunk_len, self.prefill_capacity = _prefill_shape(first)
         k_decode = first.input(0, "K_cache")
         self.kv_capacity = k_decode.shape[1]
         self._kv_dim = k_decode.shape[2]
         self._kv_dtype = k_decode.dtype
         self.hidden_size = first.input(0, "input").shape[-1]
-        self.chunk_len = first.input(1, "input").shape[1]
-        self.prefill_capacity = self.chunk_len * (first.groups - 1)
         for layer in self._layers[1:]:
             if layer.groups != first.groups or layer.input(0, "K_cache").shape != k_decode.shape:
                 raise ModelFolderError(f"{layer.path}: shape groups differ from {first.path}")

@@ -40,6 +40,16 @@ def embeddings_file(folder: Path) -> Path:
     return Path(folder) / read_manifest(folder)["files"]["embed"]
 
 
+def prefill_capacity(manifest: dict[str, Any]) -> int:
+    """The longest prompt an export prefills: one cache position stays free for the answer's first decode step."""
+    return int(manifest["kv_capacity"]) - 1
+
+
+def weights(folder: Path) -> str:
+    """The export's weight format (fp32, int8 or int4), as its manifest records it."""
+    return str(read_manifest(folder).get("weights", "fp32"))
+
+
 def identity_bytes(folder: Path) -> bytes:
     """What identifies an export's contents: its manifest, which records the spec, weights format and files."""
     return (Path(folder) / MANIFEST).read_bytes()
@@ -76,8 +86,7 @@ class OnnxBackend(Backend):
         self.num_layers = len(self._layers)
         self.chunk_len = int(manifest["prefill_chunk"])
         self.kv_capacity = int(manifest["kv_capacity"])
-        # at least one position must stay free for the answer's first decode step
-        self.prefill_capacity = self.kv_capacity - 1
+        self.prefill_capacity = prefill_capacity(manifest)
         self._kv_dim = self.spec.text.kv_dim
 
     def vit(self, pixels: np.ndarray) -> np.ndarray:

@@ -65,6 +65,33 @@ def model_identity(model_dir: Path) -> str:
     return f"{model_dir.resolve().name}@{hashlib.sha256(module.identity_bytes(model_dir)).hexdigest()[:12]}"
 
 
+def runtime_kind(model_dir: Path, backend: str = "auto") -> str:
+    """The runtime a folder runs on ('onnxruntime' or 'axengine'); BackendError when `backend` names another."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    kind = folder_kind(model_dir)
+    if backend != "auto" and backend != kind:
+        raise BackendError(f"{model_dir} is a folder for {kind}, but backend {backend} was asked for")
+    return kind
+
+
+def prefill_capacity(
+    model_dir: Path, backend: str = "auto", providers: Sequence[str] = (), device_id: int | None = None
+) -> int:
+    """The longest prompt a folder prefills, without loading the model: an export's manifest, or the shapes of
+    an axmodel folder's layer-0 session (which needs axengine and may need `providers`/`device_id`)."""
+    if runtime_kind(model_dir, backend) == "axengine":
+        return axengine_backend.prefill_capacity(Path(model_dir), providers, device_id)
+    return onnx_backend.prefill_capacity(onnx_backend.read_manifest(Path(model_dir)))
+
+
+def weights_format(model_dir: Path) -> str | None:
+    """An export's weight format (fp32, int8, int4); None for an axmodel folder, whose weights are compiled in."""
+    if folder_kind(model_dir) == "axengine":
+        return None
+    return onnx_backend.weights(Path(model_dir))
+
+
 def open_backend(
     model_dir: Path,
     backend: str = "auto",
@@ -73,11 +100,7 @@ def open_backend(
     device_id: int | None = None,
 ) -> Backend:
     """The runtime of a model folder; `providers`/`device_id` choose axengine's execution provider and device."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    kind = folder_kind(model_dir)
-    if backend != "auto" and backend != kind:
-        raise BackendError(f"{model_dir} is a folder for {kind}, but backend {backend} was asked for")
+    kind = runtime_kind(model_dir, backend)
     if kind == "axengine":
         from batch.infer.runtime.axengine_backend import AxBackend
 
