@@ -91,3 +91,10 @@ def test_rates_from_a_benchmark_report() -> None:
     with pytest.raises(ValueError, match="fp32"):
         rates_from_bench(report, "fp32")
     assert math.isfinite(rates.unit(13, 3400, 64).total_ms)
+
+
+def test_the_built_in_cpu_figures_are_measured_and_name_their_machine() -> None:
+    for weights in ("int4", "fp32"):
+        rates = reference_rates("onnxruntime", weights)
+        assert rates is not None and rates.measured and "AMD EPYC" in rates.source and weights in rates.source
+    assert reference_rates("onnxruntime", "int8") is None  # no run to take them from

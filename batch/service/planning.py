@@ -112,10 +112,11 @@ def rates_from_results(rows: Iterable[Mapping[str, Any]], source: str, whole_chu
 
 
 def rates_from_bench(report: Mapping[str, Any], weights: str) -> Rates:
-    """Rates from a `bench/run_bench.py --json` report for one export (int4, int8 or fp32)."""
+    """Rates from a `bench/run_bench.py --json` report for one export (int4, int8 or fp32): every case it ran,
+    the photo captions included, fitted together."""
     try:
         figures = report[weights]
-        cases = figures["cases"].values()
+        cases = [*figures["cases"].values(), *figures.get("photos", {}).values()]
     except (KeyError, AttributeError, TypeError):
         raise ValueError(f"the benchmark report has no figures for {weights} weights") from None
     machine = report.get("machine", {})
@@ -124,9 +125,12 @@ def rates_from_bench(report: Mapping[str, Any], weights: str) -> Rates:
         f"{machine.get('cpu', 'CPU?')}, {machine.get('threads', '?')} threads"
     )
     first, growth = fit_prefill((c["prompt_tokens"] / CHUNK_TOKENS, c["prefill_ms"]) for c in cases)
+    tiled = [c for c in cases if c.get("tiles")]
     decode = [c["decode_ms_per_token"] for c in cases if c.get("decode_ms_per_token")]
     return Rates(
-        vit_ms_per_tile=figures["vit_ms_per_tile"],
+        vit_ms_per_tile=(
+            sum(c["vit_ms"] for c in tiled) / sum(c["tiles"] for c in tiled) if tiled else figures["vit_ms_per_tile"]
+        ),
         prefill_first_chunk_ms=first,
         prefill_growth_ms=growth,
         decode_ms_per_token=float(np.median(decode)),
@@ -164,6 +168,11 @@ def reference_rates(backend: str, weights: str | None) -> Rates | None:
     return CPU_REFERENCE_RATES.get(weights or "")
 
 
-# One `make bench` run (bench/run_bench.py, real-shape model with random weights, 2 threads); refresh with
-# `python bench/run_bench.py --json bench.json` and `vlbatch estimate --rates bench.json` on your own machine.
-CPU_REFERENCE_RATES: dict[str, Rates] = {}
+# One `make bench` run (bench/run_bench.py, real-shape model with random weights, 2 threads, 2026-11-25) on a
+# 2-core AMD EPYC (Zen 4: AVX-512 with VNNI and BF16), fitted by rates_from_bench over all its cases. Another
+# CPU differs: `make bench` there, then `vlbatch estimate --rates bench.json`.
+_CPU_SOURCE = "make bench on a 2-core AMD EPYC (Zen 4), 2 threads, real-shape {} export"
+CPU_REFERENCE_RATES: dict[str, Rates] = {
+    "int4": Rates(4404.3, 1059.7, 34.25, 57.87, _CPU_SOURCE.format("int4")),
+    "fp32": Rates(4249.3, 1709.8, 40.53, 225.27, _CPU_SOURCE.format("fp32")),
+}
