@@ -85,6 +85,14 @@ def _arg(node: dict[str, Any]) -> NodeArg:
     return NodeArg(node["name"], _np(node["dtype"]), [int(d) for d in node["shape"]])
 
 
+def _ort_session(path: str) -> Any:
+    """The graph behind a double's file, on the process's shared onnxruntime thread pool: once an onnxruntime
+    model is open (the CPU backend makes that pool), onnxruntime refuses sessions with pools of their own."""
+    from batch.infer.runtime.onnx_backend import session_options
+
+    return ort.InferenceSession(path, sess_options=session_options(1), providers=["CPUExecutionProvider"])
+
+
 class InferenceSession:
     def __init__(
         self,
@@ -100,9 +108,7 @@ class InferenceSession:
         if spec.get("format") != "axengine-double":
             raise RuntimeError("Failed to load model.")
         self._name = path.name
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self._ort = ort.InferenceSession(spec["onnx"], sess_options=options, providers=["CPUExecutionProvider"])
+        self._ort = _ort_session(spec["onnx"])
         self._groups = spec["groups"]
         self._inputs = [[_arg(n) for n in g["inputs"]] for g in self._groups]
         self._outputs = [[_arg(n) for n in g["outputs"]] for g in self._groups]
