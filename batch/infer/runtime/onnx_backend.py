@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,7 @@ from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
 from batch.infer.runtime.base import Backend
 from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 from batch.model.modelspec import ModelSpec
-
-log = logging.getLogger(__name__)
+from batch.model.ort_options import session_options
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -53,43 +50,6 @@ def weights(folder: Path) -> str:
     return str(read_manifest(folder).get("weights", "fp32"))
 
 
-_shared_pool_threads: int | None = None  # the size of this process's shared pool once made; 0: made elsewhere
-
-
-def _shared_pool(threads: int) -> int:
-    """The size of this process's one onnxruntime thread pool, made with `threads` threads on first use.
-
-    A decode step runs ~30 sessions one after another. With a pool each, the pools must not spin between runs
-    (30 spinning pools starve each other), so every operator that runs in parallel first wakes a sleeping
-    thread; one pool shared by every session spins between them instead (decode through the worker: 25.9 ->
-    29.0 tokens/s on a 2-core Zen 4). Once it exists, onnxruntime refuses sessions with pools of their own, so
-    every later model in the process shares it, whatever thread count it asks for. 0: made by other code.
-    """
-    global _shared_pool_threads
-    if _shared_pool_threads is None:
-        from onnxruntime.capi import _pybind_state
-
-        try:
-            _pybind_state.set_global_thread_pool_sizes(threads, 1)
-            _shared_pool_threads = threads
-        except Exception:  # made already by other code in this process, with a size not known here
-            _shared_pool_threads = 0
-    return _shared_pool_threads
-
-
-def session_options(threads: int) -> Any:
-    """onnxruntime options for a session of this process: every session runs on the one shared thread pool."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    pool = _shared_pool(threads)
-    if pool and pool != threads:
-        log.warning("onnxruntime threads: %d asked for, but this process shares one pool of %d", threads, pool)
-    options.use_per_session_threads = False
-    return options
-
-
 def identity_bytes(folder: Path) -> bytes:
     """What identifies an export's contents: its manifest, which records the spec, weights format and files."""
     return (Path(folder) / MANIFEST).read_bytes()
@@ -107,7 +67,7 @@ class OnnxBackend(Backend):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         self.spec = ModelSpec.from_dict(manifest["spec"])
-        options = session_options(threads or _usable_cpus())
+        options = session_options(threads)
 
         def session(name: str) -> Any:
             return ort.InferenceSession(
@@ -153,7 +113,3 @@ class OnnxBackend(Backend):
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self._post.run(None, {"input": np.ascontiguousarray(hidden, dtype=np.float32)})[0][0, -1]
-
-
-def _usable_cpus() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

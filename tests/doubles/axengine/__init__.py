@@ -88,9 +88,9 @@ def _arg(node: dict[str, Any]) -> NodeArg:
 def _ort_session(path: str) -> Any:
     """The graph behind a double's file, on the process's shared onnxruntime thread pool: once an onnxruntime
     model is open (the CPU backend makes that pool), onnxruntime refuses sessions with pools of their own."""
-    from batch.infer.runtime.onnx_backend import session_options
+    from batch.model.ort_options import session_options
 
-    return ort.InferenceSession(path, sess_options=session_options(1), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, sess_options=session_options(), providers=["CPUExecutionProvider"])
 
 
 class InferenceSession:
