@@ -98,3 +98,11 @@ def test_the_built_in_cpu_figures_are_measured_and_name_their_machine() -> None:
         rates = reference_rates("onnxruntime", weights)
         assert rates is not None and rates.measured and "AMD EPYC" in rates.source and weights in rates.source
     assert reference_rates("onnxruntime", "int8") is None  # no run to take them from
+
+
+def test_an_int8_vit_export_gets_the_int8_vit_figure() -> None:
+    fp32_vit = reference_rates("onnxruntime", "int4")
+    int8_vit = reference_rates("onnxruntime", "int4", "int8")
+    assert fp32_vit is not None and int8_vit is not None
+    assert int8_vit.vit_ms_per_tile < fp32_vit.vit_ms_per_tile / 2 and "int8 ViT" in int8_vit.source
+    assert int8_vit.decode_ms_per_token == fp32_vit.decode_ms_per_token  # the language model is the same

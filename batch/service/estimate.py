@@ -25,7 +25,14 @@ from batch.infer.media import choose_tile_cap, media_kind, tile_count
 from batch.infer.pipeline import load_tokenizer
 from batch.infer.prompt import PromptMedia
 from batch.infer.prompt_budget import PromptBudget
-from batch.infer.runtime.select import metadata_dir, model_identity, prefill_capacity, runtime_kind, weights_format
+from batch.infer.runtime.select import (
+    metadata_dir,
+    model_identity,
+    prefill_capacity,
+    runtime_kind,
+    vit_weights_format,
+    weights_format,
+)
 from batch.infer.safe_open import open_regular
 from batch.model.checkpoint import read_config
 from batch.service.jobfile import Job, JobRejected
@@ -56,6 +63,7 @@ class ModelFacts:
     identity: str  # model_identity(): what stored answers record as model_id
     backend: str  # onnxruntime | axengine
     weights: str | None  # an export's weight format; None for an axmodel folder
+    vit_weights: str | None  # an export's ViT weight format (fp32, int8); None for an axmodel folder
     prompts: PromptBudget
     capacity_note: str | None = None  # how the prefill capacity was found, when not from the folder itself
 
@@ -73,7 +81,15 @@ def read_model(model: ModelConfig) -> ModelFacts:
     _, _, spec = read_config(meta)
     capacity, note = _capacity(model, kind)
     prompts = PromptBudget(load_tokenizer(meta), spec.image_tokens_per_tile, capacity)
-    return ModelFacts(Path(model.dir), model_identity(model.dir), kind, weights_format(model.dir), prompts, note)
+    return ModelFacts(
+        Path(model.dir),
+        model_identity(model.dir),
+        kind,
+        weights_format(model.dir),
+        vit_weights_format(model.dir),
+        prompts,
+        note,
+    )
 
 
 def _capacity(model: ModelConfig, kind: str) -> tuple[int, str | None]:
@@ -274,7 +290,7 @@ def choose_rates(
         rates = rates_from_results(rows, source, whole_chunks=model.backend == "axengine")
         if rates is not None:
             return rates
-    rates = reference_rates(model.backend, weights)
+    rates = reference_rates(model.backend, weights, model.vit_weights or "fp32")
     if rates is None:
         raise VlbatchError(
             f"no speed figures for {model.backend} with {weights} weights yet: run one job with this model "
@@ -375,6 +391,7 @@ def estimate_dict(result: Estimate) -> dict[str, Any]:
             "id": model.identity,
             "backend": model.backend,
             "weights": model.weights,
+            "vit_weights": model.vit_weights,
             "prefill_capacity": model.capacity,
             "prefill_capacity_from": model.capacity_note or "the model folder",
         },

@@ -161,11 +161,15 @@ def ax650n_rates() -> Rates:
     )
 
 
-def reference_rates(backend: str, weights: str | None) -> Rates | None:
-    """The built-in figures for a backend (and, for onnxruntime, the export's weights); None where there are none."""
+def reference_rates(backend: str, weights: str | None, vit_weights: str = "fp32") -> Rates | None:
+    """The built-in figures for a backend (and, for onnxruntime, the export's weights and ViT weights); None where
+    there are none."""
     if backend == "axengine":
         return ax650n_rates()
-    return CPU_REFERENCE_RATES.get(weights or "")
+    rates = CPU_REFERENCE_RATES.get(weights or "")
+    if rates is not None and vit_weights == "int8":
+        rates = replace(rates, vit_ms_per_tile=CPU_INT8_VIT_MS_PER_TILE, source=rates.source + _INT8_VIT_SOURCE)
+    return rates
 
 
 # One `make bench` run (bench/run_bench.py, real-shape model with random weights, 2 threads, 2026-11-25) on a
@@ -176,3 +180,6 @@ CPU_REFERENCE_RATES: dict[str, Rates] = {
     "int4": Rates(4404.3, 1059.7, 34.25, 57.87, _CPU_SOURCE.format("int4")),
     "fp32": Rates(4249.3, 1709.8, 40.53, 225.27, _CPU_SOURCE.format("fp32")),
 }
+# `export --vit-weights int8`: bench/photos_per_hour.py through the worker on the same machine (20 one-tile photos)
+CPU_INT8_VIT_MS_PER_TILE = 1730.0
+_INT8_VIT_SOURCE = "; int8 ViT from bench/photos_per_hour.py on the same machine"

@@ -50,6 +50,11 @@ def weights(folder: Path) -> str:
     return str(read_manifest(folder).get("weights", "fp32"))
 
 
+def vit_weights(folder: Path) -> str:
+    """The export's ViT weight format (fp32 or int8), as its manifest records it."""
+    return str(read_manifest(folder).get("vit_weights", "fp32"))
+
+
 def identity_bytes(folder: Path) -> bytes:
     """What identifies an export's contents: its manifest, which records the spec, weights format and files."""
     return (Path(folder) / MANIFEST).read_bytes()

@@ -92,6 +92,13 @@ def weights_format(model_dir: Path) -> str | None:
     return onnx_backend.weights(Path(model_dir))
 
 
+def vit_weights_format(model_dir: Path) -> str | None:
+    """An export's ViT weight format (fp32, int8); None for an axmodel folder."""
+    if folder_kind(model_dir) == "axengine":
+        return None
+    return onnx_backend.vit_weights(Path(model_dir))
+
+
 def open_backend(
     model_dir: Path,
     backend: str = "auto",
