@@ -172,14 +172,15 @@ def reference_rates(backend: str, weights: str | None, vit_weights: str = "fp32"
     return rates
 
 
-# One `make bench` run (bench/run_bench.py, real-shape model with random weights, 2 threads, 2026-11-25) on a
-# 2-core AMD EPYC (Zen 4: AVX-512 with VNNI and BF16), fitted by rates_from_bench over all its cases. Another
-# CPU differs: `make bench` there, then `vlbatch estimate --rates bench.json`.
-_CPU_SOURCE = "make bench on a 2-core AMD EPYC (Zen 4), 2 threads, real-shape {} export"
+# bench/run_bench.py (real-shape model with random weights, 2 threads, 2026-11-25) on a 2-core AMD EPYC (Zen 4:
+# AVX-512 with VNNI and BF16), fitted by rates_from_bench over all its cases (within 5% of each measured photo).
+# Another CPU differs: `make bench` there, then `vlbatch estimate --rates bench.json`.
+_CPU_SOURCE = "bench/run_bench.py on a 2-core AMD EPYC (Zen 4), 2 threads, real-shape {} export"
 CPU_REFERENCE_RATES: dict[str, Rates] = {
-    "int4": Rates(4404.3, 1059.7, 34.25, 57.87, _CPU_SOURCE.format("int4")),
-    "fp32": Rates(4249.3, 1709.8, 40.53, 225.27, _CPU_SOURCE.format("fp32")),
+    "int4": Rates(4105.7, 992.1, 36.37, 40.45, _CPU_SOURCE.format("int4")),
+    "fp32": Rates(4202.9, 1668.0, 46.64, 185.88, _CPU_SOURCE.format("fp32")),
 }
+
 # `export --vit-weights int8`: bench/photos_per_hour.py through the worker on the same machine (20 one-tile photos)
 CPU_INT8_VIT_MS_PER_TILE = 1730.0
 _INT8_VIT_SOURCE = "; int8 ViT from bench/photos_per_hour.py on the same machine"
