@@ -80,8 +80,9 @@ def export(
 
     step("vit")
     save = functools.partial(_save, weights=weights)
-    # the ViT stays fp32: its 1025-row matrix products are compute-bound, and measured at real shape the
-    # int4 kernels were slower there (2.95 s vs 2.49 s per tile on 2 cores); decode is memory-bound and gains
+    # the language model's weight-only formats never apply to the ViT: its 1025-row matrix products are
+    # compute-bound, and the int4 kernels were slower there (2.95 s vs 2.49 s per tile on 2 cores); int8
+    # arithmetic is what speeds it up (--vit-weights int8)
     _save(vit_graph(spec, ckpt.tensor), out_dir / "vit.onnx")
     vit_facts: dict[str, object] = {"vit_weights": vit_weights}
     if vit_weights == "int8":
