@@ -49,7 +49,7 @@ from batch.service.planning import AX650N_PREFILL_CAPACITY, ax650n_rates  # noqa
 
 PHOTO = (2048, 1536)  # a 4:3 photo, as most cameras and phones take them
 CAPTION_PROMPT = "Write a caption for this photo."
-PEER_INSTALL = "pip install -e '.[bench]', or make bench"
+PEER_INSTALL = "make bench-peers, or pip install -e '.[bench]'"
 
 
 def cached_export(models: Path, preset: str, weights: str) -> Path:
