@@ -129,11 +129,6 @@ class Pipeline:
         pixels = normalize_tiles(decoded.tiles) if decoded is not None else None
         return Request(ids, pixels, prompt_media, (time.perf_counter() - started) * 1e3)
 
-    @property
-    def system(self) -> str | None:
-        """The system turn every prompt starts with (None: none)."""
-        return self.prompts.system
-
     # generation --------------------------------------------------------------------------------
     def steps(self, request: Request, settings: GenerationSettings, timings: Timings) -> Iterator[Step]:
         """Run the ViT, embed the prompt with image features in place, then yield tokens as they come."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +30,7 @@ from batch.infer.runtime.select import (
     model_identity,
     prefill_capacity,
     runtime_kind,
-    vit_weights_format,
-    weights_format,
+    weights_formats,
 )
 from batch.infer.safe_open import open_regular
 from batch.model.checkpoint import read_config
@@ -85,8 +84,7 @@ def read_model(model: ModelConfig) -> ModelFacts:
         Path(model.dir),
         model_identity(model.dir),
         kind,
-        weights_format(model.dir),
-        vit_weights_format(model.dir),
+        *weights_formats(model.dir),
         prompts,
         note,
     )
@@ -177,7 +175,7 @@ def estimate(
     `bench/run_bench.py --json` report, read for `weights` (default: the model's own, else fp32).
     """
     model = read_model(config.model)
-    with _stored(config.spool.database) as stored:
+    with closing(StoredAnswers(config.spool.database)) as stored:
         rates = choose_rates(model, stored, config.spool.database, rates_file, weights)
         result = Estimate(model, rates)
         counter = _Counter(model, stored, decoder or IsolatedDecoder(), force)
@@ -192,15 +190,6 @@ def estimate(
         finally:
             counter.decoder.close()
     return result
-
-
-@contextmanager
-def _stored(database: Path) -> Iterator[StoredAnswers]:
-    stored = StoredAnswers(database)
-    try:
-        yield stored
-    finally:
-        stored.close()
 
 
 class _Counter:
@@ -220,10 +209,7 @@ class _Counter:
         answers, mean = self.stored.output_tokens(self.model.identity, job.prompt)
         limit = job.generation.max_new_tokens
         output = min(limit, max(1, round(mean))) if answers >= MIN_ANSWERS else limit
-        times = [rates.unit(u.tiles, u.prompt_tokens, output) for u in units if u.status == "answer"]
-        total = UnitTime(
-            sum(t.vit_ms for t in times), sum(t.prefill_ms for t in times), sum(t.decode_ms for t in times)
-        )
+        total = UnitTime.sum(rates.unit(u.tiles, u.prompt_tokens, output) for u in units if u.status == "answer")
         return JobEstimate(path, job, units, output, answers if answers >= MIN_ANSWERS else 0, total)
 
     def unit(self, job: Job, files: tuple[Path, ...]) -> UnitCount:
@@ -353,12 +339,6 @@ def _pace(time: UnitTime, units: int) -> dict[str, Any]:
     }
 
 
-def _sum_time(jobs: Sequence[JobEstimate]) -> UnitTime:
-    return UnitTime(
-        sum(j.time.vit_ms for j in jobs), sum(j.time.prefill_ms for j in jobs), sum(j.time.decode_ms for j in jobs)
-    )
-
-
 def estimate_dict(result: Estimate) -> dict[str, Any]:
     """The estimate as plain data (`--json`): the model, the rates and their source, each job, the totals."""
     model = result.model
@@ -384,7 +364,7 @@ def estimate_dict(result: Estimate) -> dict[str, Any]:
         )
     keys = ("units", "images", "videos", "text_only", "reused", "unreadable", "too_long", "to_answer", "tiles")
     total: dict[str, Any] = {"jobs": len(jobs), **{key: sum(j[key] for j in jobs) for key in (*keys, "prompt_tokens")}}
-    total.update(_pace(_sum_time(result.jobs), total["to_answer"]))
+    total.update(_pace(UnitTime.sum(j.time for j in result.jobs), total["to_answer"]))
     return {
         "model": {
             "dir": str(model.dir),

@@ -37,6 +37,12 @@ class UnitTime:
     def total_ms(self) -> float:
         return self.ttft_ms + self.decode_ms
 
+    @staticmethod
+    def sum(times: Iterable[UnitTime]) -> UnitTime:
+        """Stage by stage, the time of several units."""
+        times = list(times)
+        return UnitTime(sum(t.vit_ms for t in times), sum(t.prefill_ms for t in times), sum(t.decode_ms for t in times))
+
 
 @dataclass(frozen=True)
 class Rates:

@@ -45,14 +45,11 @@ def prefill_capacity(manifest: dict[str, Any]) -> int:
     return int(manifest["kv_capacity"]) - 1
 
 
-def weights(folder: Path) -> str:
-    """The export's weight format (fp32, int8 or int4), as its manifest records it."""
-    return str(read_manifest(folder).get("weights", "fp32"))
-
-
-def vit_weights(folder: Path) -> str:
-    """The export's ViT weight format (fp32 or int8), as its manifest records it."""
-    return str(read_manifest(folder).get("vit_weights", "fp32"))
+def weights(folder: Path) -> tuple[str, str]:
+    """The export's weight formats as its manifest records them: the language model's (fp32, int8 or int4) and
+    the ViT's (fp32 or int8)."""
+    manifest = read_manifest(folder)
+    return str(manifest.get("weights", "fp32")), str(manifest.get("vit_weights", "fp32"))
 
 
 def identity_bytes(folder: Path) -> bytes:

@@ -85,18 +85,12 @@ def prefill_capacity(
     return onnx_backend.prefill_capacity(onnx_backend.read_manifest(Path(model_dir)))
 
 
-def weights_format(model_dir: Path) -> str | None:
-    """An export's weight format (fp32, int8, int4); None for an axmodel folder, whose weights are compiled in."""
+def weights_formats(model_dir: Path) -> tuple[str | None, str | None]:
+    """An export's weight formats: the language model's (fp32, int8, int4) and the ViT's (fp32, int8); (None,
+    None) for an axmodel folder, whose weights are compiled in."""
     if folder_kind(model_dir) == "axengine":
-        return None
+        return None, None
     return onnx_backend.weights(Path(model_dir))
-
-
-def vit_weights_format(model_dir: Path) -> str | None:
-    """An export's ViT weight format (fp32, int8); None for an axmodel folder."""
-    if folder_kind(model_dir) == "axengine":
-        return None
-    return onnx_backend.vit_weights(Path(model_dir))
 
 
 def open_backend(

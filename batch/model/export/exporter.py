@@ -7,11 +7,12 @@ tokenizer files, so the folder is self-contained.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +121,23 @@ def export(
 def _quantize(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # it logs every node it visits at INFO
-    try:
+    # it logs every node it visits at INFO
+    with _logging_at("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING):
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4)
         quantizer.process()
-    finally:
-        quiet.setLevel(level)
     return quantizer.model.model
+
+
+@contextlib.contextmanager
+def _logging_at(name: str | None, level: int) -> Iterator[None]:
+    """The logger `name` (None: the root) set to `level` while the block runs, then back to its own level."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def check_tiles(image_size: int, count: int = _CHECK_TILES) -> np.ndarray:
@@ -156,15 +165,10 @@ def _quantize_vit(path: Path, image_size: int) -> float:
     from batch.model.ort_options import session_options
 
     quantized = path.with_name("vit-int8.onnx")
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the quantizer advises pre-processing on the root logger
-    try:
+    with _logging_at(None, logging.ERROR):  # the quantizer advises pre-processing on the root logger
         quantize_dynamic(
             path, quantized, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
         )
-    finally:
-        quiet.setLevel(level)
     tiles = check_tiles(image_size)
     features = []
     for model in (path, quantized):
