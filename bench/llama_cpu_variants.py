@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from peer_llamacpp import AMX_VARIANTS, cpu_variants, library_dir, variant_scores  # noqa: E402
+from peer_llamacpp import cpu_variants, default_variant, library_dir, variant_scores  # noqa: E402
 from peers import run_peer  # noqa: E402
 from run_bench import cached_export, machine  # noqa: E402
 
@@ -38,8 +38,7 @@ def main() -> int:
         print(f"{library_dir()}: a static build (one CPU library); rebuild with `make bench` for the variants")
         return 1
     scores = variant_scores(variants)
-    usable = {n: s for n, s in scores.items() if s > 0 and n not in AMX_VARIANTS}
-    default = max(usable, key=lambda n: usable[n]) if usable else None
+    default = default_variant(scores)
     info = machine()
     print(f"machine: {info['cpu']}; features: {info['cpu_features']}")
     hf = cached_export(args.models, "real-shape", "int4").parent / "real-shape-hf"

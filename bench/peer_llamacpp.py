@@ -126,6 +126,12 @@ def variant_scores(variants: dict[str, Path]) -> dict[str, int]:
     return scores
 
 
+def default_variant(scores: dict[str, int], allow_amx: bool = False) -> str | None:
+    """The variant the peer runs unless told otherwise: ggml's best score here, AMX aside; None if none runs."""
+    usable = {n: s for n, s in scores.items() if s > 0 and (allow_amx or n not in AMX_VARIANTS)}
+    return max(usable, key=lambda n: usable[n]) if usable else None
+
+
 def _ggml(lib: Path) -> ctypes.CDLL:
     """libggml (and with it libggml-base), the library that keeps the registry of backends."""
     names = [p for p in lib.iterdir() if p.name.split(".")[0] == "libggml"]
@@ -148,10 +154,9 @@ def load_cpu_backend(wanted: str | None, allow_amx: bool, force: bool) -> tuple[
         return "static", {}
     scores = variant_scores(variants)
     if wanted is None:
-        usable = {n: s for n, s in scores.items() if s > 0 and (allow_amx or n not in AMX_VARIANTS)}
-        if not usable:
+        wanted = default_variant(scores, allow_amx)
+        if wanted is None:
             sys.exit(f"no CPU variant of {lib} runs on this CPU (scores: {scores})")
-        wanted = max(usable, key=lambda n: usable[n])
     elif wanted not in variants:
         sys.exit(f"--cpu-variant {wanted}: not built; the variants in {lib} are {', '.join(variants)}")
     elif scores[wanted] == 0 and not force:

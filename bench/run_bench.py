@@ -63,17 +63,16 @@ def cached_export(models: Path, preset: str, weights: str) -> Path:
 
 
 def machine() -> dict[str, str | int]:
-    cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags: set[str] = set()
-    try:
-        line = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")))
-        flags = set(line.split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+
+    def first(*keys: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(keys)), "")
+
+    cpu = first("model name") or platform.processor()
+    flags = set(first("flags", "Features").split())
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimddp", "sve", "i8mm")
     return {
         "cpu": cpu,
