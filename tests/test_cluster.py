@@ -375,13 +375,19 @@ def test_one_image_jobs_run_side_by_side_on_both_actors(cluster, heads, tmp_path
     assert sum(a["answers"] for a in env.actors()) == 8
 
 
-def test_one_stop_signal_finishes_the_job(cluster, heads, tmp_path, tiny_onnx):
+def _stop_signal_mid_job(cluster, heads, tmp_path, tiny_onnx):
+    """A head running the 16-file job, sent one SIGTERM once 3 answers are committed: (env, head)."""
     _media(tmp_path, many=16)
     env = Env(tmp_path, tiny_onnx).configure(cluster={})
     env.drop("many.yaml", JOBS["many.yaml"])
     head = heads(env, cluster.address)
     head.until(lambda: env.committed("many") >= 3)
     head.proc.send_signal(signal.SIGTERM)
+    return env, head
+
+
+def test_one_stop_signal_finishes_the_job(cluster, heads, tmp_path, tiny_onnx):
+    env, head = _stop_signal_mid_job(cluster, heads, tmp_path, tiny_onnx)
     assert head.wait() == 0, head.text()[-3000:]
     assert env.job("many")["state"] == "done" and (env.jobs / "done" / "many.yaml").exists()
     assert len(env.answers("many")) == 16 and len(env.rows("select 1 from results where error is null")) == 16
@@ -389,12 +395,7 @@ def test_one_stop_signal_finishes_the_job(cluster, heads, tmp_path, tiny_onnx):
 
 
 def test_two_stop_signals_hand_the_job_back_and_a_later_run_completes_it(cluster, heads, tmp_path, tiny_onnx):
-    _media(tmp_path, many=16)
-    env = Env(tmp_path, tiny_onnx).configure(cluster={})
-    env.drop("many.yaml", JOBS["many.yaml"])
-    head = heads(env, cluster.address)
-    head.until(lambda: env.committed("many") >= 3)
-    head.proc.send_signal(signal.SIGTERM)
+    env, head = _stop_signal_mid_job(cluster, heads, tmp_path, tiny_onnx)
     head.until(lambda: "event=worker.signal" in head.text())  # two signals at once would count as one
     head.proc.send_signal(signal.SIGTERM)
     assert head.wait() == 0, head.text()[-3000:]
