@@ -193,6 +193,8 @@ def test_kill_9_of_the_decoder_and_the_worker_across_50_jobs(env: SpoolEnv):
             proc.kill()
             proc.wait()
             kills["worker"] += 1
+            # restart at once: were the last job done meanwhile, the loop would end with the worker we killed
+            proc = env.spawn("watch", log=log, env=fault_env())
     try:
         wait_for(lambda: finished() == 50, timeout=max(5.0, deadline - time.monotonic()))
         assert proc.poll() is None
