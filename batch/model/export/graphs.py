@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from batch.errors import ModelFolderError
-from batch.model.export.onnx_builder import GraphBuilder
+from batch.model.export.onnx_builder import CONTRIB_DOMAIN, GraphBuilder
 from batch.model.modelspec import ModelSpec
 
 Weights = Callable[[str], np.ndarray]
@@ -106,26 +106,25 @@ def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelPr
     x = g.input("input", np.float32, [1, "chunk", hid])
     mask = g.input("mask", np.float32, [1, "chunk", "total"])
 
-    # rotary tables from the positions: (1, S, 1, d), broadcast over heads
+    # rotary tables for the chunk's positions, (S, d/2); onnxruntime's RotaryEmbedding rotates the halves of each
+    # head (rotate_half, not interleaved) with row s of the tables for token s (position offset 0)
     inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
     inv_freq = (inv_freq / t.rope_scaling_factor).astype(np.float32)
-    pos = g.op("Unsqueeze", [g.op("Cast", [indices], to=onnx.TensorProto.FLOAT), g.const([2])])
-    freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq)])  # (1, S, d/2)
-    angles = g.op("Unsqueeze", [g.op("Concat", [freqs, freqs], axis=-1), g.const([2])])
+    pos = g.reshape(g.op("Cast", [indices], to=onnx.TensorProto.FLOAT), [-1, 1])  # (S, 1)
+    angles = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq)])  # (S, d/2)
     cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
+    offset = g.const([0])
 
     def rope(states: str) -> str:
-        first, second = g.ops("Split", [states], 2, axis=-1)
-        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
-        return g.op("Add", [g.op("Mul", [states, cos]), g.op("Mul", [rotated, sin])])
+        return g.op("RotaryEmbedding", [states, offset, cos, sin], domain=CONTRIB_DOMAIN, interleaved=0)
 
     h = g.rms_norm(x, p + "input_layernorm", w(p + "input_layernorm.weight"), t.rms_norm_eps)
     a = p + "self_attn."
     q = g.linear(h, a + "q_proj", w(a + "q_proj.weight"), w(a + "q_proj.bias"))
     k = g.linear(h, a + "k_proj", w(a + "k_proj.weight"), w(a + "k_proj.bias"))
     v = g.linear(h, a + "v_proj", w(a + "v_proj.weight"), w(a + "v_proj.bias"))
-    q = rope(g.reshape(q, [1, -1, nh, d]))  # (1, S, nh, d)
-    k_new = g.reshape(rope(g.reshape(k, [1, -1, nkv, d])), [1, -1, t.kv_dim])  # (1, S, kv_dim)
+    q = g.reshape(rope(q), [1, -1, nh, d])  # (1, S, nh, d)
+    k_new = rope(k)  # (1, S, kv_dim)
     g.output(k_new, "K_out", np.float32, [1, "chunk", t.kv_dim])
     g.output(v, "V_out", np.float32, [1, "chunk", t.kv_dim])
 

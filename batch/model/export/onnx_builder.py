@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 IR_VERSION = 8  # readable by onnxruntime >= 1.12, which older boards ship
+CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's own operators (RotaryEmbedding)
 
 _ELEM = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -54,7 +55,10 @@ class GraphBuilder:
 
     def build(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="vlbatch")
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == CONTRIB_DOMAIN for node in self.nodes):
+            opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="vlbatch")
         model.ir_version = IR_VERSION
         return model
 
@@ -91,9 +95,10 @@ class GraphBuilder:
         )
 
     def rms_norm(self, x: str, prefix: str, weight: np.ndarray, eps: float) -> str:
-        mean_sq = self.op("ReduceMean", [self.op("Mul", [x, x])], axes=[-1], keepdims=1)
-        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [mean_sq, self.const(eps, np.float32)])])])
-        return self.op("Mul", [self.op("Mul", [x, inv]), self.weight(prefix + ".weight", weight)])
+        """x / sqrt(mean(x^2) + eps) * weight, in the form onnxruntime fuses into one SimplifiedLayerNormalization."""
+        mean_sq = self.op("ReduceMean", [self.op("Pow", [x, self.const(2.0, np.float32)])], axes=[-1], keepdims=1)
+        rms = self.op("Sqrt", [self.op("Add", [mean_sq, self.const(eps, np.float32)])])
+        return self.op("Mul", [self.op("Div", [x, rms]), self.weight(prefix + ".weight", weight)])
 
     def gelu(self, x: str) -> str:
         """Exact (erf) GELU, as torch.nn.GELU()."""
