@@ -65,7 +65,7 @@ bench-peers: install  ## the benchmark's peers: transformers, and llama-cpp-pyth
 	$(BIN)/pip install --quiet -e '.[bench]'
 
 bench: bench-peers  ## real-shape speed table with the transformers and llama.cpp peers (~40 min); exits 1 if a peer fails
-	$(BIN)/python bench/run_bench.py --weights int4 fp32 --peers transformers llamacpp --json bench.json
+	$(BIN)/python bench/run_bench.py --weights int4+int8 int4 fp32 --peers transformers llamacpp --json bench.json
 
 clean:
 	rm -rf models .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected jobs/gallery vlbatch.db*

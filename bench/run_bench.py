@@ -1,16 +1,16 @@
 """vlbatch at InternVL3-2B's real shape (random weights): the upstream table's cases and a photo caption.
 
-    python bench/run_bench.py [--weights int4 fp32] [--peers transformers llamacpp] [--threads 2]
+    python bench/run_bench.py [--weights int4+int8 int4 fp32] [--peers transformers llamacpp] [--threads 2]
                               [--decode-tokens 32] [--json out.json] [--allow-missing-peers]
 
-Builds (once, cached under models/) the real-shape model and one export per weight format, then reports
-per export: model load time, ViT ms per 448 tile, TTFT for 0 images (128-token prompt), 1 image, 4 images
-and an 8-frame video, decode ms/token and tokens/s over a fixed number of tokens (end-of-turn ignored),
-and the process's peak RSS. The planning cases caption a 4:3 photo (64 tokens) at max_tiles 12, 6 and 1:
-TTFT, the ViT's and the prefill's share of it, seconds per photo and photos per hour, next to the same
-arithmetic from the published AX650N figures (computed, not measured). The peers run afterwards, one
-subprocess each, on the same weights, prompts and thread count: transformers (torch fp32) and llama.cpp
-(Q4_0, Q8_0); the ratios close the report.
+Builds (once, cached under models/) the real-shape model and one export per --weights name (int4+int8: int4
+decode layers with an int8 ViT and int8 prompt layers), then reports per export: model load time, ViT ms per 448
+tile, TTFT for 0 images (128-token prompt), 1 image, 4 images and an 8-frame video, decode ms/token and tokens/s
+over a fixed number of tokens (end-of-turn ignored), and the process's peak RSS. The planning cases caption a
+4:3 photo (64 tokens) at max_tiles 12, 6 and 1: TTFT, the ViT's and the prefill's share of it, seconds per photo
+and photos per hour, next to the same arithmetic from the published AX650N figures (computed, not measured). The
+peers run afterwards, one subprocess each, on the same weights, prompts and thread count: transformers (torch
+fp32) and llama.cpp (Q4_0, Q8_0); the ratios close the report.
 
 A peer that gives no figures (a crash, a signal, a missing package, a time-out) is shown as FAILED with its
 cause, no ratio is printed against it, and the run exits 1 unless --allow-missing-peers is given.
@@ -45,20 +45,29 @@ from batch.infer.pipeline import Pipeline, Request  # noqa: E402
 from batch.infer.settings import GenerationSettings, MediaSettings  # noqa: E402
 from batch.model.export.exporter import export  # noqa: E402
 from batch.model.tinymodel import convert_to_native, make_model  # noqa: E402
-from batch.service.planning import AX650N_PREFILL_CAPACITY, ax650n_rates  # noqa: E402
+from batch.service.planning import AX650N_PREFILL_CAPACITY, INT8_ARITHMETIC, ax650n_rates  # noqa: E402
 
 PHOTO = (2048, 1536)  # a 4:3 photo, as most cameras and phones take them
 CAPTION_PROMPT = "Write a caption for this photo."
 PEER_INSTALL = "make bench-peers, or pip install -e '.[bench]'"
 
 
-def cached_export(models: Path, preset: str, weights: str) -> Path:
+# --weights: an export's weights, or int4+int8: int4 decode layers with an int8 ViT and int8 prompt layers
+EXPORTS = {
+    "fp32": {"weights": "fp32"},
+    "int8": {"weights": "int8"},
+    "int4": {"weights": "int4"},
+    INT8_ARITHMETIC: {"weights": "int4", "vit_weights": "int8", "prefill_weights": "int8"},
+}
+
+
+def cached_export(models: Path, preset: str, name: str) -> Path:
     hf = models / f"{preset}-hf"
     if not (hf / "config.json").exists():
         make_model(hf, preset=preset)
-    out = models / f"{preset}-{weights}"
+    out = models / f"{preset}-{name}"
     if not (out / "manifest.json").exists():
-        export(hf, out, weights=weights)
+        export(hf, out, **EXPORTS[name])
     return out
 
 
@@ -231,7 +240,7 @@ def peers(
 def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list[str]:
     """Decode, prefill, ViT and TTFT side by side, with vlbatch's ratio over each peer that gave figures."""
     rows: list[tuple[str, str, float | None]] = []
-    for weights in ("int4", "int8", "fp32"):
+    for weights in report["weights"]:
         r = report.get(weights)
         if r:
             one = r["cases"]["1 image"]
@@ -277,7 +286,9 @@ def write_photo(folder: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", nargs="+", default=["int4", "fp32"], choices=["fp32", "int8", "int4"])
+    parser.add_argument(
+        "--weights", nargs="+", default=[INT8_ARITHMETIC, "int4", "fp32"], choices=list(EXPORTS), help="exports"
+    )
     parser.add_argument("--peers", nargs="*", default=[], choices=["transformers", "llamacpp"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=32)

@@ -455,11 +455,12 @@ def test_json_holds_each_job_the_totals_and_the_rates(env, hand_cpu_rates):
         "backend",
         "weights",
         "vit_weights",
+        "prefill_weights",
         "prefill_capacity",
         "prefill_capacity_from",
     }
     assert "@" in result["model"]["id"] and result["model"]["backend"] == "onnxruntime"
-    assert result["model"]["vit_weights"] == "fp32"
+    assert result["model"]["vit_weights"] == "fp32" and result["model"]["prefill_weights"] == "same"
     assert result["rates"]["source"] == "hand-made figures" and result["rates"]["measured"] is False
     job_keys = {"file", "id", "mode", "units", "images", "videos", "text_only", "reused", "unreadable", "too_long",
                 "to_answer", "tiles", "prompt_tokens", "output_tokens_per_answer", "output_tokens_from",

@@ -8,8 +8,10 @@ import pytest
 
 from batch.service.planning import (
     AX650N_PREFILL_MS,
+    CPU_REFERENCE_RATES,
     Rates,
     ax650n_rates,
+    bench_key,
     fit_prefill,
     rates_from_bench,
     rates_from_results,
@@ -106,3 +108,15 @@ def test_an_int8_vit_export_gets_the_int8_vit_figure() -> None:
     assert fp32_vit is not None and int8_vit is not None
     assert int8_vit.vit_ms_per_tile < fp32_vit.vit_ms_per_tile / 2 and "int8 ViT" in int8_vit.source
     assert int8_vit.decode_ms_per_token == fp32_vit.decode_ms_per_token  # the language model is the same
+
+
+def test_int8_prompt_layers_get_their_prefill_figures_and_both_int8_options_their_own_run() -> None:
+    int4 = reference_rates("onnxruntime", "int4")
+    prompts = reference_rates("onnxruntime", "int4", "fp32", "int8")
+    both = reference_rates("onnxruntime", "int4", "int8", "int8")
+    assert int4 is not None and prompts is not None and both is not None
+    assert prompts.prefill_first_chunk_ms < int4.prefill_first_chunk_ms and "int8 prompt layers" in prompts.source
+    assert prompts.vit_ms_per_tile == int4.vit_ms_per_tile and prompts.decode_ms_per_token == int4.decode_ms_per_token
+    assert both == CPU_REFERENCE_RATES[bench_key("int4", "int8", "int8")] and "int4+int8" in both.source
+    fp32_prompts = reference_rates("onnxruntime", "fp32", "fp32", "int8")  # int8 prompt layers beside fp32 ones
+    assert fp32_prompts is not None and fp32_prompts.prefill_first_chunk_ms == prompts.prefill_first_chunk_ms

@@ -39,6 +39,7 @@ from batch.service.planning import (
     AX650N_PREFILL_CAPACITY,
     Rates,
     UnitTime,
+    bench_key,
     rates_from_bench,
     rates_from_results,
     reference_rates,
@@ -63,6 +64,7 @@ class ModelFacts:
     backend: str  # onnxruntime | axengine
     weights: str | None  # an export's weight format; None for an axmodel folder
     vit_weights: str | None  # an export's ViT weight format (fp32, int8); None for an axmodel folder
+    prefill_weights: str | None  # an export's prompt layers (same, int8); None for an axmodel folder
     prompts: PromptBudget
     capacity_note: str | None = None  # how the prefill capacity was found, when not from the folder itself
 
@@ -269,14 +271,16 @@ def choose_rates(
     """The first that applies: the benchmark report given, this model's stored answers, the built-in figures."""
     weights = weights or model.weights or "fp32"
     if rates_file is not None:
-        return _bench_rates(rates_file, weights)
+        return _bench_rates(
+            rates_file, bench_key(weights, model.vit_weights or "fp32", model.prefill_weights or "same")
+        )
     rows = stored.timings(model.identity, model.backend, STORED_ROWS)
     if len(rows) >= MIN_ANSWERS:
         source = f"the last {len(rows)} answers of {model.identity} on {model.backend} stored in {database}"
         rates = rates_from_results(rows, source, whole_chunks=model.backend == "axengine")
         if rates is not None:
             return rates
-    rates = reference_rates(model.backend, weights, model.vit_weights or "fp32")
+    rates = reference_rates(model.backend, weights, model.vit_weights or "fp32", model.prefill_weights or "same")
     if rates is None:
         raise VlbatchError(
             f"no speed figures for {model.backend} with {weights} weights yet: run one job with this model "
@@ -296,7 +300,7 @@ def _bench_rates(path: Path, weights: str) -> Rates:
     try:
         rates = rates_from_bench(report, weights)
     except ValueError as exc:
-        measured = [name for name in ("int4", "int8", "fp32") if isinstance(report.get(name), dict)]
+        measured = [name for name, figures in report.items() if isinstance(figures, dict) and "cases" in figures]
         hint = f"; it has {', '.join(measured)} (--weights)" if measured else ""
         raise VlbatchError(f"{path}: {exc}{hint}") from None
     except (KeyError, TypeError) as exc:
@@ -372,6 +376,7 @@ def estimate_dict(result: Estimate) -> dict[str, Any]:
             "backend": model.backend,
             "weights": model.weights,
             "vit_weights": model.vit_weights,
+            "prefill_weights": model.prefill_weights,
             "prefill_capacity": model.capacity,
             "prefill_capacity_from": model.capacity_note or "the model folder",
         },

@@ -167,26 +167,48 @@ def ax650n_rates() -> Rates:
     )
 
 
-def reference_rates(backend: str, weights: str | None, vit_weights: str = "fp32") -> Rates | None:
-    """The built-in figures for a backend (and, for onnxruntime, the export's weights and ViT weights); None where
-    there are none."""
+def reference_rates(
+    backend: str, weights: str | None, vit_weights: str = "fp32", prefill_weights: str = "same"
+) -> Rates | None:
+    """The built-in figures for a backend (and, for onnxruntime, the export's weights, ViT weights and prompt
+    layers); None where there are none."""
     if backend == "axengine":
         return ax650n_rates()
     rates = CPU_REFERENCE_RATES.get(weights or "")
-    if rates is not None and vit_weights == "int8":
-        rates = replace(rates, vit_ms_per_tile=CPU_INT8_VIT_MS_PER_TILE, source=rates.source + _INT8_VIT_SOURCE)
-    return rates
+    key = bench_key(weights or "", vit_weights, prefill_weights)
+    if rates is None or (key != weights and key in CPU_REFERENCE_RATES):  # none, or measured as it is
+        return CPU_REFERENCE_RATES.get(key)
+    if "int8" not in (vit_weights, prefill_weights):
+        return rates
+    # an int8 ViT and int8 prompt layers cost the same whatever the decode layers' weights
+    int8 = CPU_REFERENCE_RATES.get(INT8_ARITHMETIC)
+    if int8 is None:
+        return None
+    parts = []
+    if vit_weights == "int8":
+        rates = replace(rates, vit_ms_per_tile=int8.vit_ms_per_tile)
+        parts.append("ViT")
+    if prefill_weights == "int8":
+        rates = replace(
+            rates, prefill_first_chunk_ms=int8.prefill_first_chunk_ms, prefill_growth_ms=int8.prefill_growth_ms
+        )
+        parts.append("prompt layers")
+    return replace(rates, source=f"{rates.source}; int8 {' and '.join(parts)} from its {INT8_ARITHMETIC} run")
+
+
+def bench_key(weights: str, vit_weights: str = "fp32", prefill_weights: str = "same") -> str:
+    """The name `bench/run_bench.py --weights` gives an export: int4, or int4+int8 for one whose ViT and prompt
+    layers both run int8 arithmetic (`vlbatch export --vit-weights int8 --prefill-weights int8`)."""
+    return f"{weights}+int8" if vit_weights == "int8" and prefill_weights == "int8" else weights
 
 
 # bench/run_bench.py (real-shape model with random weights, 2 threads, 2026-11-25) on a 2-core AMD EPYC (Zen 4:
-# AVX-512 with VNNI and BF16), fitted by rates_from_bench over all its cases (within 5% of each measured photo).
+# AVX-512 with VNNI and BF16), fitted by rates_from_bench over all its cases (within 15% of each measured photo).
 # Another CPU differs: `make bench` there, then `vlbatch estimate --rates bench.json`.
 _CPU_SOURCE = "bench/run_bench.py on a 2-core AMD EPYC (Zen 4), 2 threads, real-shape {} export"
+INT8_ARITHMETIC = "int4+int8"  # --weights int4 --vit-weights int8 --prefill-weights int8
 CPU_REFERENCE_RATES: dict[str, Rates] = {
-    "int4": Rates(4105.7, 992.1, 36.37, 40.45, _CPU_SOURCE.format("int4")),
-    "fp32": Rates(4202.9, 1668.0, 46.64, 185.88, _CPU_SOURCE.format("fp32")),
+    "int4": Rates(4108.1, 1006.4, 31.56, 45.25, _CPU_SOURCE.format("int4")),
+    "fp32": Rates(4089.4, 1748.8, 30.58, 204.78, _CPU_SOURCE.format("fp32")),
+    INT8_ARITHMETIC: Rates(1670.8, 605.7, 32.48, 38.8, _CPU_SOURCE.format(INT8_ARITHMETIC)),
 }
-
-# `export --vit-weights int8`: bench/photos_per_hour.py through the worker on the same machine (20 one-tile photos)
-CPU_INT8_VIT_MS_PER_TILE = 1730.0
-_INT8_VIT_SOURCE = "; int8 ViT from bench/photos_per_hour.py on the same machine"

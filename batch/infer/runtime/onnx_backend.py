@@ -29,7 +29,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise ModelFolderError(f"{path}: not a vlbatch ONNX export of version {FORMAT_VERSION}")
     files = manifest["files"]
-    for name in [files["vit"], files["post"], files["embed"], *files["layers"]]:
+    for name in [files["vit"], files["post"], files["embed"], *files["layers"], *files.get("prefill_layers", [])]:
         if not (path.parent / name).is_file():
             raise ModelFolderError(f"{path.parent / name}: missing (re-run `vlbatch export`)")
     return manifest
@@ -45,11 +45,12 @@ def prefill_capacity(manifest: dict[str, Any]) -> int:
     return int(manifest["kv_capacity"]) - 1
 
 
-def weights(folder: Path) -> tuple[str, str]:
-    """The export's weight formats as its manifest records them: the language model's (fp32, int8 or int4) and
-    the ViT's (fp32 or int8)."""
+def weights(folder: Path) -> tuple[str, str, str]:
+    """The export's weight formats as its manifest records them: the language model's (fp32, int8 or int4), the
+    ViT's (fp32 or int8) and the prompt layers' (same: the decode layers; int8: layers of their own)."""
     manifest = read_manifest(folder)
-    return str(manifest.get("weights", "fp32")), str(manifest.get("vit_weights", "fp32"))
+    formats = (manifest.get("weights", "fp32"), manifest.get("vit_weights", "fp32"), manifest.get("prefill_weights"))
+    return str(formats[0]), str(formats[1]), str(formats[2] or "same")
 
 
 def identity_bytes(folder: Path) -> bytes:
@@ -79,6 +80,9 @@ class OnnxBackend(Backend):
         files = manifest["files"]
         self._vit = session(files["vit"])
         self._layers = [session(name) for name in files["layers"]]
+        # prompts run through layers of their own where the export made them (int8 arithmetic, faster on long
+        # chunks); decode steps always run through the decode layers
+        self._prefill_layers = [session(name) for name in files.get("prefill_layers", [])] or self._layers
         self._post = session(files["post"])
         self.num_layers = len(self._layers)
         self.chunk_len = int(manifest["prefill_chunk"])
@@ -92,7 +96,9 @@ class OnnxBackend(Backend):
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers, self.kv_capacity, self._kv_dim, np.float32)
 
-    def _run_layer(self, layer: int, hidden: np.ndarray, start: int, mask: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _run_layer(
+        self, session: Any, layer: int, hidden: np.ndarray, start: int, mask: np.ndarray, cache: KVCache
+    ) -> np.ndarray:
         n = hidden.shape[1]
         k_hist, v_hist = cache.history(layer, start)
         feed = {
@@ -102,16 +108,17 @@ class OnnxBackend(Backend):
             "input": np.ascontiguousarray(hidden, dtype=np.float32),
             "mask": mask,
         }
-        k_rows, v_rows, out = self._layers[layer].run(None, feed)
+        k_rows, v_rows, out = session.run(None, feed)
         cache.write(layer, start, k_rows, v_rows)
         return out
 
     def prefill_chunk(self, layer: int, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
         n = hidden.shape[1]
-        return self._run_layer(layer, hidden, start, prefill_mask(start, n, n, start + n), cache)
+        mask = prefill_mask(start, n, n, start + n)
+        return self._run_layer(self._prefill_layers[layer], layer, hidden, start, mask, cache)
 
     def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
-        return self._run_layer(layer, hidden, pos, decode_mask(pos, pos + 1), cache)
+        return self._run_layer(self._layers[layer], layer, hidden, pos, decode_mask(pos, pos + 1), cache)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self._post.run(None, {"input": np.ascontiguousarray(hidden, dtype=np.float32)})[0][0, -1]

@@ -85,11 +85,11 @@ def prefill_capacity(
     return onnx_backend.prefill_capacity(onnx_backend.read_manifest(Path(model_dir)))
 
 
-def weights_formats(model_dir: Path) -> tuple[str | None, str | None]:
-    """An export's weight formats: the language model's (fp32, int8, int4) and the ViT's (fp32, int8); (None,
-    None) for an axmodel folder, whose weights are compiled in."""
+def weights_formats(model_dir: Path) -> tuple[str | None, str | None, str | None]:
+    """An export's weight formats: the language model's (fp32, int8, int4), the ViT's (fp32, int8) and the
+    prompt layers' (same, int8); all None for an axmodel folder, whose weights are compiled in."""
     if folder_kind(model_dir) == "axengine":
-        return None, None
+        return None, None, None
     return onnx_backend.weights(Path(model_dir))
 
 
