@@ -9,8 +9,11 @@ own, so every session of the process (the exporter's checks, tests' doubles) tak
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -52,4 +55,28 @@ def session_options(threads: int | None = None) -> Any:
     if threads and pool and pool != threads:
         log.warning("onnxruntime threads: %d asked for, but this process shares one pool of %d", threads, pool)
     options.use_per_session_threads = False
+    if int8_pairs_saturate():
+        # onnxruntime's exact u8 x u8 kernels instead (slower; on a VNNI CPU it would cost 1.7x per ViT tile)
+        options.add_session_config_entry("session.x64quantprecision", "1")
     return options
+
+
+@functools.cache
+def int8_pairs_saturate() -> bool:
+    """Whether onnxruntime's u8 x s8 kernels (the int8 ViT and prompt layers) can saturate on this CPU: an x86-64
+    without VNNI (AVX2 only, or AVX-512 before Ice Lake) sums pairs of products in 16 bits.
+
+    The CPU is asked through numpy's cpuid probe, as onnxruntime asks it, so an emulated CPU answers for itself;
+    AVX-VNNI, which numpy does not probe, is read from /proc/cpuinfo.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return not (features.get("AVX512VNNI") or "avx_vnni" in flags.split())
