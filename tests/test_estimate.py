@@ -480,3 +480,20 @@ def test_json_holds_each_job_the_totals_and_the_rates(env, hand_cpu_rates):
 def test_help_has_an_example():
     result = cli("estimate", "--help")
     assert "vlbatch estimate jobs/examples/*.yaml" in result.stdout and "--rates" in result.stdout
+
+
+def test_an_export_with_int8_stages_is_named_and_priced_with_their_figures(tmp_path, tiny_hf, monkeypatch):
+    fast = tmp_path / "fast"
+    export(tiny_hf, fast, vit_weights="int8", prefill_weights="int8")
+    int8_rates = Rates(10.0, 20.0, 2.0, 50.0, source="int8 hand figures", measured=False)
+    monkeypatch.setattr(planning, "CPU_REFERENCE_RATES", {"fp32": HAND_RATES, "fp32+int8": int8_rates})
+    (tmp_path / "spool").mkdir()
+    env = SpoolEnv(tmp_path / "spool", fast)
+    env.write_config()
+    photos(env)
+    job = plan(env, "photos.yaml", "prompt: Describe it.\ninputs: ../media/photos/\n")
+    text = cli("--config", env.config_path, "estimate", job).stdout
+    assert "fp32 weights, int8 ViT and prompt layers" in text and "int8 hand figures" in text
+    result = json.loads(cli("--config", env.config_path, "estimate", "--json", job).stdout)
+    assert (result["model"]["vit_weights"], result["model"]["prefill_weights"]) == ("int8", "int8")
+    assert result["rates"]["vit_ms_per_tile"] == 10.0

@@ -391,6 +391,10 @@ def format_estimate(result: Estimate) -> str:
     """The estimate for people: the model and the rates' source, each job's counts and time, the total."""
     model, rates = result.model, result.rates
     weights = f", {model.weights} weights" if model.weights else ""
+    int8 = [
+        part for part, kind in (("ViT", model.vit_weights), ("prompt layers", model.prefill_weights)) if kind == "int8"
+    ]
+    weights += f", int8 {' and '.join(int8)}" if int8 else ""
     capacity = f"prompts up to {model.capacity:,} tokens" + (f" ({model.capacity_note})" if model.capacity_note else "")
     growth = f" +{rates.prefill_growth_ms:.1f} ms per later chunk" if rates.prefill_growth_ms else ""
     lines = [
