@@ -204,7 +204,7 @@ def timing_table(result: GenerationResult) -> str:
     type=click.Choice(["fp32", "int8"]),
     default="fp32",
     show_default=True,
-    help="int8: the ViT quantized (about 2.4x faster per tile), kept only if its features stay within cosine "
+    help="int8: the ViT quantized (about 2.2x faster per tile), kept only if its features stay within cosine "
     "0.99 of fp32's on check tiles; the manifest records the cosine.",
 )
 @click.option(
@@ -212,7 +212,7 @@ def timing_table(result: GenerationResult) -> str:
     type=click.Choice(["same", "int8"]),
     default="same",
     show_default=True,
-    help="int8: prompts run through a second set of layers with int8 arithmetic (about 1.5x faster prefill "
+    help="int8: prompts run through a second set of layers with int8 arithmetic (about 1.6x faster prefill "
     "than int4, 1.3 GB more memory for a 2B model), kept only if each layer's update of a check prompt stays "
     "within cosine 0.99 of fp32's; decode steps keep --weights.",
 )

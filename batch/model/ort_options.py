@@ -5,6 +5,7 @@ between runs (30 spinning pools starve each other), so every operator that runs 
 sleeping thread; one pool shared by every session spins between them instead (decode through the worker:
 25.9 -> 29.0 tokens/s on a 2-core Zen 4). Once that pool exists onnxruntime refuses sessions with pools of their
 own, so every session of the process (the exporter's checks, tests' doubles) takes its options from here.
+On an x86-64 CPU without VNNI the options also ask for onnxruntime's exact int8 kernels (see int8_pairs_saturate).
 """
 
 from __future__ import annotations

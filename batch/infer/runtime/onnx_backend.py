@@ -49,8 +49,11 @@ def weights(folder: Path) -> tuple[str, str, str]:
     """The export's weight formats as its manifest records them: the language model's (fp32, int8 or int4), the
     ViT's (fp32 or int8) and the prompt layers' (same: the decode layers; int8: layers of their own)."""
     manifest = read_manifest(folder)
-    formats = (manifest.get("weights", "fp32"), manifest.get("vit_weights", "fp32"), manifest.get("prefill_weights"))
-    return str(formats[0]), str(formats[1]), str(formats[2] or "same")
+    return (
+        str(manifest.get("weights", "fp32")),
+        str(manifest.get("vit_weights", "fp32")),
+        str(manifest.get("prefill_weights", "same")),
+    )
 
 
 def identity_bytes(folder: Path) -> bytes:

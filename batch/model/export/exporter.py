@@ -15,6 +15,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,10 +73,10 @@ def export(
     `weights`: fp32, or int8 / int4 weight-only quantization of the language model's MatMuls (onnxruntime's
     MatMulNBits, symmetric, blocks of 128, accuracy level 4 = int8 arithmetic on the activations).
     `vit_weights`: fp32, or int8 (dynamic quantization of the ViT's MatMuls: int8 weights per channel, int8
-    arithmetic, about 2.4x faster per tile on an AVX-512 VNNI CPU), kept only if its features stay within
+    arithmetic, about 2.2x faster per tile on an AVX-512 VNNI CPU), kept only if its features stay within
     VIT_INT8_MIN_COSINE of fp32's on a fixed set of check tiles; the cosine is recorded in the manifest.
     `prefill_weights`: same (prompts run through the decode layers), or int8: a second set of layers for
-    prompts, dynamically quantized like the int8 ViT (about 1.5x faster prefill than int4 on an AVX-512 VNNI
+    prompts, dynamically quantized like the int8 ViT (about 1.6x faster prefill than int4 on an AVX-512 VNNI
     CPU, at 1.3 GB more memory for a 2B model), kept only if each layer's update of a check prompt stays within
     PREFILL_INT8_MIN_COSINE of fp32's; the lowest cosine is recorded in the manifest.
     """
@@ -205,7 +206,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def _session(path: Path) -> object:
+def _session(path: Path) -> Any:
     import onnxruntime as ort
 
     from batch.model.ort_options import session_options
