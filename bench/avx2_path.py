@@ -48,11 +48,13 @@ def logits(model_dir: Path, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(seen))
 
 
-def run(model_dir: Path, out: Path, emulate: str | None) -> tuple[np.ndarray, list[str]]:
+def run(model_dir: Path, out: Path, emulate: str | None, timeout: float = 3600) -> tuple[np.ndarray, list[str]]:
+    """The first-token logits of `model_dir` from a child process (under `qemu-x86_64 -cpu EMULATE` if given),
+    and the SIMD features the child's CPU reported."""
     command = [sys.executable, __file__, "--logits-to", str(out), str(model_dir)]
     if emulate:
         command = ["qemu-x86_64", "-cpu", emulate, *command]
-    subprocess.run(command, check=True, cwd=REPO)
+    subprocess.run(command, check=True, cwd=REPO, timeout=timeout)
     return np.load(out), json.loads(out.with_suffix(".json").read_text())
 
 

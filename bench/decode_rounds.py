@@ -24,22 +24,20 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-
-def context_ids(n: int) -> list[int]:
-    """The same prompt tokens bench/peer_llamacpp.py prefills."""
-    return [1000 + (i * 7) % 5000 for i in range(n)]
+from peer_llamacpp import load_cpu_backend, prompt_tokens  # noqa: E402
 
 
 def serve_vlbatch(model_dir: Path, context: int, threads: int) -> None:
-    sys.path.insert(0, str(REPO))
     from batch.infer.generate import decode_one_token, prefill
     from batch.infer.pipeline import Pipeline
 
     pipeline = Pipeline.open(model_dir, threads=threads)
     backend, embeddings = pipeline.backend, pipeline.embeddings
     cache = backend.new_cache()
-    prefill(backend, np.asarray(embeddings[context_ids(context)], dtype=np.float32), cache)
+    prefill(backend, np.asarray(embeddings[prompt_tokens(context)], dtype=np.float32), cache)
 
     def decode(tokens: int) -> None:
         cache.length = context  # each round decodes from the same context, over the rows the last one wrote
@@ -50,16 +48,13 @@ def serve_vlbatch(model_dir: Path, context: int, threads: int) -> None:
 
 
 def serve_llamacpp(gguf: Path, context: int, threads: int) -> None:
-    sys.path.insert(0, str(REPO / "bench"))
-    from peer_llamacpp import load_cpu_backend
-
     load_cpu_backend(None, allow_amx=False, force=False)
     import llama_cpp
 
     llm = llama_cpp.Llama(
         model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=4096, n_batch=512, verbose=False
     )
-    llm.eval(context_ids(context))
+    llm.eval(prompt_tokens(context))
 
     def decode(tokens: int) -> None:
         llm.n_tokens = context  # eval() drops the cache rows from here on
@@ -122,7 +117,6 @@ def main() -> int:
         return 0
     if not args.gguf.is_file():
         sys.exit(f"{args.gguf}: missing (make bench writes it)")
-    sys.path.insert(0, str(REPO / "bench"))
     from run_bench import machine
 
     info = machine()

@@ -175,6 +175,11 @@ def load_cpu_backend(wanted: str | None, allow_amx: bool, force: bool) -> tuple[
     return wanted, scores
 
 
+def prompt_tokens(n: int) -> list[int]:
+    """The fixed prompt of n tokens this peer prefills (bench/decode_rounds.py prefills it too)."""
+    return [1000 + (i * 7) % 5000 for i in range(n)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("hf_dir", type=Path)
@@ -215,7 +220,7 @@ def main() -> None:
         )
         figures: dict[str, float] = {"load_s": time.perf_counter() - started}
         for n in args.prompt_tokens:
-            tokens = [1000 + (i * 7) % 5000 for i in range(n)]
+            tokens = prompt_tokens(n)
             llm.reset()
             t = time.perf_counter()
             llm.eval(tokens)

@@ -270,17 +270,16 @@ def choose_rates(
 ) -> Rates:
     """The first that applies: the benchmark report given, this model's stored answers, the built-in figures."""
     weights = weights or model.weights or "fp32"
+    vit_weights, prefill_weights = model.vit_weights or "fp32", model.prefill_weights or "same"
     if rates_file is not None:
-        return _bench_rates(
-            rates_file, bench_key(weights, model.vit_weights or "fp32", model.prefill_weights or "same")
-        )
+        return _bench_rates(rates_file, bench_key(weights, vit_weights, prefill_weights))
     rows = stored.timings(model.identity, model.backend, STORED_ROWS)
     if len(rows) >= MIN_ANSWERS:
         source = f"the last {len(rows)} answers of {model.identity} on {model.backend} stored in {database}"
         rates = rates_from_results(rows, source, whole_chunks=model.backend == "axengine")
         if rates is not None:
             return rates
-    rates = reference_rates(model.backend, weights, model.vit_weights or "fp32", model.prefill_weights or "same")
+    rates = reference_rates(model.backend, weights, vit_weights, prefill_weights)
     if rates is None:
         raise VlbatchError(
             f"no speed figures for {model.backend} with {weights} weights yet: run one job with this model "
