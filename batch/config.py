@@ -1,9 +1,12 @@
 """`config.yaml`: where the model lives and the default generation and media settings, parsed by strict_yaml.
 
 Where the file comes from (`find_config`): `--config FILE`, else `$VLBATCH_CONFIG`, else `./config.yaml` when it
-exists, else `$XDG_CONFIG_HOME/vlbatch/config.yaml` (`~/.config/vlbatch/config.yaml`) when it exists, else the
-built-in defaults. Every setting can then be overridden by an environment variable `VLBATCH_<SECTION>_<KEY>`
-(`env_variables()` lists them all, derived from the dataclasses below); command-line flags override both.
+exists, else `$XDG_CONFIG_HOME/vlbatch/config.yaml` (`~/.config/vlbatch/config.yaml`) when it exists, else
+`/etc/vlbatch/config.yaml` (SYSTEM_CONFIG) when it exists, else the built-in defaults. Every setting can then be
+overridden by an environment variable `VLBATCH_<SECTION>_<KEY>` (`env_variables()` lists them all, derived from
+the dataclasses below); command-line flags override both. Values are checked as they are read; `check_config`
+then checks that the folders they name are there, before a command starts any work. Every refusal is a
+ConfigError of one line: where the value came from (file or variable), the key (`section.key`) and the problem.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +32,8 @@ ENV_VAR = "VLBATCH_CONFIG"
 ENV_PREFIX = "VLBATCH_"
 DEFAULT_FILE = "config.yaml"
 XDG_SUBPATH = Path("vlbatch") / DEFAULT_FILE  # under $XDG_CONFIG_HOME, default ~/.config
+SYSTEM_CONFIG = Path("/etc/vlbatch/config.yaml")  # the last file looked for (tests point it elsewhere)
+DEFAULTS_ORIGIN = "(built-in defaults)"  # where a value came from when no file and no variable set it
 
 
 class ConfigError(VlbatchError):
@@ -65,6 +71,15 @@ class ModelConfig:
             raise ValueError(f"device_id must be a non-negative integer or null, got {device_id!r}")
 
 
+# SpoolConfig's durations that 0 makes no sense for, with what 0 would do
+_POSITIVE_SECONDS = {
+    "lease_seconds": " (0 would take every job back from its worker at once)",
+    "rescan_seconds": " (0 would make an idle `watch` rescan the inbox without a pause, at 100% CPU)",
+    "give_up_seconds": " (0 would make `run` give up at the first fault)",
+    "database_timeout_seconds": " (0 would fail every write that meets another process's lock)",
+}
+
+
 @dataclass(frozen=True)
 class SpoolConfig:
     dir: Path = Path("jobs")  # holds inbox/, work/, done/, failed/, rejected/
@@ -80,16 +95,14 @@ class SpoolConfig:
     max_workers: int = 1  # worker slots per spool and model: `run`/`watch` processes that may hold the model at once
 
     def __post_init__(self) -> None:
-        for name in (
-            "lease_seconds",
-            "rescan_seconds",
-            "settle_seconds",
-            "give_up_seconds",
-            "database_timeout_seconds",
-        ):
+        for name in (*_POSITIVE_SECONDS, "settle_seconds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+            if name == "settle_seconds" and value < 0:
+                raise ValueError(f"settle_seconds must be 0 or more, got {value!r}")
+            if name in _POSITIVE_SECONDS and value <= 0:
+                raise ValueError(f"{name} must be more than 0, got {value!r}{_POSITIVE_SECONDS[name]}")
         for name in ("max_attempts", "max_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -154,6 +167,12 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None  # the file it came from (absolute); None = built-in defaults
+    # "section.key" -> where its value came from: the file, a VLBATCH_* variable or a command-line flag
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, key: str) -> str:
+        """Where the value of `key` ("section.key") came from, as an error message names it."""
+        return self.origins.get(key) or (str(self.source) if self.source else DEFAULTS_ORIGIN)
 
     def to_dict(self) -> dict[str, Any]:
         """The effective settings as plain data (paths as strings)."""
@@ -224,7 +243,8 @@ def find_config(explicit: Path | None = None) -> Path | None:
     """The config file to read, or None for the built-in defaults.
 
     `explicit` (--config), else $VLBATCH_CONFIG (an empty value counts as unset), else ./config.yaml when it
-    exists, else $XDG_CONFIG_HOME/vlbatch/config.yaml (XDG_CONFIG_HOME defaulting to ~/.config) when it exists.
+    exists, else $XDG_CONFIG_HOME/vlbatch/config.yaml (XDG_CONFIG_HOME defaulting to ~/.config) when it exists,
+    else SYSTEM_CONFIG (/etc/vlbatch/config.yaml) when it exists.
     A file named by --config or $VLBATCH_CONFIG must exist: ConfigError otherwise, never a silent fallback.
     """
     if explicit is not None:
@@ -234,8 +254,10 @@ def find_config(explicit: Path | None = None) -> Path | None:
     local = Path(DEFAULT_FILE)
     if local.is_file():
         return local
-    user = _xdg_config_home() / XDG_SUBPATH
-    return user if user.is_file() else None
+    for candidate in (_xdg_config_home() / XDG_SUBPATH, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _xdg_config_home() -> Path:
@@ -266,22 +288,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if path is not None:
         path = Path(path)
         base = path.resolve().parent
-        try:
-            data = strict_yaml.load(path.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        except strict_yaml.StrictYAMLError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        unknown = set(data) - set(SECTIONS)
-        if unknown:
-            raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
-    where = path or Path("(defaults)")
+        data = _read_file(path)
+    where = path or Path(DEFAULTS_ORIGIN)
     sections = {name: _section(where, data, name, cls) for name, cls in _CLASSES.items()}
     model, spool = sections["model"], sections["spool"]
     sections["model"] = replace(model, dir=_resolve(base, model.dir), hf_dir=_resolve(base, model.hf_dir))
@@ -291,9 +299,45 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         database=_resolve(base, spool.database),
         media_roots=tuple(_resolve(base, p) for p in spool.media_roots),
     )
+    origins = {key: str(where) for key in env_variables(aliases=False).values()}
     for name, values in _env_overrides(environ).items():
-        sections[name] = _override(sections[name], values)
-    return Config(**sections, source=None if path is None else path.resolve())
+        sections[name] = _override(name, sections[name], values)
+        origins.update({f"{name}.{key}": var for key, (var, _) in values.items()})
+    return Config(**sections, source=None if path is None else path.resolve(), origins=origins)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The config file's mapping of sections; ConfigError for a file that cannot be read or parsed."""
+    try:
+        data = strict_yaml.load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (strict_yaml.StrictYAMLError, yaml.YAMLError) as exc:
+        raise ConfigError(_yaml_problem(path, exc)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}) at the top level")
+    unknown = sorted(str(name) for name in set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: {', '.join(unknown)}: {_unknown('section', unknown, SECTIONS)}")
+    return data
+
+
+def _yaml_problem(path: Path, exc: Exception) -> str:
+    """A YAML error of the file in one line: FILE:LINE:COLUMN: problem (FILE: problem without a position)."""
+    where = strict_yaml.position(exc)
+    prefix = f"{path}:{where[0]}:{where[1]}" if where else str(path)
+    kind = "" if isinstance(exc, strict_yaml.StrictYAMLError) else "not valid YAML: "
+    return f"{prefix}: {kind}{strict_yaml.describe(exc)}"
+
+
+def _unknown(kind: str, names: list[str], known: typing.Iterable[str]) -> str:
+    """Says "unknown key (did you mean top_k?)" for one name, "unknown keys (known: a, b)" for several or no match."""
+    known = list(known)
+    close = difflib.get_close_matches(names[0], known, n=1) if len(names) == 1 else []
+    hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+    return f"unknown {kind}{'s' if len(names) > 1 else ''} ({hint})"
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
@@ -317,27 +361,35 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str,
         if var not in environ:
             continue
         section, key = dotted.split(".")
-        out.setdefault(section, {})[key] = (var, _parse(var, environ[var], hints_by_section[section][key]))
+        out.setdefault(section, {})[key] = (var, _parse(var, dotted, environ[var], hints_by_section[section][key]))
     return out
 
 
-def _override(current: Any, values: dict[str, tuple[str, Any]]) -> Any:
+def _override(section: str, current: Any, values: dict[str, tuple[str, Any]]) -> Any:
     """`current` with the parsed environment values; the dataclass checks them, and a refusal names the variable."""
     try:
         return replace(current, **{key: value for key, (_, value) in values.items()})
     except (TypeError, ValueError) as exc:
-        culprits = []
         for key, (var, value) in values.items():
             try:
                 replace(current, **{key: value})
-            except (TypeError, ValueError):
-                culprits.append(var)
-        names = ", ".join(culprits or [var for var, _ in values.values()])
-        raise ConfigError(f"{names}: {exc}") from exc
+            except (TypeError, ValueError) as refusal:
+                raise ConfigError(f"{var}: {section}.{key}: {_problem(refusal, key)}") from exc
+        names = ", ".join(var for var, _ in values.values())
+        raise ConfigError(f"{names}: {section}: {exc}") from exc
 
 
-def _parse(var: str, text: str, hint: Any) -> Any:
-    """An environment value read as the field's type; ConfigError naming the variable and the expected type."""
+def _problem(refusal: Exception, key: str) -> str:
+    """A dataclass's refusal without the key it starts with ("max_tiles must be ..." -> "must be ...")."""
+    text = str(refusal)
+    for lead in (f"{key} ", f"media setting `{key}` "):
+        if text.startswith(lead):
+            return text[len(lead) :]
+    return text
+
+
+def _parse(var: str, dotted: str, text: str, hint: Any) -> Any:
+    """An environment value read as the field's type; ConfigError naming the variable, key and expected type."""
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
     if optional:
@@ -346,33 +398,34 @@ def _parse(var: str, text: str, hint: Any) -> Any:
         (hint,) = [a for a in args if a is not type(None)]
     if typing.get_origin(hint) is tuple:  # tuple[Path, ...]: os.pathsep-separated, empty pieces skipped
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_parse(var, piece, item) for piece in text.split(os.pathsep) if piece.strip())
+        return tuple(_parse(var, dotted, piece, item) for piece in text.split(os.pathsep) if piece.strip())
     value = text.strip()
     expected = {bool: "true or false", int: "an integer", float: "a number", Path: "a path", str: "text"}
     if hint not in expected:  # a field type this reader does not know: fail loudly in the tests, not silently
         raise TypeError(f"{var}: no environment reader for type {hint!r}")
     kind = expected[hint] + (" or null" if optional else "")
+    where = f"{var}: {dotted}"
     if hint is bool:
         if value.lower() in _TRUE:
             return True
         if value.lower() in _FALSE:
             return False
-        raise ConfigError(f"{var}={text!r}: expected {kind} (true/false, 1/0, yes/no)")
+        raise ConfigError(f"{where}: expected {kind} (true/false, 1/0, yes/no), got {text!r}")
     if hint is int:
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{var}={text!r}: expected {kind}") from None
+            raise ConfigError(f"{where}: expected {kind}, got {text!r}") from None
     if hint is float:
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{var}={text!r}: expected {kind}") from None
+            raise ConfigError(f"{where}: expected {kind}, got {text!r}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{var}={text!r}: expected {kind} (finite)")
+            raise ConfigError(f"{where}: expected {kind} (finite), got {text!r}")
         return number
     if not value:
-        raise ConfigError(f"{var} is empty: expected {kind}")
+        raise ConfigError(f"{where}: expected {kind}, got an empty value")
     if hint is Path:
         return _resolve(Path.cwd(), value)
     return value
@@ -386,16 +439,103 @@ def _resolve(base: Path, value: Any) -> Path | None:
 
 
 def _section(path: Path, data: dict[str, Any], name: str, cls: type) -> Any:
+    """One section of the file as its dataclass; a refusal names the file and the key (`section.key`)."""
     raw = data.get(name) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: `{name}` must be a mapping")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(raw) - set(known)
+        raise ConfigError(f"{path}: {name}: must be a mapping of settings, got {raw!r}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(str(key) for key in set(raw) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) in `{name}`: {', '.join(sorted(unknown))} (known: {', '.join(known)})"
-        )
+        keys = ", ".join(f"{name}.{key}" for key in unknown)
+        raise ConfigError(f"{path}: {keys}: {_unknown('key', unknown, known)}")
     try:
         return cls(**raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: bad value in `{name}`: {exc}") from exc
+        for key, value in raw.items():
+            try:
+                cls(**{key: value})
+            except (TypeError, ValueError) as refusal:
+                raise ConfigError(f"{path}: {name}.{key}: {_problem(refusal, key)}") from exc
+        raise ConfigError(f"{path}: {name}: {exc}") from exc
+
+
+# checks before a command starts --------------------------------------------------------------------------------
+
+
+def check_config(config: Config, needs_model: bool, needs_spool: bool = True) -> None:
+    """Refuse a configuration whose folders are not there, before a command starts any work.
+
+    `needs_model` (run, watch, ask, estimate): model.dir and model.hf_dir, when set, must be folders.
+    `needs_spool` (every command that uses the spool or the database): spool.dir and the database's folder
+    must exist or be creatable in a folder that exists, and each spool.media_roots entry must be a folder
+    (a typo or an unmounted share must not pass silently). The first problem is a ConfigError of one line.
+    """
+    problems = config_problems(config, needs_model=needs_model, needs_spool=needs_spool)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def config_problems(config: Config, needs_model: bool, needs_spool: bool = True) -> list[str]:
+    """Every problem `check_config` would refuse, each as "ORIGIN: section.key: problem"."""
+    found: list[tuple[str, str | None]] = []
+    if needs_model:
+        found += [
+            ("model.dir", _folder_problem(config.model.dir)),
+            ("model.hf_dir", _folder_problem(config.model.hf_dir)),
+        ]
+    if needs_spool:
+        found.append(("spool.dir", _creatable_folder_problem(config.spool.dir)))
+        found.append(("spool.database", _database_problem(config.spool.database)))
+        found += [("spool.media_roots", _folder_problem(root)) for root in config.spool.media_roots]
+    return [f"{config.origin(key)}: {key}: {problem}" for key, problem in found if problem]
+
+
+def _kind(path: Path) -> str:
+    """ "folder", "file", "missing", or why it cannot be looked at (e.g. "cannot be read (Permission denied)")."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror})"
+    return "folder" if stat.S_ISDIR(mode) else "file"
+
+
+def _folder_problem(path: Path | None) -> str | None:
+    """None when `path` is unset or a folder; else what is wrong with it."""
+    if path is None:
+        return None
+    kind = _kind(path)
+    if kind == "folder":
+        return None
+    if kind == "missing":
+        return f"{path} does not exist"
+    if kind == "file":
+        return f"{path} is not a folder"
+    return f"{path} {kind}"
+
+
+def _creatable_folder_problem(path: Path) -> str | None:
+    """None when `path` is a folder, or is missing from a folder it can be created in; else what is wrong."""
+    kind = _kind(path)
+    if kind != "missing":
+        return _folder_problem(path)
+    parent = _kind(path.parent)
+    if parent == "folder":
+        return None
+    if parent == "missing":
+        return f"{path} does not exist, nor does {path.parent} to create it in"
+    return f"{path} cannot be created: {_folder_problem(path.parent)}"
+
+
+def _database_problem(database: Path) -> str | None:
+    """None when the database file is there, or its folder is (or can be created); else what is wrong."""
+    kind = _kind(database)
+    if kind == "folder":
+        return f"{database} is a folder, not a database file"
+    if kind == "file":
+        return None
+    if kind != "missing":
+        return f"{database} {kind}"
+    problem = _creatable_folder_problem(database.parent)
+    return None if problem is None else f"{database}: its folder {problem}"

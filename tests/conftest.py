@@ -22,6 +22,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.startswith("VLBATCH_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    # no config file of the machine's or the user's is found by accident
+    monkeypatch.setattr("batch.config.SYSTEM_CONFIG", tmp_path / "no-system-config.yaml")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg-config"))
     return tmp_path
 
 

@@ -64,6 +64,7 @@ class SpoolEnv:
             + f"spool:\n  dir: {spool_dir}\n  database: {database}\n  media_roots: [media]\n"
             f"  lease_seconds: {lease}\n  settle_seconds: {settle}\n  rescan_seconds: {rescan}\n" + extra_spool
         )
+        self.media.mkdir(parents=True, exist_ok=True)  # a media root must exist (the config is checked at start)
 
     def config(self) -> Config:
         return load_config(self.config_path)

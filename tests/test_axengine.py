@@ -230,7 +230,7 @@ def test_the_cli_passes_providers_and_device_id(command, tiny_onnx, tmp_path, mo
         raise VlbatchError("stopped here")
 
     monkeypatch.setattr(pipeline_module.Pipeline, "open", lambda *a, **k: stop(**k))
-    monkeypatch.setattr(worker_module.Worker, "from_config", lambda config, force: stop(model=config.model))
+    monkeypatch.setattr(worker_module.Worker, "from_config", lambda config, force, **_: stop(model=config.model))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VLBATCH_CONFIG", raising=False)
     args = [command, "--model", str(tiny_onnx), "--providers", "AXCLRTExecutionProvider, AxEngineExecutionProvider"]

@@ -20,6 +20,8 @@ from batch.infer.settings import GenerationSettings
 def run(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no ./config.yaml unless a test writes one
     monkeypatch.delenv("VLBATCH_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg"))  # nor the caller's own or system-wide one
+    monkeypatch.setattr("batch.config.SYSTEM_CONFIG", tmp_path / "no-etc" / "config.yaml")
 
     def _run(*args: str):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -69,25 +71,27 @@ def test_ask_reads_the_model_from_config_yaml(run, tiny_onnx, tmp_path):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("model: [1, 2\n", "not valid YAML"),
-        ("modle:\n  dir: x\n", "unknown section(s) modle"),
-        ("generation:\n  max_new_tokens: 0\n", "max_new_tokens must be at least 1"),
-        ("generation:\n  temprature: 1\n", "unknown key(s) in `generation`: temprature"),
-        ("media:\n  max_tiles: many\n", "bad value in `media`"),
-        ("media:\n  video_decoder: ffmpeg\n", "video_decoder` must be auto, decord or pyav"),
-        ("media:\n  max_tiles: 41\n", "`max_tiles` must be at most 40"),
-        ("media:\n  video_frames: 65\n", "`video_frames` must be at most 64"),
-        ("media:\n  decode_timeout_seconds: 0\n", "decode_timeout_seconds` must be a positive number"),
-        ("media:\n  max_tiles: 2\n  max_tiles: 3\n", "duplicate key `max_tiles` on line 3"),
-        ("caf\xe9: 1\n".encode("latin-1"), "not UTF-8 text"),
+        ("model: [1, 2\n", "my.yaml:2:1: not valid YAML: expected ',' or ']', but got '<stream end>'"),
+        ("model:\n\tdir: x\n", "my.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+        ("modle:\n  dir: x\n", "my.yaml: modle: unknown section (did you mean model?)"),
+        ("generation:\n  max_new_tokens: 0\n", "my.yaml: generation.max_new_tokens: must be at least 1"),
+        ("generation:\n  temprature: 1\n", "my.yaml: generation.temprature: unknown key (did you mean temperature?)"),
+        ("media:\n  max_tiles: many\n", "my.yaml: media.max_tiles: must be a positive integer, got 'many'"),
+        ("media:\n  video_decoder: ffmpeg\n", "my.yaml: media.video_decoder: must be auto, decord or pyav"),
+        ("media:\n  max_tiles: 41\n", "my.yaml: media.max_tiles: must be at most 40"),
+        ("media:\n  video_frames: 65\n", "my.yaml: media.video_frames: must be at most 64"),
+        ("media:\n  decode_timeout_seconds: 0\n", "my.yaml: media.decode_timeout_seconds: must be a positive number"),
+        ("media:\n  max_tiles: 2\n  max_tiles: 3\n", "my.yaml:3:3: duplicate key `max_tiles` on line 3"),
+        ("caf\xe9: 1\n".encode("latin-1"), "my.yaml: not UTF-8 text"),
     ],
 )
-def test_bad_config_is_named(run, tmp_path, config, message):
+def test_bad_config_is_one_line_naming_file_and_key_and_exit_2(run, tmp_path, config, message):
     config_file = tmp_path / "my.yaml"
     config_file.write_bytes(config) if isinstance(config, bytes) else config_file.write_text(config)
     result = run("--config", config_file, "ask", "-p", "Hi")
-    assert result.exit_code == 1
-    assert "my.yaml" in result.stderr and message in result.stderr
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"vlbatch: error: {config_file}{message.removeprefix('my.yaml')}")
 
 
 def test_ask_errors_name_the_problem(run, tiny_onnx, tmp_path):
@@ -110,10 +114,36 @@ def test_make_model_then_export(run, tmp_path):
     assert manifest["kv_capacity"] == 512 and len(manifest["files"]["layers"]) == 2
 
 
-@pytest.mark.parametrize("command", [[], ["ask"], ["export"], ["make-model"]])
-def test_every_command_has_help(run, command):
+@pytest.mark.parametrize("command", [[], *([name] for name in main.commands)])
+def test_every_command_has_help_and_takes_config_after_its_name(run, command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage: " in result.stdout and len(result.stdout.splitlines()) > 5
+    assert "--config FILE" in result.stdout and "/etc/vlbatch/config.yaml" in " ".join(result.stdout.split())
+
+
+def test_config_given_after_the_command_is_used(run, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("spool:\n  max_attempts: 7\n")
+    for args in (
+        ["config", "--config", config],
+        ["--config", config, "config"],
+        ["--config", config, "config", "--config", config],
+    ):
+        result = run(*args)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.startswith(f"# from {config}\n") and "max_attempts: 7" in result.stdout
+    missing = run("status", "--config", tmp_path / "gone.yaml")
+    assert (missing.exit_code, missing.stderr) == (
+        2,
+        f"vlbatch: error: --config {tmp_path / 'gone.yaml'}: no such config file\n",
+    )
+
+
+def test_two_different_config_files_are_bad_usage(run, tmp_path):
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("")
+    result = run("--config", tmp_path / "a.yaml", "config", "--config", tmp_path / "b.yaml")
+    assert result.exit_code == 2 and "differs from --config" in result.stderr and result.stdout == ""
 
 
 @pytest.mark.slow

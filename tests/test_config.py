@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import batch.config as config_module
 from batch.cli import main
 from batch.config import (
     ENV_ALIASES,
@@ -33,11 +34,12 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fake HOME with no XDG_CONFIG_HOME; the current folder is tmp_path/work."""
+    """A fake HOME with no XDG_CONFIG_HOME and a fake /etc; the current folder is tmp_path/work."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", tmp_path / "etc" / "vlbatch" / "config.yaml")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -47,11 +49,12 @@ def homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # --- search order ---------------------------------------------------------------------------------------------
 
 
-def test_search_order_explicit_then_env_then_local_then_xdg_then_defaults(homes, tmp_path, monkeypatch):
+def test_search_order_explicit_then_env_then_local_then_xdg_then_etc_then_defaults(homes, tmp_path, monkeypatch):
     explicit = write(tmp_path / "explicit.yaml", "spool:\n  max_attempts: 1\n")
     from_env = write(tmp_path / "env.yaml", "spool:\n  max_attempts: 2\n")
     local = write(Path.cwd() / "config.yaml", "spool:\n  max_attempts: 3\n")
     user = write(homes / ".config" / "vlbatch" / "config.yaml", "spool:\n  max_attempts: 4\n")
+    system = write(config_module.SYSTEM_CONFIG, "spool:\n  max_attempts: 5\n")
     monkeypatch.setenv("VLBATCH_CONFIG", str(from_env))
 
     def found() -> tuple[Path | None, int]:
@@ -66,7 +69,20 @@ def test_search_order_explicit_then_env_then_local_then_xdg_then_defaults(homes,
     local.unlink()
     assert found() == (user.resolve(), 4)
     user.unlink()
+    assert found() == (system.resolve(), 5)
+    system.unlink()
     assert found() == (None, 3)  # the built-in default
+
+
+def test_the_system_config_is_etc_vlbatch_config_yaml():
+    # conftest points it elsewhere for every test, so the definition itself is read
+    assert 'SYSTEM_CONFIG = Path("/etc/vlbatch/config.yaml")' in Path(config_module.__file__).read_text()
+
+
+def test_relative_paths_in_the_system_config_are_taken_from_its_folder(homes):
+    system = write(config_module.SYSTEM_CONFIG, "spool:\n  database: db/v.db\n")
+    assert find_config(None) == system
+    assert load_config(find_config(None)).spool.database == system.parent.resolve() / "db" / "v.db"
 
 
 def test_an_empty_vlbatch_config_counts_as_unset(homes, monkeypatch):
@@ -111,8 +127,8 @@ def test_a_missing_explicit_or_env_config_is_an_error_not_a_fallback(homes, tmp_
 
 def test_the_cli_reports_a_missing_config_file(homes, tmp_path):
     result = CliRunner().invoke(main, ["--config", str(tmp_path / "nope.yaml"), "config"])
-    assert result.exit_code == 1
-    assert "nope.yaml: no such config file" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr == f"vlbatch: error: --config {tmp_path / 'nope.yaml'}: no such config file\n"
 
 
 def test_source_and_database_paths(homes, tmp_path):
@@ -132,7 +148,7 @@ def test_max_workers_defaults_to_one_and_must_be_a_positive_integer(tmp_path):
     assert load_config(write(tmp_path / "ok.yaml", "spool:\n  max_workers: 3\n")).spool.max_workers == 3
     for bad in ("0", "-1", "true", "1.5", '"2"'):
         path = write(tmp_path / "bad.yaml", f"spool:\n  max_workers: {bad}\n")
-        with pytest.raises(ConfigError, match="max_workers must be a positive integer"):
+        with pytest.raises(ConfigError, match=r"bad\.yaml: spool\.max_workers: must be a positive integer"):
             load_config(path)
 
 
@@ -260,7 +276,7 @@ def test_a_bad_value_names_the_variable_and_the_expected_type(monkeypatch, name,
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as info:
         load_config(None)
-    assert name in str(info.value) and f"expected {expected}" in str(info.value)
+    assert str(info.value).startswith(f"{name}: {env_variables()[name]}: expected {expected}")
 
 
 @pytest.mark.parametrize(
@@ -278,7 +294,7 @@ def test_a_value_the_setting_refuses_names_the_variable(monkeypatch, name, value
     monkeypatch.setenv("VLBATCH_MEDIA_IMAGE_SIZE", "224")  # a good neighbour in the same section is not blamed
     with pytest.raises(ConfigError) as info:
         load_config(None)
-    assert name in str(info.value) and reason in str(info.value)
+    assert str(info.value).startswith(f"{name}: {env_variables()[name]}: ") and reason in str(info.value)
     assert "VLBATCH_MEDIA_IMAGE_SIZE" not in str(info.value)
 
 
@@ -289,7 +305,7 @@ def test_an_unknown_variable_is_an_error_with_a_suggestion(monkeypatch):
     with pytest.raises(ConfigError, match=r"VLBATCH_MEDIA_MAXTILES \(did you mean VLBATCH_MEDIA_MAX_TILES\?\)"):
         load_config(None)
     result = CliRunner().invoke(main, ["config"])
-    assert result.exit_code == 1 and "VLBATCH_MEDIA_MAXTILES" in result.stderr
+    assert result.exit_code == 2 and "VLBATCH_MEDIA_MAXTILES" in result.stderr
     assert unknown_env_variables({"VLBATCH_SPOOL_DIR": "x", "OTHER": "y", "VLBATCH_WHATEVER": ""}) == [
         "VLBATCH_WHATEVER"
     ]
@@ -331,7 +347,10 @@ def test_an_explicit_environment_mapping_replaces_os_environ(monkeypatch):
 
 @pytest.mark.parametrize(
     ("variable", "value", "reason"),
-    [("VLBATCH_MODEL_THREADS", "0", "threads must be a positive integer"), ("VLBATCH_MODEL_BACKEND", "gpu", "backend")],
+    [
+        ("VLBATCH_MODEL_THREADS", "0", "VLBATCH_MODEL_THREADS: model.threads: must be a positive integer"),
+        ("VLBATCH_MODEL_BACKEND", "gpu", "VLBATCH_MODEL_BACKEND: model.backend: must be auto"),
+    ],
 )
 def test_model_settings_are_checked(monkeypatch, variable, value, reason):
     monkeypatch.setenv(variable, value)

@@ -206,7 +206,7 @@ def test_config_refuses_duplicate_keys_with_file_and_line(tmp_path: Path) -> Non
     path.write_text("generation:\n  temperature: 0\n  temperature: 1\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == f"{path}: duplicate key `temperature` on line 3 (first on line 2)"
+    assert str(info.value) == f"{path}:3:3: duplicate key `temperature` on line 3 (first on line 2)"
 
 
 def test_config_refuses_deep_nesting_with_file_and_line(tmp_path: Path) -> None:
@@ -214,4 +214,4 @@ def test_config_refuses_deep_nesting_with_file_and_line(tmp_path: Path) -> None:
     path.write_text("model:\n  dir: " + "[" * 5_000 + "\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == f"{path}: nested deeper than {MAX_DEPTH} levels at line 2"
+    assert str(info.value) == f"{path}:2:38: nested deeper than {MAX_DEPTH} levels at line 2"

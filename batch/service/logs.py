@@ -1,4 +1,9 @@
-"""Log set-up: one logfmt line per event (`ts=... level=info event=job.done job=x ms=12.3`) on stderr."""
+"""Log set-up: one logfmt line per event (`ts=... level=info event=job.done job=x ms=12.3`) on stderr.
+
+On a terminal the worker's tqdm progress bars share stderr with these lines: each line is then written through
+tqdm (bars cleared, the line written whole, bars drawn again), so a line never lands on the end of a bar.
+Without a terminal there are no bars, and lines go straight to the stream.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +40,31 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
     logger.log(level, name, extra={"event": name, "fields": fields})
 
 
+class BarSafeHandler(logging.StreamHandler):
+    """Writes each record with tqdm.write: the progress bars on the same terminal are cleared first, then redrawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:  # as logging.StreamHandler does
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def setup(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Log records at `level` and above as logfmt lines on stderr, around the progress bars on a terminal."""
+    handler = BarSafeHandler(sys.stderr) if _is_terminal(sys.stderr) else logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -1,4 +1,7 @@
-"""A strict YAML loader on ``yaml.SafeLoader``: no duplicate keys, bounded nesting, and aliases that cannot explode."""
+"""A strict YAML loader on ``yaml.SafeLoader``: no duplicate keys, bounded nesting, and aliases that cannot explode.
+
+``position`` and ``describe`` turn any of its errors (pyyaml's syntax errors too) into FILE:LINE:COLUMN: problem.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 class StrictYAMLError(ValueError):
     """A document that is valid YAML but refused by the strict loader; the message names the line."""
 
-    def __init__(self, message: str, line: int | None = None) -> None:
+    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
         super().__init__(message)
         self.line = line  # 1-based, None when unknown
+        self.column = column  # 1-based, None when unknown
 
 
 def load(text: str, max_depth: int = MAX_DEPTH, max_alias_nodes: int = MAX_ALIAS_NODES) -> Any:
@@ -35,9 +39,42 @@ def load(text: str, max_depth: int = MAX_DEPTH, max_alias_nodes: int = MAX_ALIAS
         loader.dispose()
 
 
+def position(exc: Exception) -> tuple[int, int] | None:
+    """Where a YAML error happened, as (line, column) counted from 1; None when no mark is known.
+
+    A StrictYAMLError carries its own line and column; a ``yaml.MarkedYAMLError`` its ``problem_mark``.
+    """
+    if isinstance(exc, StrictYAMLError):
+        return None if exc.line is None else (exc.line, exc.column or 1)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return None if mark is None else (mark.line + 1, mark.column + 1)
+
+
+def describe(exc: Exception) -> str:
+    """A YAML error in one line, without its position (pyyaml's own text spreads it over four).
+
+    E.g. "expected ',' or ']', but got '<stream end>' (while parsing a flow sequence started at 1:8)".
+    """
+    problem = getattr(exc, "problem", None)
+    if isinstance(exc, StrictYAMLError) or not problem:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    if not context:
+        return problem
+    mark = getattr(exc, "context_mark", None)
+    if mark is None or mark is getattr(exc, "problem_mark", None):
+        return f"{problem} ({context})"
+    return f"{problem} ({context} started at {mark.line + 1}:{mark.column + 1})"
+
+
 def _line(node_or_event: Any) -> int | None:
     mark = getattr(node_or_event, "start_mark", None)
     return None if mark is None else mark.line + 1
+
+
+def _column(node_or_event: Any) -> int | None:
+    mark = getattr(node_or_event, "start_mark", None)
+    return None if mark is None else mark.column + 1
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -73,7 +110,8 @@ class StrictLoader(yaml.SafeLoader):
 
     def _compose_collection(self, compose: Any, anchor: str | None) -> Node:
         if self._depth >= self.max_depth:
-            raise StrictYAMLError(self._too_deep(_line(self.peek_event())), _line(self.peek_event()))
+            event = self.peek_event()
+            raise StrictYAMLError(self._too_deep(_line(event)), _line(event), _column(event))
         self._depth += 1
         try:
             node = compose(anchor)
@@ -89,18 +127,21 @@ class StrictLoader(yaml.SafeLoader):
         return node
 
     def _check_alias(self, node: Node, event: Any) -> None:
-        line = _line(event)
+        line, column = _line(event), _column(event)
         if isinstance(node, CollectionNode) and id(node) not in self._expanded:
-            raise StrictYAMLError(f"alias `*{event.anchor}` on line {line} refers to a collection that holds it", line)
+            raise StrictYAMLError(
+                f"alias `*{event.anchor}` on line {line} refers to a collection that holds it", line, column
+            )
         values, height = self._expanded.get(id(node), (1, 0))
         if self._depth + height > self.max_depth:
-            raise StrictYAMLError(self._too_deep(line) + f" (through alias `*{event.anchor}`)", line)
+            raise StrictYAMLError(self._too_deep(line) + f" (through alias `*{event.anchor}`)", line, column)
         self._alias_nodes += values
         if self._alias_nodes > self.max_alias_nodes:
             raise StrictYAMLError(
                 f"aliases repeat more than {self.max_alias_nodes} values (limit reached by `*{event.anchor}` "
                 f"on line {line}); write the values out instead",
                 line,
+                column,
             )
 
     def _too_deep(self, line: int | None) -> str:
@@ -122,6 +163,8 @@ class StrictLoader(yaml.SafeLoader):
                 line = _line(key_node)
                 if seen:
                     shown = str(key) if len(str(key)) <= 60 else str(key)[:57] + "..."
-                    raise StrictYAMLError(f"duplicate key `{shown}` on line {line} (first on line {first[key]})", line)
+                    raise StrictYAMLError(
+                        f"duplicate key `{shown}` on line {line} (first on line {first[key]})", line, _column(key_node)
+                    )
                 first[key] = line
         return super().construct_mapping(node, deep=deep)
