@@ -4,33 +4,70 @@ A job is claimed by an atomic rename from inbox/ into work/ under a unique name;
 says which worker holds it and until when. A live worker renews its lease; a job whose lease expired, or
 whose worker process is gone from this host, goes back to the inbox. Every move is a rename within one
 filesystem, so a job file is always in exactly one place.
+
+A file in the inbox is claimed only once it is complete (batch.service.settle): no process holds it open for
+writing, where Linux can tell, and its size, mtime and inode have not changed for settle_seconds. A rejected file
+whose bytes change afterwards (the rest of a slow copy, a fix made in rejected/) goes back to the inbox.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import socket
+import stat
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.service.atomic_write import write_atomic
+from batch.service.logs import event
+from batch.service.settle import SettleTracker, Verdict, is_partial_name
 from batch.service.states import JobState
 
+log = logging.getLogger("batch.service.spool")
+
 JOB_SUFFIXES = (".yaml", ".yml")
-IGNORED_SUFFIXES = (".tmp", ".part")
 FOLDERS = ("inbox", "work", *(state.value for state in JobState if state.finished))
 LEASE = ".lease"
 SEPARATOR = "--"
+REASON_SUFFIX = ".reason.txt"
+RECORD_SUFFIX = ".rejected.json"  # rejected/.<name>.rejected.json: what the rejected file was when it was judged
+HASH_LIMIT = 1 << 20  # a rejected file larger than this is compared by size, mtime and inode alone
+FRESH_HEAD = 4  # pending() asks the kernel afresh about a writer for this many of the oldest ready files
+RECONSIDER_SECONDS = 1.0  # rejected/ is looked through at most this often (sooner when a changed file is due)
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
 
 def is_job_name(name: str) -> bool:
-    """Only finished job files: not hidden, not a temp or partial name, a YAML suffix."""
-    if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+    """Only finished job files: not hidden, not a temp or partial name (settle.is_partial_name), a YAML suffix."""
+    if is_partial_name(name):
         return False
     return name.lower().endswith(JOB_SUFFIXES)
+
+
+def signature(st: os.stat_result) -> Signature:
+    """What says a file changed without reading it: size, mtime in ns, inode."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def content_sha256(path: Path) -> str | None:
+    """SHA-256 of a regular file of at most HASH_LIMIT bytes (never through a symlink); None for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > HASH_LIMIT:
+            return None
+        data = fh.read(HASH_LIMIT + 1)
+    return hashlib.sha256(data).hexdigest() if len(data) <= HASH_LIMIT else None
 
 
 def free_path(folder: Path, name: str) -> Path:
@@ -50,6 +87,8 @@ class Claim:
 
     path: Path  # work/<token>--<name>
     name: str  # the name it had in the inbox
+    # size, mtime_ns and inode when it was claimed, before it was read (None for a claim found in work/)
+    signature: Signature | None = field(default=None, compare=False)
 
     @property
     def lease_path(self) -> Path:
@@ -87,6 +126,12 @@ class Spool:
         self.done: Path
         self.failed: Path
         self.rejected: Path
+        # a writer holding a job file open longer than a claim's lease is not waited for by `vlbatch run`
+        self._settle = SettleTracker(settle_seconds, wait_limit=lease_seconds)
+        self._rejected_settle = SettleTracker(settle_seconds, wait_limit=lease_seconds)
+        self._records: dict[str, tuple[int | None, dict]] = {}  # rejected name -> (its record's inode, record)
+        self._reconsider_at = float("-inf")  # monotonic time of the next look through rejected/
+        self._rejected_fault: str | None = None
 
     def ensure(self) -> Spool:
         for name in FOLDERS:
@@ -95,13 +140,15 @@ class Spool:
 
     # the inbox ----------------------------------------------------------------------------------
     def pending(self, now: float | None = None) -> tuple[list[Path], float | None]:
-        """Job files ready to claim, oldest first, and when the next still-settling one will be ready.
+        """Job files ready to claim, oldest first, and when (time.time()) a file not ready yet is worth another look.
 
-        A file modified less than settle_seconds ago may still be being written; it waits.
+        Ready means complete (batch.service.settle): no process holds it open for writing, where Linux can tell,
+        and its size, mtime and inode have not changed for settle_seconds of this process's clock (or it was found
+        with timestamps more than a minute old and no writer). A file a writer has held open for longer than
+        lease_seconds no longer sets the next look (`vlbatch run` leaves it for the next run); it is still taken
+        at a later look once it is closed. `now`: the wall clock, for the old-timestamp rule.
         """
-        now = time.time() if now is None else now
-        ready: list[tuple[float, str, Path]] = []
-        next_ready: float | None = None
+        found: list[tuple[float, str, str, os.stat_result]] = []
         with os.scandir(self.inbox) as entries:
             for entry in entries:
                 if not is_job_name(entry.name):
@@ -109,16 +156,38 @@ class Spool:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         continue
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:  # claimed by another worker meanwhile
                     continue
-                settled_at = mtime + self.settle_seconds
-                if settled_at > now:
-                    next_ready = settled_at if next_ready is None else min(next_ready, settled_at)
-                    continue
-                ready.append((mtime, entry.name, Path(entry.path)))
-        ready.sort()
-        return [path for _, _, path in ready], next_ready
+                found.append((st.st_mtime, entry.name, entry.path, st))
+        found.sort(key=lambda item: item[:2])
+        self._settle.retain(path for _, _, path, _ in found)
+        ready: list[Path] = []
+        retry: float | None = None
+        for _, name, path, st in found:
+            verdict = self._settle.check(path, st, now=now, fresh=len(ready) < FRESH_HEAD)
+            if verdict.complete:
+                ready.append(Path(path))
+                continue
+            self._note_waiting(name, verdict)
+            if verdict.retry_in is not None:
+                retry = verdict.retry_in if retry is None else min(retry, verdict.retry_in)
+        return ready, None if retry is None else time.time() + retry
+
+    def _note_waiting(self, name: str, verdict: Verdict) -> None:
+        """One log line when a writer is first found holding a job file open, one when it is no longer waited for."""
+        if verdict.newly_held:
+            event(log, "job.waiting", file=name, reason="another process holds it open for writing; read once closed")
+        if verdict.newly_overdue:
+            event(
+                log,
+                "job.still_open",
+                logging.WARNING,
+                file=name,
+                waited_s=verdict.held_for,
+                reason=f"still open for writing after {self.lease_seconds:g} s (spool.lease_seconds): not waited for "
+                "any longer; read once it is closed (by vlbatch watch, or the next vlbatch run)",
+            )
 
     def claim(self, path: Path) -> Claim | None:
         """Take a job from the inbox; None when another worker took it first."""
@@ -128,7 +197,12 @@ class Spool:
             os.rename(path, target)
         except FileNotFoundError:
             return None
-        claim = Claim(target, path.name)
+        self._settle.forget(path)
+        try:
+            judged: Signature | None = signature(os.lstat(target))
+        except OSError:
+            judged = None
+        claim = Claim(target, path.name, judged)
         try:
             self.renew(claim)
         except OSError:  # no lease could be written (a full disk): put the file back as it was
@@ -185,14 +259,144 @@ class Spool:
         return self._move(claim, self.inbox)
 
     def finish(self, claim: Claim, outcome: JobState | str, reason: str | None = None) -> Path:
-        """Move a job to done/, failed/ or rejected/; a reason goes beside it as <name>.reason.txt."""
+        """Move a job to done/, failed/ or rejected/; a reason goes beside it as <name>.reason.txt.
+
+        For rejected/, a hidden record of what was judged (the claim's size, mtime and inode, and the SHA-256 of
+        the bytes when they are still those) lets reconsider_rejected() see whether the file changes later.
+        """
         state = JobState(outcome)
         assert state.finished, state
         folder = self.root / state.value
         target = self._move(claim, folder)
         if reason:
-            write_atomic(target.with_name(target.name + ".reason.txt"), reason.rstrip() + "\n")
+            write_atomic(target.with_name(target.name + REASON_SUFFIX), reason.rstrip() + "\n")
+        if state is JobState.REJECTED:
+            with contextlib.suppress(OSError):  # without a record, what is there at the next look counts as judged
+                now = signature(os.lstat(target))
+                judged = claim.signature or now
+                self._write_record(target, judged, content_sha256(target) if now == judged else None)
         return target
+
+    # rejected files that change ----------------------------------------------------------------
+    def reconsider_rejected(self) -> list[Path]:
+        """Move rejected job files whose bytes changed since they were judged back into the inbox, once complete.
+
+        A changed file is complete by the same rules as one in the inbox; its stale reason and record are removed
+        and `event=job.reconsidered` is logged. A file that does not change is never read again: only its size,
+        mtime and inode are compared with the record (the bytes, when those differ). Returns the inbox paths.
+        Looks through rejected/ at most once a RECONSIDER_SECONDS (sooner when a changed file is due).
+        """
+        mono = time.monotonic()
+        if mono < self._reconsider_at:
+            return []
+        self._reconsider_at = mono + RECONSIDER_SECONDS
+        try:
+            with os.scandir(self.rejected) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:  # an unreadable rejected/ must not stop the worker: say so once
+            self._rejected_problem(str(exc))
+            return []
+        jobs = {e.name: e for e in entries if is_job_name(e.name)}
+        records = {
+            e.name[1 : -len(RECORD_SUFFIX)]: e
+            for e in entries
+            if e.name.startswith(".") and e.name.endswith(RECORD_SUFFIX)
+        }
+        moved: list[Path] = []
+        changed: list[str] = []
+        for name, entry in sorted(jobs.items()):
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if not self._changed_since_rejected(Path(entry.path), st, records.get(name)):
+                    continue
+                changed.append(entry.path)
+                verdict = self._rejected_settle.check(entry.path, st)
+                if verdict.complete:
+                    moved.append(self._reconsider(Path(entry.path)))
+                elif verdict.retry_in is not None:
+                    self._reconsider_at = min(self._reconsider_at, mono + verdict.retry_in)
+            except FileNotFoundError:  # moved or deleted meanwhile (another worker reconsidered it)
+                continue
+            except OSError as exc:
+                self._rejected_problem(f"{name}: {exc}")
+        self._rejected_settle.retain(changed)
+        for name, entry in records.items():
+            if name not in jobs:  # its file was deleted, or taken back by another worker
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        self._records = {name: record for name, record in self._records.items() if name in jobs}
+        return moved
+
+    def _changed_since_rejected(self, path: Path, st: os.stat_result, record_entry: os.DirEntry | None) -> bool:
+        """Whether the rejected file's bytes differ from those judged (a record is made for a file without one)."""
+        record = self._read_record(path.name, record_entry)
+        now = signature(st)
+        if record is None:  # rejected before records were kept, or its record was lost: take it as it is now
+            self._write_record(path, now, content_sha256(path))
+            return False
+        if list(now) == record["signature"]:
+            return False
+        if record["sha256"] is not None and content_sha256(path) == record["sha256"]:
+            self._write_record(path, now, record["sha256"])  # touched or copied over with the same bytes
+            return False
+        return True
+
+    def _reconsider(self, path: Path) -> Path:
+        target = free_path(self.inbox, path.name)
+        os.rename(path, target)
+        self._rejected_settle.forget(path)
+        self._records.pop(path.name, None)
+        for stale in (path.with_name(path.name + REASON_SUFFIX), self._record_path(path)):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+        event(
+            log,
+            "job.reconsidered",
+            file=path.name,
+            **({"inbox_name": target.name} if target.name != path.name else {}),
+            reason="it changed after it was rejected: back in the inbox to be read again",
+        )
+        return target
+
+    @staticmethod
+    def _record_path(path: Path) -> Path:
+        return path.with_name(f".{path.name}{RECORD_SUFFIX}")
+
+    def _write_record(self, path: Path, judged: Signature, sha256: str | None) -> None:
+        """Keep the record beside the file (and here: one that cannot be written is still not hashed again)."""
+        record = {"signature": list(judged), "sha256": sha256}
+        self._records[path.name] = (None, record)
+        target = self._record_path(path)
+        data = {"size": judged[0], "mtime_ns": judged[1], "inode": judged[2], "sha256": sha256}
+        write_atomic(target, json.dumps(data) + "\n", durable=False)
+        with contextlib.suppress(OSError):
+            self._records[path.name] = (os.lstat(target).st_ino, record)
+
+    def _read_record(self, name: str, entry: os.DirEntry | None) -> dict | None:
+        """The record of rejected/<name> as {"signature": [size, mtime_ns, inode], "sha256": ...}, or None."""
+        cached = self._records.get(name)
+        if entry is None:  # none on disk: one this process could not write, or none at all
+            return cached[1] if cached is not None and cached[0] is None else None
+        inode = entry.inode()
+        if cached is not None and cached[0] == inode:  # records are replaced whole: a new one has a new inode
+            return cached[1]
+        try:
+            data = json.loads(Path(entry.path).read_text(encoding="utf-8"))
+            record = {
+                "signature": [int(data["size"]), int(data["mtime_ns"]), int(data["inode"])],
+                "sha256": None if data.get("sha256") is None else str(data["sha256"]),
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        self._records[name] = (inode, record)
+        return record
+
+    def _rejected_problem(self, problem: str) -> None:
+        if problem != self._rejected_fault:
+            self._rejected_fault = problem
+            event(log, "rejected.unreadable", logging.WARNING, error=problem, reason="rejected files not looked at")
 
     def _move(self, claim: Claim, folder: Path) -> Path:
         target = free_path(folder, claim.name)
