@@ -104,7 +104,7 @@ def test_minimal_job_defaults(inbox: Path) -> None:
     assert job.media == ((inbox / "a.png").resolve(),)
     assert job.generation == GEN
     assert job.media_settings == MEDIA
-    assert (job.sidecar, job.sidecar_overwrite, job.tags) == (False, False, [])
+    assert (job.sidecar, job.sidecar_overwrite, job.tags) == (None, False, [])
     assert job.inputs == ("a.png",)
     assert job.content_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert job.units() == [((inbox / "a.png").resolve(),)]
@@ -140,7 +140,7 @@ tags: [holiday, 2024]
     assert job.inputs == ("photos/", "extra/*.jpg", "clip.mp4")
     assert job.generation.max_new_tokens == 128 and job.generation.seed == 7  # override over the defaults
     assert job.media_settings == MediaSettings(max_tiles=6, video_frames=4)
-    assert job.sidecar is True
+    assert job.sidecar == "txt"  # true is the .txt sidecar
     assert job.tags == ["holiday", "2024"]  # an unquoted number kept as the text written
 
 
@@ -435,7 +435,7 @@ def test_empty_input_entries(inbox: Path) -> None:
         ("top_k", "true", "'top_k' must be an integer, got true/false"),
         ("seed", "1.5", "'seed' must be an integer or null"),
         ("video_frames", "[8]", "'video_frames' must be an integer, got a list"),
-        ("sidecar", '"yes"', "'sidecar' must be true or false, got text ('yes')"),
+        ("sidecar", '"yes"', "'sidecar' must be true, false, txt or xmp (true = txt"),
         ("sidecar_overwrite", "1", "'sidecar_overwrite' must be true or false, got a number (1)"),
         ("mode", "[each]", "'mode' must be text, got a list"),
         ("id", "2024", "'id' must be text, got a number (2024); quote it"),

@@ -13,7 +13,9 @@ from synthetic import write_video
 
 from batch.errors import MediaError
 from batch.infer.media import (
+    HEIF_EXTENSIONS,
     IMAGE_EXTENSIONS,
+    RAW_EXTENSIONS,
     VIDEO_EXTENSIONS,
     closest_tile_grid,
     frame_indices,
@@ -179,7 +181,10 @@ def test_settings_defaults_and_validation() -> None:
 
 
 def test_media_kind_by_suffix() -> None:
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    assert HEIF_EXTENSIONS == {".heic", ".heif", ".hif"}
+    assert RAW_EXTENSIONS == {".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".pef", ".srw"}
+    plain = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    assert IMAGE_EXTENSIONS == plain | HEIF_EXTENSIONS | RAW_EXTENSIONS
     assert VIDEO_EXTENSIONS == {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
     for ext in IMAGE_EXTENSIONS:
         assert media_kind(Path(f"a{ext}")) == "image"

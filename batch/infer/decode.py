@@ -1,8 +1,9 @@
 """Turning a unit's media files into tiles: in this process, or in a killable child process with limits.
 
-Decoders (Pillow, decord, PyAV) are untrusted code reading untrusted files. The worker runs them in a child
-process with a time limit per unit and an address-space cap; a child that crashes, hangs or runs out of memory
-is killed and replaced, and only that unit fails. Only uint8 tile arrays cross the process boundary.
+Decoders (Pillow with pillow-heif's libheif, LibRaw through rawpy, decord, PyAV) are untrusted code reading
+untrusted files. The worker runs them in a child process with a time limit per unit and an address-space cap; a
+child that crashes, hangs or runs out of memory is killed and replaced, and only that unit fails. Only uint8 tile
+arrays cross the process boundary.
 """
 
 from __future__ import annotations

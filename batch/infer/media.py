@@ -4,7 +4,8 @@ This module owns everything between a file on disk and the float32 ``pixel_value
 
 * recognising media by suffix (:func:`media_kind`);
 * decoding images with Pillow, honouring EXIF orientation and flattening every mode to 8-bit RGB
-  (:func:`load_image`), and their upright size from the header alone (:func:`image_size`);
+  (:func:`load_image`), and their upright size from the header alone (:func:`image_size`); HEIC/HEIF through the
+  pillow-heif plugin, camera RAW files through the JPEG preview the camera embeds in them (rawpy, LibRaw);
 * InternVL's dynamic tiling (``dynamic_preprocess`` / ``find_closest_aspect_ratio`` from OpenGVLab's
   reference code, reproduced exactly in :func:`closest_tile_grid` and :func:`tile_image`);
 * ImageNet normalisation into ``(N, 3, S, S)`` arrays (:func:`to_pixel_values`);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import re
 import struct
@@ -36,7 +38,14 @@ from batch.infer.settings import DECODERS, MediaSettings
 # raise when decoding, tiling or normalisation changes: stored answers made from other pixels are not reused
 PREPROCESS_VERSION = 1
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif", ".hif"})  # phones (.heic), Canon and Fujifilm (.hif)
+# camera RAW (Adobe, Canon, Nikon, Sony, Olympus, Panasonic, Fujifilm, Pentax, Samsung), read through their previews
+RAW_EXTENSIONS: frozenset[str] = frozenset(
+    {".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".pef", ".srw"}
+)
+IMAGE_EXTENSIONS: frozenset[str] = (
+    frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}) | HEIF_EXTENSIONS | RAW_EXTENSIONS
+)
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"})
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -49,6 +58,24 @@ _PNG_MAX_CHUNKS = 1_000_000
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+HEIF_MISSING = "HEIC/HEIF images need pillow-heif, a dependency of vlbatch missing here: pip install 'pillow-heif>=1.8'"
+RAW_MISSING = (
+    "camera RAW files are read through the JPEG preview the camera embeds, with rawpy (LibRaw), which is not "
+    "installed: pip install 'vlbatch[raw]'"
+)
+# where a RAW preview carries its file's orientation (LibRaw's `flip`, as an EXIF value) when the preview has none
+_CAMERA_ORIENTATION = "vlbatch.camera_orientation"
+_FLIP_TO_EXIF = {0: 1, 1: 2, 2: 4, 3: 3, 4: 5, 5: 8, 6: 6, 7: 7}  # dcraw's flip bits -> EXIF orientation
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,8 +123,7 @@ def image_size(path: Path | str, max_pixels: int | None = None) -> tuple[int, in
         _check_pixels(path, img, max_pixels)
         if isinstance(img, PngImagePlugin.PngImageFile) and _png_metadata_after_pixels(img.fp):
             img.load()
-        # Image.getexif reads the metadata already parsed from the header (PNG's own getexif would decode)
-        orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+        orientation = _orientation(img)
         return (img.height, img.width) if orientation in _SWAPS_SIDES else (img.width, img.height)
 
 
@@ -109,16 +135,20 @@ def _open_image(path: Path | str, max_pixels: int | None) -> Iterator[Image.Imag
         # Pillow's own bomb check follows the configured limit: it warns above it (the check below names the
         # size and the setting instead) and refuses twice as much before even reading the header through
         Image.MAX_IMAGE_PIXELS = max_pixels
+    heif_missing = not _heif_registered()
+    suffix = path.suffix.lower()
     try:
         with open_media(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
-            with Image.open(handle) as img:
+            with _raw_preview(path, handle) if suffix in RAW_EXTENSIONS else Image.open(handle) as img:
                 yield img
     except (MediaError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaError(path, f"image is too large to decode safely ({exc}; see media.max_image_pixels)") from exc
     except UnidentifiedImageError as exc:
+        if heif_missing and suffix in HEIF_EXTENSIONS:
+            raise MediaError(path, HEIF_MISSING) from exc
         raise MediaError(
             path, "not a readable image (corrupt file, or its extension does not match its format)"
         ) from exc
@@ -144,7 +174,102 @@ def _decode_upright(path: Path, img: Image.Image, max_pixels: int | None, fit: i
         scale = fit / max(img.size)
         img.draft(img.mode, (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
     img.load()
-    return to_rgb(ImageOps.exif_transpose(img))
+    upright = ImageOps.exif_transpose(img)
+    camera = img.info.get(_CAMERA_ORIENTATION, 1)
+    if camera in _TRANSPOSE and Image.Image.getexif(img).get(ExifTags.Base.Orientation) is None:
+        upright = upright.transpose(_TRANSPOSE[camera])
+    return to_rgb(upright)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation the image is shown with: its own tag, else (a RAW preview) its RAW file's."""
+    # Image.getexif reads the metadata already parsed from the header (PNG's own getexif would decode)
+    tag = Image.Image.getexif(img).get(ExifTags.Base.Orientation)
+    return img.info.get(_CAMERA_ORIENTATION, 1) if tag is None else tag
+
+
+@functools.cache
+def _heif_registered() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow (once); False where pillow-heif is not installed.
+
+    Registered for every image, not by suffix: a phone's HEIC saved as .jpg opens too. Thumbnails, depth maps and
+    auxiliary images stay unread; the primary image is decoded with libheif's own transformations (rotation,
+    mirroring) applied, and pillow-heif resets the EXIF orientation it carries to 1, so nothing turns it twice.
+    """
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Camera RAW: the embedded preview
+
+
+def _raw_preview(path: Path, handle: BinaryIO) -> Image.Image:
+    """The JPEG (or bitmap) preview a camera embeds in its RAW file, opened lazily like any image file.
+
+    LibRaw reads the RAW container and copies the largest preview out; the RAW sensor data is never decoded. The
+    preview's own EXIF orientation applies, else the RAW file's (LibRaw adds it to previews without EXIF).
+    """
+    try:
+        import rawpy
+    except ImportError:
+        raise MediaError(path, RAW_MISSING) from None
+    try:
+        with rawpy.imread(fd_path(handle.fileno())) as raw:
+            orientation = _FLIP_TO_EXIF.get(raw.sizes.flip, 1)
+            thumb = raw.extract_thumb()
+    except rawpy.LibRawError as exc:
+        raise _raw_error(path, rawpy, exc) from None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        try:
+            img = Image.open(io.BytesIO(thumb.data), formats=["JPEG"])  # nothing else is a preview
+        except UnidentifiedImageError:
+            raise MediaError(path, "the RAW file's embedded preview is not a readable JPEG") from None
+    else:
+        img = _bitmap_image(path, np.asarray(thumb.data))
+    img.info[_CAMERA_ORIENTATION] = orientation
+    return img
+
+
+def _bitmap_image(path: Path, data: np.ndarray) -> Image.Image:
+    """An uncompressed preview (H, W, 3) or (H, W) of 8 or 16 bits as a Pillow image."""
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[:, :, 0]
+    if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] != 3) or data.dtype not in (np.uint8, np.uint16):
+        raise MediaError(path, f"the RAW file's embedded preview has an unusual layout ({data.dtype}, {data.shape})")
+    if data.dtype == np.uint16:
+        data = (data >> 8).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(data))
+
+
+def _raw_error(path: Path, rawpy: Any, exc: Exception) -> Exception:
+    """The MediaError (or MemoryError) for a LibRaw failure, saying what the user can do about it."""
+
+    def kind(*names: str) -> bool:
+        return isinstance(exc, tuple(getattr(rawpy, name) for name in names if hasattr(rawpy, name)))
+
+    message = exc.args[0] if exc.args else ""
+    detail = (message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)).strip()
+    detail = detail or type(exc).__name__
+    if kind("LibRawUnsufficientMemoryError"):
+        return MemoryError(detail)
+    if kind("LibRawNoThumbnailError"):
+        reason = "the RAW file has no embedded preview, which is what vlbatch reads of a RAW file"
+    elif kind("LibRawUnsupportedThumbnailError"):
+        reason = "the RAW file's embedded preview is in a format LibRaw cannot extract"
+    elif kind("LibRawFileUnsupportedError"):
+        return MediaError(path, "not a RAW file LibRaw can read (a camera it does not know, or a corrupt file)")
+    elif kind("LibRawTooBigError", "LibRawMemPoolOverflowError"):
+        return MediaError(path, f"the RAW file is too large for LibRaw to read safely ({detail})")
+    elif kind("LibRawIOError", "LibRawDataError"):
+        return MediaError(path, f"corrupt or truncated RAW data ({detail}); copy the file from the camera again")
+    else:
+        return MediaError(path, f"cannot read the RAW file ({type(exc).__name__}: {detail})")
+    return MediaError(path, f"{reason}; convert it to JPEG or TIFF first (darktable, RawTherapee, the camera's app)")
 
 
 def _png_metadata_after_pixels(fp: BinaryIO) -> bool:

@@ -22,7 +22,8 @@ def thumbnail_jpeg(path: Path, kind: Literal["image", "video"], edge: int, setti
     if kind == "video":
         picture = load_video_frames(path, 1, settings.decoder)[0]  # one segment: its midpoint is the middle frame
     else:
-        picture = load_image(path, settings.max_image_pixels, fit=edge)  # JPEGs decode at a reduced scale
+        # JPEGs (a RAW file's embedded preview too) decode at a reduced scale; HEIC and the rest in full
+        picture = load_image(path, settings.max_image_pixels, fit=edge)
     picture.thumbnail((edge, edge), resample=3)  # bicubic
     out = io.BytesIO()
     picture.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
