@@ -1,7 +1,9 @@
 """The `vlbatch` command line: ask, export, make-model, the spool's commands (submit, run, watch, estimate, ...).
 
-Exit codes: 0 done, 1 a problem with the input, the model or the config (message on stderr), 2 bad usage,
-3 `run` gave up on faults of the machine (full disk, locked database), 4 the database is damaged.
+Exit codes: 0 done, 1 a problem with the input or the model (message on stderr), 2 bad usage or a bad config
+(one line naming the file or variable, the key and the problem; checked before any work starts), 3 `run` gave up
+on faults of the machine (full disk, locked database), 4 the database is damaged.
+`--config FILE` is accepted before the command or after it (`vlbatch results --config c.yaml`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import click
 
-from batch.config import Config, find_config, load_config
+from batch.config import Config, ConfigError, check_config, find_config, load_config
 from batch.errors import VlbatchError
 from batch.infer.generate import GenerationResult
 from batch.service import logs
@@ -25,31 +27,75 @@ _log = logging.getLogger("batch.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_CORRUPT_DATABASE = 0, 1, 2, 3, 4
 
 
+_CONFIG_HELP = (
+    "Config file (default: $VLBATCH_CONFIG, else ./config.yaml, else ~/.config/vlbatch/config.yaml, "
+    "else /etc/vlbatch/config.yaml)."
+)
+_MODEL_COMMANDS = ("run", "watch", "ask", "estimate")  # they load or price a model: model.dir must be a folder
+_NO_SPOOL_COMMANDS = ("ask",)  # the others use the spool or the database: its folders are checked
+# they read the database: logged at info by default, so their first line (event=config) says which one
+_DATABASE_COMMANDS = ("run", "watch", "status", "results", "gallery", "serve", "estimate", "submit")
+
+
 class _Group(click.Group):
-    """Turns the errors vlbatch expects into one line on stderr and exit code 1."""
+    """Turns the errors vlbatch expects into one line on stderr and an exit code; gives every command --config."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(param.name == "config_path" for param in cmd.params):
+            cmd.params.append(_config_option_after_the_command())
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from batch.service.faults import DatabaseCorrupt, InfrastructureError
-
         try:
             return super().invoke(ctx)
         except VlbatchError as exc:
             click.echo(f"vlbatch: error: {exc}", err=True)
-            codes = {InfrastructureError: EXIT_INFRASTRUCTURE, DatabaseCorrupt: EXIT_CORRUPT_DATABASE}
-            ctx.exit(codes.get(type(exc), EXIT_FAILED))
+            ctx.exit(_exit_code(exc))
+
+
+def _exit_code(exc: VlbatchError) -> int:
+    """2 for a bad config (like bad usage), 3 for faults of the machine, 4 for a damaged database, else 1."""
+    from batch.service.faults import DatabaseCorrupt, InfrastructureError
+
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    codes = {InfrastructureError: EXIT_INFRASTRUCTURE, DatabaseCorrupt: EXIT_CORRUPT_DATABASE}
+    return codes.get(type(exc), EXIT_FAILED)
+
+
+def _config_option_after_the_command() -> click.Option:
+    """`vlbatch COMMAND --config FILE`: the same setting as `vlbatch --config FILE COMMAND`."""
+    return click.Option(
+        ["--config", "config_path"],
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_remember_config_path,
+        help=_CONFIG_HELP,
+    )
+
+
+def _remember_config_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """Keeps a --config given after the command where the one before it goes: the root context's obj."""
+    if value is None:
+        return
+    root = ctx.find_root()
+    if root.obj is not None and Path(root.obj) != value:
+        raise click.BadParameter(f"{value} differs from --config {root.obj} given before the command", ctx, param)
+    root.obj = ctx.obj = value
+
+
+def _config_path(ctx: click.Context) -> Path | None:
+    """The --config file, given before or after the command (None: search for one)."""
+    return ctx.find_root().obj
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Config file (default: $VLBATCH_CONFIG, else ./config.yaml, else ~/.config/vlbatch/config.yaml).",
-)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help=_CONFIG_HELP)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    help="Log detail on stderr (default: info for watch and run, warning otherwise).",
+    help="Log detail on stderr (default: info for run, watch and the commands that read the database: status, "
+    "results, gallery, serve, estimate, submit; warning otherwise).",
 )
 @click.version_option(package_name="vlbatch")
 @click.pass_context
@@ -59,17 +105,35 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
     Drop job files into the spool inbox and run `vlbatch watch` (or `vlbatch run` from cron); every
     answer and its timings land in SQLite. `vlbatch ask` answers one question directly.
     """
-    worker = ctx.invoked_subcommand in ("watch", "run")
-    logs.setup(log_level or ("info" if worker else "warning"))
+    reads_database = ctx.invoked_subcommand in _DATABASE_COMMANDS
+    logs.setup(log_level or ("info" if reads_database else "warning"))
     ctx.obj = config_path
 
 
 def _config(ctx: click.Context) -> Config:
-    """The configuration in effect; its first log line says which file and database a command uses."""
-    config = load_config(find_config(ctx.obj))
+    """The configuration in effect, checked before any work; its first log line says which file and database.
+
+    A value that is wrong, or a folder that is not there (model, spool, database, media roots), is a ConfigError
+    of one line and exit code 2, before a database, a spool folder or a model is touched.
+    """
+    config = load_config(find_config(_config_path(ctx)))
+    command = ctx.info_name
+    needs_spool = command not in _NO_SPOOL_COMMANDS
+    check_config(_with_model_flags(ctx, config), needs_model=command in _MODEL_COMMANDS, needs_spool=needs_spool)
     source = str(config.source) if config.source else "(defaults)"
     logs.event(_log, "config", command=ctx.info_name, config=source, database=config.spool.database)
     return config
+
+
+def _with_model_flags(ctx: click.Context, config: Config) -> Config:
+    """The config with the command's --model and --hf-dir put over it (as they will be), for the checks."""
+    flags = {"dir": ("model_dir", "--model"), "hf_dir": ("hf_dir", "--hf-dir")}
+    given = {key: (ctx.params[name], flag) for key, (name, flag) in flags.items() if ctx.params.get(name) is not None}
+    if not given:
+        return config
+    model = replace(config.model, **{key: value for key, (value, _) in given.items()})
+    origins = {**config.origins, **{f"model.{key}": flag for key, (_, flag) in given.items()}}
+    return replace(config, model=model, origins=origins)
 
 
 def _provider_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -273,6 +337,7 @@ def _open_worker(
     model_dir: Path | None,
     threads: int | None,
     force: bool,
+    retry_failed: bool = False,
     providers: tuple[str, ...] | None = None,
     device_id: int | None = None,
     ray_address: str | None = None,
@@ -289,7 +354,7 @@ def _open_worker(
     config = _worker_config(ctx, dir=model_dir, threads=threads, providers=providers, device_id=device_id)
     try:
         if ray_address is None:
-            return Worker.from_config(config, force=force)
+            return Worker.from_config(config, force=force, retry_failed=retry_failed)
         try:
             from batch.service.cluster.worker import RayWorker
         except ImportError as exc:
@@ -297,7 +362,7 @@ def _open_worker(
                 raise VlbatchError("--ray needs the ray extra: pip install 'vlbatch[ray]'") from None
             raise
         address = ray_address or config.cluster.ray_address or "auto"
-        return RayWorker.from_config(config, force=force, address=address)
+        return RayWorker.from_config(config, force=force, address=address, retry_failed=retry_failed)
     except (sqlite3.DatabaseError, OSError) as exc:
         if not (is_passing(exc) or is_corrupt_database(exc)):
             raise
@@ -326,6 +391,12 @@ _WORKER_OPTIONS = [
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime (model.threads)."),
     *_MODEL_OPTIONS[1:],
     _FORCE_OPTION,
+    click.option(
+        "--retry-failed",
+        is_flag=True,
+        help="Try again the files that failed before with the same content and settings (else they are skipped "
+        "and not reported again).",
+    ),
     click.option(
         "--ray",
         "ray_address",
@@ -374,11 +445,20 @@ def watch(ctx: click.Context, **options: Any) -> None:
 @_worker_options
 @click.pass_context
 def run(ctx: click.Context, **options: Any) -> None:
-    """Run every job in the inbox once, then exit (for cron).
+    """Run every job in the inbox once, then one pass of every standing job, then exit (for cron).
 
-    Exit code 0 when every job finished (or every worker slot of the spool was taken: spool.max_workers, so
-    an overlapping cron run leaves at once), 1 when any failed or was rejected, 3 when it gave up on faults
-    of the machine (full disk, locked database) after spool.give_up_seconds, 4 when the database is damaged.
+    A standing job (a job file in the spool's standing/ folder) stays there and answers only its files that
+    are new or changed since its last pass. Files that failed before with the same content and settings are
+    not tried again (--retry-failed tries them).
+
+    \b
+    Exit codes (for cron: mail on anything but 0):
+      0  every job finished, or the only failures are files that failed the same way before (or every
+         worker slot was taken: spool.max_workers, so an overlapping cron run leaves at once)
+      1  a problem met for the first time: a file failing, a job failing or rejected
+      2  bad usage or a bad config (nothing started)
+      3  gave up on faults of the machine (full disk, locked database) after spool.give_up_seconds
+      4  the database is damaged
     """
     worker = _open_worker(ctx, **options)
     worker.install_signal_handlers()
@@ -387,10 +467,16 @@ def run(ctx: click.Context, **options: Any) -> None:
     finally:
         worker.close()
     bad = [o for o in outcomes if o.state in (JobState.FAILED, JobState.REJECTED)]
-    click.echo(f"{len(outcomes)} jobs: {len(outcomes) - len(bad)} done, {len(bad)} failed or rejected", err=True)
+    new = [o for o in bad if o.new_problems]
+    click.echo(
+        f"{len(outcomes)} jobs: {len(outcomes) - len(bad)} done, {len(bad)} failed or rejected "
+        f"({len(new)} with problems not met before)",
+        err=True,
+    )
     for outcome in bad:
-        click.echo(f"  {outcome.job_id}: {outcome.state}: {(outcome.reason or '').splitlines()[0]}", err=True)
-    if bad:
+        known = "" if outcome.new_problems else " (known: failed the same way before)"
+        click.echo(f"  {outcome.job_id}: {outcome.state}{known}: {(outcome.reason or '').splitlines()[0]}", err=True)
+    if new:
         ctx.exit(EXIT_FAILED)
 
 
@@ -459,8 +545,14 @@ def estimate(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="An OpenAI Batch API request file (JSONL): one job per request line, named by its custom_id.",
 )
+@click.option(
+    "--standing",
+    is_flag=True,
+    help="Make them standing jobs (spool/standing/): kept, run on every pass, answering only new or changed "
+    "files; one of the same name is replaced.",
+)
 @click.pass_context
-def submit(ctx: click.Context, job_files: tuple[Path, ...], batch_file: Path | None) -> None:
+def submit(ctx: click.Context, job_files: tuple[Path, ...], batch_file: Path | None, standing: bool) -> None:
     """Check JOB_FILES (or the requests of an OpenAI Batch file) and put them into the inbox atomically.
 
     Relative media paths are resolved against each job file's own folder. A batch file is checked whole
@@ -470,10 +562,12 @@ def submit(ctx: click.Context, job_files: tuple[Path, ...], batch_file: Path | N
 
     if not job_files and batch_file is None:
         raise click.UsageError("give job files, or --openai-batch FILE")
+    if standing and batch_file is not None:
+        raise click.UsageError("--standing takes job files, not --openai-batch")
     config = _config(ctx)
     for path in job_files:
-        target = submit_job(path, config)
-        click.echo(f"submitted {path} as {target.name}")
+        target = submit_job(path, config, standing=standing)
+        click.echo(f"submitted {path} as {'standing job ' if standing else ''}{target.name}")
     if batch_file is not None:
         from batch.service.submit import submit_openai_batch
 
@@ -623,10 +717,14 @@ def _web_module(name: str) -> Any:
 @main.command("config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
-    """Print the effective configuration (file, environment and defaults combined) as YAML."""
+    """Print the effective configuration (file, environment and defaults combined) as YAML.
+
+    Then checks the folders it names as the spool's commands do: a problem is one line on stderr and exit code 2.
+    """
     import yaml
 
-    path = find_config(ctx.obj)
+    path = find_config(_config_path(ctx))
     config = load_config(path)
     click.echo(f"# from {path or 'built-in defaults'}")
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+    check_config(config, needs_model=False)

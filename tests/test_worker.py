@@ -238,7 +238,7 @@ def test_a_generated_answer_fills_every_results_column(env):
     env.drop("full.yaml", "prompt: Describe.\ninputs: ../../media/full.png\n")
     assert drain(env)["full"].state == "done"
     (row,) = results_of(env, "full")
-    assert [name for name, value in row.items() if value is None] == ["error"]
+    assert [name for name, value in row.items() if value is None] == ["error", "error_class"]
 
 
 def test_results_and_status_commands(env):

@@ -38,6 +38,7 @@ MAX_INPUTS = 1_000  # entries in `inputs`
 MAX_MEDIA_FILES = 100_000  # media files matched by all the inputs of one job together
 MAX_YAML_DEPTH = strict_yaml.MAX_DEPTH  # levels of nested mappings and lists in a job file
 MODES = ("each", "together")
+SIDECAR_FORMATS = ("txt", "xmp")  # `sidecar: true` is txt; see batch/service/sidecars.py
 
 _GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 _MEDIA_KEYS = ("video_frames", "max_tiles")
@@ -70,11 +71,12 @@ class Job:
     media: tuple[Path, ...] = ()
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     media_settings: MediaSettings = field(default_factory=MediaSettings)
-    sidecar: bool = False
+    sidecar: str | None = None  # "txt", "xmp" (SIDECAR_FORMATS), or None: no sidecar
     sidecar_overwrite: bool = False
     tags: list[str] | dict[str, Any] = field(default_factory=list)
     content_sha256: str = ""
     inputs: tuple[str, ...] = ()
+    remove_gone_sidecars: bool = False  # standing jobs: delete the sidecar vlbatch wrote for a file that is gone
 
     def units(self) -> list[tuple[Path, ...]]:
         """The units of work: one per media file in mode each, a single one with every file in mode together.
@@ -99,19 +101,26 @@ def parse_job(
     generation: GenerationSettings,
     media: MediaSettings,
     base_dir: Path | None = None,
+    standing: bool = False,
+    resolve_media: bool = True,
 ) -> Job:
     """Read, validate and resolve one job file; JobRejected (with a specific reason) for anything wrong.
 
     Relative inputs resolve against ``base_dir`` (default: the job file's folder). Media must really lie (after
     following every symlink) under one of ``allowed_roots``, ``base_dir`` or the job file's own folder.
     ``generation`` and ``media`` are the defaults the job's overrides are merged over.
+
+    A ``standing`` job (spool/standing/) answers its folders as files come: an input that matches nothing yet is
+    fine, a job without inputs is refused. ``resolve_media=False`` checks everything but the inputs' files
+    (``media`` stays empty), for a pass that looks only at the files that changed.
     """
     path = Path(path)
     with _rejecting(path):
         data, mapping = load_job_text(path)
         source = path.resolve()
         base = Path(base_dir).resolve() if base_dir is not None else source.parent
-        return _build_job(path, source, base, data, mapping, allowed_roots, generation, media)
+        job = _build_job(path, source, base, data, mapping, allowed_roots, generation, media, standing, resolve_media)
+        return job
 
 
 def load_job_text(path: Path) -> tuple[bytes, dict[str, Any]]:
@@ -152,18 +161,33 @@ def _build_job(
     allowed_roots: Sequence[Path],
     generation: GenerationSettings,
     media: MediaSettings,
+    standing: bool = False,
+    resolve_media: bool = True,
 ) -> Job:
     _check_keys(mapping)  # everything that needs no file system first, so a bad job touches no media folder
     job_id, prompt, inputs, mode = _job_id(mapping, path), _prompt(mapping), _inputs(mapping), _mode(mapping)
     gen_settings, media_settings = _generation(mapping, generation), _media_settings(mapping, media)
-    sidecar = _optional(mapping, "sidecar", _is_bool, "true or false", False)
+    sidecar = _sidecar(mapping)
     sidecar_overwrite = _optional(mapping, "sidecar_overwrite", _is_bool, "true or false", False)
     if sidecar and mode == "together":
-        raise _Invalid("sidecar: true needs mode each (a together answer covers several files, not one)")
+        raise _Invalid(
+            f"sidecar: {_written(mapping['sidecar'])} needs mode each (a together answer covers several files, not one)"
+        )
     if sidecar and not inputs:
-        raise _Invalid("sidecar: true needs inputs (a text-only job has no file to write a .txt beside)")
+        raise _Invalid(
+            f"sidecar: {_written(mapping['sidecar'])} needs inputs (a text-only job has no file to write one beside)"
+        )
     tags = _tags(mapping)
-    files = _Resolver(_roots([*allowed_roots, base, source.parent]), base).resolve_all(inputs)
+    remove_gone_sidecars = _optional(mapping, "remove_gone_sidecars", _is_bool, "true or false", False)
+    if standing and not inputs:
+        raise _Invalid(
+            "a standing job answers the files of its inputs as they come, and this one has no inputs; "
+            "put a text-only job into the inbox instead"
+        )
+    if remove_gone_sidecars and not standing:
+        raise _Invalid("remove_gone_sidecars is for standing jobs (spool/standing/), whose files can go")
+    resolver = _Resolver(_roots([*allowed_roots, base, source.parent]), base, allow_empty=standing)
+    files = resolver.resolve_all(inputs) if resolve_media else ()
     if mode == "together":
         _check_together(files)
     return Job(
@@ -179,6 +203,7 @@ def _build_job(
         tags=tags,
         content_sha256=hashlib.sha256(data).hexdigest(),
         inputs=inputs,
+        remove_gone_sidecars=remove_gone_sidecars,
     )
 
 
@@ -264,7 +289,10 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
 
 
 def _check_keys(mapping: dict[Any, Any]) -> None:
-    known = ("id", "prompt", "inputs", "mode", *_GENERATION_KEYS, *_MEDIA_KEYS, "sidecar", "sidecar_overwrite", "tags")
+    known = (
+        *("id", "prompt", "inputs", "mode", *_GENERATION_KEYS, *_MEDIA_KEYS),
+        *("sidecar", "sidecar_overwrite", "remove_gone_sidecars", "tags"),
+    )
     problems = []
     for key in mapping:
         if key in known and isinstance(key, str):
@@ -329,6 +357,26 @@ def _optional(mapping: dict[str, Any], key: str, check: Any, expected: str, defa
         hint = "; quote it to keep it as text" if expected == "text" and _is_number(value) else ""
         raise _Invalid(f"'{key}' must be {expected}, got {_describe(value)}{hint}")
     return value
+
+
+def _sidecar(mapping: dict[str, Any]) -> str | None:
+    """The sidecar format: true (= txt), txt or xmp; false or no key: None."""
+    value = mapping.get("sidecar", False)
+    if value is True:
+        return "txt"
+    if value is False:
+        return None
+    if isinstance(value, str) and value.strip().lower() in SIDECAR_FORMATS:
+        return value.strip().lower()
+    raise _Invalid(
+        f"'sidecar' must be true, false, txt or xmp (true = txt: <name>.txt; xmp: <file name>.xmp, the caption "
+        f"for photo managers), got {_describe(value)}"
+    )
+
+
+def _written(value: Any) -> str:
+    """A YAML value as a job file author wrote it (true, xmp)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _prompt(mapping: dict[str, Any]) -> str:
@@ -471,9 +519,10 @@ class _Resolver:
     is refused as soon as the job passes the cap, without first collecting every match.
     """
 
-    def __init__(self, roots: tuple[Path, ...], base: Path) -> None:
+    def __init__(self, roots: tuple[Path, ...], base: Path, allow_empty: bool = False) -> None:
         self.roots = roots
         self.base = base
+        self.allow_empty = allow_empty  # a standing job's folder or glob may match nothing yet
         self.found: set[Path] = set()
 
     def resolve_all(self, inputs: Iterable[str]) -> tuple[Path, ...]:
@@ -522,7 +571,7 @@ class _Resolver:
 
     def _folder(self, folder: Path, spec: str) -> list[Path]:
         files = [self._add(path, spec) for path in self._walk(folder, spec)]
-        if not files:
+        if not files and not self.allow_empty:
             raise _Invalid(f"folder {spec!r} holds no images or videos")
         return files
 
@@ -559,9 +608,9 @@ class _Resolver:
             real = self._inside(path, spec)
             if real.is_file():
                 files.append(self._add(real, spec))
-        if not matched:
+        if not matched and not self.allow_empty:
             raise _Invalid(f"glob {spec!r} matches nothing")
-        if not files:
+        if not files and not self.allow_empty:
             raise _Invalid(f"glob {spec!r} matches no images or videos")
         return files
 

@@ -53,5 +53,20 @@ def answer_row(result: GenerationResult, backend: str) -> dict[str, Any]:
     }
 
 
+def failure_class(exc: BaseException) -> str:
+    """The class of a unit's failure, for telling a repeated failure from a new one: the error's type, and for
+    media the way decoding failed (a time-out or a crash can pass where a broken file cannot)."""
+    reason = str(getattr(exc, "reason", exc)).lower()
+    for words, name in (
+        ("timed out", "decode_timeout"),
+        ("memory cap", "decode_memory"),
+        ("crashed", "decoder_crashed"),
+        ("died", "decoder_crashed"),
+    ):
+        if words in reason:
+            return name
+    return type(exc).__name__
+
+
 def to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)

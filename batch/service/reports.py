@@ -77,6 +77,7 @@ def status_report(config: Config, now: datetime | None = None) -> dict[str, Any]
             "running": [_progress(store, job, now) for job in store.running_jobs()],
             "throughput": throughput,
             "recent_failures": store.recent_failures(),
+            "standing": store.standing_jobs(),
             "actors": [_actor(row) for row in store.recent_actors(to_utc_iso(now - timedelta(days=1)))],
         }
 
@@ -147,9 +148,26 @@ def format_status(report: dict[str, Any]) -> str:
             f"actor {actor['actor']} on {actor['node'] or '?'} ({actor['backend'] or '?'}): {actor['state']}, "
             f"{actor['answers']} answers{speed}{error}"
         )
+    for job in report.get("standing", []):
+        lines.append(_standing_line(job))
     for failure in report["recent_failures"]:
         lines.append(f"{failure['state']}: {failure['id']}: {(failure['error'] or '').splitlines()[0]}")
     return "\n".join(lines) + "\n"
+
+
+def _standing_line(job: dict[str, Any]) -> str:
+    """A standing job: the files it tracks, and what its last run changed."""
+    if job["state"] == "rejected":
+        return f"standing {job['id']}: cannot run: {(job['error'] or '').splitlines()[0]}"
+    failing = f", {job['failing']} failing" if job["failing"] else ""
+    last = (
+        f"{job['answered'] or 0} answered, {job['reused'] or 0} reused, {job['failed_media'] or 0} failed "
+        f"({job['new_failures'] or 0} new), {job['unchanged'] or 0} unchanged, {job['gone'] or 0} gone"
+    )
+    when = job["finished_utc"] or f"running since {job['started_utc']}"
+    return (
+        f"standing {job['id']}: {job['files']} files{failing}; last run {job['run_id']} {job['state']} {when}: {last}"
+    )
 
 
 def format_history(runs: list[dict[str, Any]]) -> str:

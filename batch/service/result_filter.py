@@ -13,9 +13,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ResultFilter:
-    """Without `run`, every job's latest run. `since`/`until` are UTC times in the stored format; `tag` is
-    `value` (a list item or a mapping key) or `key=value`; `search` is an FTS5 query over answers and prompts;
-    `failed` keeps only the files that got no answer (True) or only answers (False)."""
+    """Without `run`, every job's latest run (for a standing job, the answer each file it tracks has now).
+    `since`/`until` are UTC times in the stored format; `tag` is `value` (a list item or a mapping key) or
+    `key=value`; `search` is an FTS5 query over answers and prompts; `failed` keeps only the files that got no
+    answer (True) or only answers (False)."""
 
     job: str | None = None
     run: int | None = None
@@ -26,7 +27,7 @@ class ResultFilter:
     failed: bool | None = None
 
     def where(self) -> tuple[str, list[Any]]:
-        where, args = ["jr.run_id = ?" if self.run is not None else "jr.run_id = j.run_id"], []
+        where, args = ["jr.run_id = ?" if self.run is not None else _CURRENT], []
         if self.run is not None:
             args.append(self.run)
         if self.job:
@@ -74,4 +75,10 @@ class ResultFilter:
         return f"SELECT count(*) {_FROM} WHERE {where}", args
 
 
+# without --run: each job's latest run; for a standing job (whose runs hold only what changed), the answer each of
+# its files has now, through the index of the files it tracks
+_CURRENT = (
+    "(CASE WHEN j.standing = 1 THEN jr.id IN (SELECT sf.link_id FROM standing_files sf WHERE sf.job_id = j.id "
+    "AND sf.state != 'gone') ELSE jr.run_id = j.run_id END)"
+)
 _FROM = "FROM job_results jr JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id"

@@ -8,12 +8,14 @@ database. Tables (see README, "The database"):
 - `job_results`: every answer a run owns, generated or reused, with that run's own media paths and hashes.
 - `sidecars`: the `.txt` files vlbatch wrote next to media, so it never overwrites someone else's.
 - `actors`: the Ray actors (`run --ray`) a head has used: node, backend, answers, speed, last error.
+- `standing_files`: every file a standing job tracks: its size, mtime and hash when last seen, its answer.
 - `results_fts`: full-text index over answers and prompts.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -199,6 +201,40 @@ def m004_nodes_and_actors(db: sqlite_utils.Database) -> None:
     db["actors"].create_index(["updated_utc"])
 
 
+@migrations()
+def m005_standing_jobs(db: sqlite_utils.Database) -> None:
+    """Standing jobs (job files in spool/standing/ that run again on every pass), each file they track, and
+    failures kept by cache key and class, so a file that fails the same way again is not news."""
+    for table in ("jobs", "runs"):
+        db[table].add_column("standing", int)
+        db[table].add_column("unchanged", int)
+        db[table].add_column("gone", int)
+        db[table].add_column("new_failures", int)
+    db["results"].add_column("error_class", str)
+    db["job_results"].add_column("change", str)
+    db["standing_files"].create(
+        {
+            "job_id": str,
+            "path": str,
+            "size": int,
+            "mtime_ns": int,
+            "sha256": str,
+            "basis": str,
+            "cache_key": str,
+            "result_id": int,
+            "link_id": int,
+            "state": str,
+            "error_class": str,
+            "first_seen_utc": str,
+            "updated_utc": str,
+            "run_id": int,
+        },
+        pk=("job_id", "path"),
+    )
+    db["standing_files"].create_index(["job_id", "sha256"])
+    db["standing_files"].create_index(["link_id"])
+
+
 class JobIdBusy(Exception):
     """Another file with the same job id is running now (its claim is alive)."""
 
@@ -343,12 +379,24 @@ class Store:
         rows = list(self.db["jobs"].rows_where("claim = ? AND state IN (?, ?)", [claim, *done]))
         return rows[0] if rows else None
 
-    def finish_job(self, job_id: str, state: JobState, error: str | None = None, traceback: str | None = None) -> None:
-        """The job's (and its run's) final state and counts, from the run's links."""
+    def finish_job(
+        self,
+        job_id: str,
+        state: JobState,
+        error: str | None = None,
+        traceback: str | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> None:
+        """The job's (and its run's) final state and counts, from the run's links; `counts` adds others
+        (a standing run's unchanged files, new failures)."""
         with self.atomic():
             run_id = self._run_id(job_id)
-            counts = self.db.execute(
-                "SELECT count(*), coalesce(sum(jr.reused), 0), coalesce(sum(r.error IS NOT NULL), 0) "
+            # a file gone from a standing folder keeps its answer: its link says so and is not counted as one
+            answered, reused, failed, gone = self.db.execute(
+                "SELECT coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 0 AND r.error IS NULL), 0), "
+                "coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 1), 0), "
+                "coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 0 AND r.error IS NOT NULL), 0), "
+                "coalesce(sum(jr.change = 'gone'), 0) "
                 "FROM job_results jr JOIN results r ON r.id = jr.result_id WHERE jr.run_id = ?",
                 [run_id],
             ).fetchone()
@@ -357,9 +405,11 @@ class Store:
                 "error": error,
                 "traceback": traceback,
                 "finished_utc": utc_now(),
-                "answered": counts[0] - counts[1] - counts[2],
-                "reused": counts[1],
-                "failed_media": counts[2],
+                "answered": answered,
+                "reused": reused,
+                "failed_media": failed,
+                "gone": gone,
+                **(counts or {}),
             }
             self.db["jobs"].update(job_id, update)
             if run_id is not None:
@@ -410,9 +460,16 @@ class Store:
         return int(result_id)
 
     def link(
-        self, job_id: str, run_id: int, result_id: int, media_paths: str, media_sha256: str | None, reused: bool
+        self,
+        job_id: str,
+        run_id: int,
+        result_id: int,
+        media_paths: str,
+        media_sha256: str | None,
+        reused: bool,
+        change: str | None = None,
     ) -> None:
-        """Record that the run owns this answer for these media of its own."""
+        """Record that the run owns this answer for these media of its own (`change`: a standing run's gone)."""
         self.db["job_results"].insert(
             {
                 "job_id": job_id,
@@ -422,9 +479,80 @@ class Store:
                 "media_paths": media_paths,
                 "media_sha256": media_sha256,
                 "created_utc": utc_now(),
+                "change": change,
             },
             ignore=True,  # the same media twice in one run: the first link stands
         )
+
+    # failures -----------------------------------------------------------------------------------
+    def previous_failure(self, key: str) -> dict[str, Any] | None:
+        """The newest recorded failure of a unit with this cache key (the same bytes, prompt and settings)."""
+        rows = list(
+            self.db["results"].rows_where(
+                "cache_key = ? AND error IS NOT NULL", [key], order_by="id DESC", limit=1, select="id, error"
+            )
+        )
+        return rows[0] if rows else None
+
+    def failed_before(self, key: str | None, media_paths: str, error_class: str) -> bool:
+        """Whether this unit already failed the same way: the same cache key (or, for a file that could not
+        be read at all, the same paths) and the same class of error. Such a failure is not news."""
+        if key is not None:
+            sql, args = "cache_key = ? AND error_class = ?", [key, error_class]
+        else:
+            sql, args = "cache_key IS NULL AND media_paths = ? AND error_class = ?", [media_paths, error_class]
+        return self.db["results"].count_where(sql + " AND error IS NOT NULL", args) > 0
+
+    # standing jobs ------------------------------------------------------------------------------
+    def standing_index(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """Every file a standing job tracks (gone ones included), by path."""
+        return {row["path"]: row for row in self.db["standing_files"].rows_where("job_id = ?", [job_id])}
+
+    def run_links(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's links with what their answer was: the files a standing run answered, reused or failed."""
+        cursor = self.db.execute(
+            "SELECT jr.id AS link_id, jr.media_paths, jr.media_sha256, jr.result_id, jr.reused, jr.change, "
+            "r.error, r.error_class, r.cache_key FROM job_results jr JOIN results r ON r.id = jr.result_id "
+            "WHERE jr.run_id = ?",
+            [run_id],
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def save_standing(self, rows: list[dict[str, Any]]) -> None:
+        """Create or update tracked files (keyed by job and path), in one transaction."""
+        if not rows:
+            return
+        with self.atomic():
+            self.db["standing_files"].upsert_all(rows, pk=("job_id", "path"))
+
+    def record_gone(self, job_id: str, run_id: int, entries: list[dict[str, Any]]) -> None:
+        """Files gone from a standing folder: their answers stay, marked gone, with a link of this run saying so."""
+        if not entries:
+            return
+        now = utc_now()
+        with self.atomic():
+            for entry in entries:
+                paths = json.dumps([entry["path"]], ensure_ascii=False)
+                if entry.get("result_id") is not None:
+                    self.link(job_id, run_id, entry["result_id"], paths, None, reused=False, change="gone")
+                self.db.execute(
+                    "UPDATE standing_files SET state = 'gone', updated_utc = ?, run_id = ? "
+                    "WHERE job_id = ? AND path = ?",
+                    [now, run_id, job_id, entry["path"]],
+                )
+
+    def standing_jobs(self) -> list[dict[str, Any]]:
+        """Standing jobs with their latest run and how many files each tracks now."""
+        cursor = self.db.execute(
+            "SELECT j.id, j.source, j.state, j.run_id, j.started_utc, j.finished_utc, j.answered, j.reused, "
+            "j.failed_media, j.new_failures, j.unchanged, j.gone, j.error, "
+            "(SELECT count(*) FROM standing_files sf WHERE sf.job_id = j.id AND sf.state != 'gone') AS files, "
+            "(SELECT count(*) FROM standing_files sf WHERE sf.job_id = j.id AND sf.state = 'failed') AS failing "
+            "FROM jobs j WHERE j.standing = 1 ORDER BY j.id"
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def result(self, result_id: int) -> dict[str, Any]:
         return self.db["results"].get(result_id)

@@ -14,14 +14,18 @@ from batch.errors import VlbatchError
 from batch.service.atomic_write import write_atomic
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.spool import Spool, free_path
+from batch.service.standing import StandingFolder
 
 
 class SubmitError(VlbatchError):
     """A checked job file could not be placed in the inbox (no space, no permission, ...)."""
 
 
-def submit_job(path: Path, config: Config) -> Path:
+def submit_job(path: Path, config: Config, standing: bool = False) -> Path:
     """Validate `path` as the worker will, then write it into the inbox atomically; returns its inbox path.
+
+    With `standing`, into spool/standing/ instead, where it stays and runs on every pass; a standing job of the
+    same file name is replaced (that is how one is edited).
 
     JobRejected for a job the worker would refuse; SubmitError when the inbox cannot be created or written. Either
     way nothing is left in the inbox: the job is written under a hidden `.tmp` name the worker ignores, checked
@@ -29,17 +33,19 @@ def submit_job(path: Path, config: Config) -> Path:
     """
     path = Path(path)
     roots = list(config.spool.media_roots)
-    parse_job(path, allowed_roots=roots, generation=config.generation, media=config.media)  # readable errors first
+    settings = {"generation": config.generation, "media": config.media, "standing": standing}
+    parse_job(path, allowed_roots=roots, **settings)  # readable errors first
     text = yaml.safe_dump(_with_absolute_inputs(path), sort_keys=False, allow_unicode=True)
     spool = _ensure_spool(config, path)
+    folder = StandingFolder(spool.root).ensure().dir if standing else spool.inbox
 
     def check(tmp: Path) -> None:
         try:
-            parse_job(tmp, allowed_roots=roots, generation=config.generation, media=config.media, base_dir=spool.inbox)
+            parse_job(tmp, allowed_roots=roots, base_dir=folder, **settings)
         except JobRejected as exc:
             raise JobRejected(path, f"{exc.reason} (the worker reads media only under spool.media_roots)") from None
 
-    target = free_path(spool.inbox, path.name)
+    target = folder / path.name if standing else free_path(spool.inbox, path.name)
     try:
         write_atomic(target, text, check=check)
     except OSError as exc:

@@ -1,7 +1,8 @@
 """The worker: claims jobs from the spool, answers each media unit through the pipeline, records it all.
 
-`drain()` is `vlbatch run` (empty the inbox, then return); `watch()` is `vlbatch watch` (watchdog events
-wake the loop; the loop always rescans the inbox itself, so a lost or doubled event changes nothing).
+`drain()` is `vlbatch run` (empty the inbox, then one pass of every standing job, then return); `watch()` is
+`vlbatch watch` (watchdog events on the inbox, the standing folder and the standing jobs' media folders wake
+the loop; the loop always rescans by itself too, so a lost or doubled event changes nothing).
 A job is committed to the database before its file moves to done/ or failed/; a crash in between is
 reconciled from the claim name recorded with the job.
 """
@@ -33,7 +34,7 @@ from batch.infer.generate import GenerationResult
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.select import model_identity
 from batch.infer.settings import answer_settings
-from batch.service.atomic_write import SymlinkRefused, write_atomic
+from batch.service import sidecars
 from batch.service.faults import (
     Backoff,
     DatabaseCorrupt,
@@ -42,16 +43,29 @@ from batch.service.faults import (
     is_corrupt_database,
     is_passing,
 )
+from batch.service.folder_watch import FolderWatch
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
-from batch.service.records import answer_row, cache_key, to_json
+from batch.service.records import answer_row, cache_key, failure_class, to_json
+from batch.service.settle import SettleTracker
 from batch.service.slots import WorkerSlots
 from batch.service.spool import Claim, Spool
+from batch.service.standing import (
+    CLAIM_PREFIX,
+    InputSpecs,
+    PassPlan,
+    StandingFolder,
+    covers,
+    input_specs,
+    plan_pass,
+    vanished_paths,
+)
 from batch.service.states import HANDED_BACK, JobState, RetryPolicy
-from batch.service.store import JobIdBusy, Store, file_sha256, worker_name
+from batch.service.store import JobIdBusy, Store, file_sha256, utc_now, worker_name
 
 log = logging.getLogger("batch.service.worker")
 NODE = os.uname().nodename  # recorded with each answer: several machines may answer one spool
+CRON_WAIT_SECONDS = 60.0  # `vlbatch run` waits this long at most for media files still being written
 
 
 class HandBack(Exception):
@@ -63,6 +77,7 @@ class Outcome:
     job_id: str
     state: str  # a finished JobState's value, or HANDED_BACK
     reason: str | None = None
+    new_problems: int = 0  # failures not met before (the same unit failing the same way again is not news)
 
 
 @dataclass
@@ -75,6 +90,7 @@ class _UnitRun:
     units: list[tuple[Path, ...]]
     ahead: dict[int, Future[Request]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    new_failures: int = 0  # of those, the ones not met before (see Store.failed_before)
 
 
 class Worker:
@@ -86,6 +102,7 @@ class Worker:
         open_pipeline: Callable[[], Pipeline],
         model_id: str,
         force: bool = False,
+        retry_failed: bool = False,
     ) -> None:
         self.config = config
         self.store = store
@@ -94,6 +111,7 @@ class Worker:
         self._pipeline: Pipeline | None = None
         self.model_id = model_id
         self.force = force
+        self.retry_failed = retry_failed  # try again units that failed before with the same content and settings
         self.name = worker_name()
         self.stop_requested = False  # first signal: finish the current job, then stop
         self.abort_requested = False  # second signal: hand the current job back now
@@ -104,9 +122,14 @@ class Worker:
         self._job_id: str | None = None  # the job being processed, for a hand-back after a fault
         self.slots = WorkerSlots(spool.root, model_id, config.spool.max_workers)
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.standing = StandingFolder(spool.root)
+        self._settle = SettleTracker(config.spool.settle_seconds)
+        # standing job -> (its files still being written, when to look again)
+        self._standing_waiting: dict[Path, tuple[set[Path], float | None]] = {}
+        self._standing_due: dict[Path, float] = {}  # standing job -> when its next full pass is due (watch)
 
     @classmethod
-    def from_config(cls, config: Config, force: bool = False) -> Worker:
+    def from_config(cls, config: Config, force: bool = False, retry_failed: bool = False) -> Worker:
         model = config.model
         if model.dir is None:
             raise VlbatchError("no model: set model.dir in config.yaml, $VLBATCH_MODEL_DIR or --model")
@@ -131,6 +154,7 @@ class Worker:
             open_pipeline,
             model_identity(model.dir),
             force,
+            retry_failed,
         )
 
     @property
@@ -162,7 +186,16 @@ class Worker:
 
     # loops --------------------------------------------------------------------------------------
     def drain(self) -> list[Outcome]:
-        """Run every job in the inbox, waiting for files still being written; then return."""
+        """Run every job in the inbox, waiting for files still being written, then a pass of every standing job."""
+        outcomes = self._drain_inbox()
+        while not self.stop_requested:
+            try:
+                return outcomes + self.standing_passes()
+            except Exception as exc:
+                self._wait_out(exc, give_up=True)
+        return outcomes
+
+    def _drain_inbox(self) -> list[Outcome]:
         outcomes: list[Outcome] = []
         bar = tqdm(desc="jobs", unit="job", total=0, disable=not sys.stderr.isatty(), file=sys.stderr)
         while not self.stop_requested:
@@ -201,20 +234,24 @@ class Worker:
         """Run jobs as they arrive until a stop signal; faults of the machine are waited out, never fatal."""
         observer = self._observer()
         observer.start()
-        event(log, "worker.watching", inbox=self.spool.inbox, worker=self.name)
+        folders = FolderWatch(observer, self.wake)
+        event(log, "worker.watching", inbox=self.spool.inbox, standing=self.standing.dir, worker=self.name)
         try:
             _ = self.pipeline  # load the model before the first job arrives
             while not self.stop_requested:
                 try:
                     ready, _, next_ready = self._cycle()
+                    if ready:
+                        continue
+                    standing_next = self._standing_cycle(folders)
                 except Exception as exc:
                     self._wait_out(exc, give_up=False)
-                    continue
-                if ready:
                     continue
                 timeout = self.config.spool.rescan_seconds
                 if next_ready is not None:
                     timeout = min(timeout, max(0.02, next_ready - time.time()))
+                if standing_next is not None:
+                    timeout = min(timeout, max(0.02, standing_next - time.monotonic()))
                 self.wake.wait(timeout)
                 self.wake.clear()
         finally:
@@ -257,7 +294,14 @@ class Worker:
         self.wake.clear()
 
     def _observer(self) -> Any:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import (
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
@@ -268,8 +312,57 @@ class Worker:
                 wake.set()
 
         observer = PollingObserver(timeout=0.5) if self.config.spool.polling else Observer()
-        observer.schedule(Wake(), str(self.spool.inbox), recursive=False)
+        # our own reads (a hash, the open-for-writing check) open files: those events would only wake us for nothing
+        changes = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent]
+        observer.schedule(Wake(), str(self.spool.inbox), recursive=False, event_filter=changes)
+        observer.schedule(Wake(), str(self.standing.ensure().dir), recursive=False, event_filter=changes)
         return observer
+
+    def _standing_cycle(self, folders: FolderWatch) -> float | None:
+        """`watch`'s turn for standing jobs: a full pass of each job when due (first at start, then every
+        rescan_seconds, or longer for a folder whose pass is slow), else targeted passes for the files that file
+        events named or that were still being written. Returns when the next pass is due (time.monotonic)."""
+        jobs = self.standing.job_files()
+        changed, full = folders.take()
+        specs = self._follow_standing(jobs, folders)
+        now = time.monotonic()
+        for path in jobs:
+            if self.stop_requested or self.ready_inbox():
+                break
+            waiting, retry_at = self._standing_waiting.get(path, (set(), None))
+            targets = {p for p in changed if covers(specs[path], p)} if path in specs else set(changed)
+            if full or self._standing_due.get(path, 0.0) <= now:
+                started = time.monotonic()
+                self.standing_pass(path)
+                took = time.monotonic() - started
+                event(log, "standing.scanned", job=path.name, ms=took * 1e3, **folders.counts())
+                # a slow full pass (a very large folder) runs less often: at most about 5% of the time
+                self._standing_due[path] = time.monotonic() + max(self.config.spool.rescan_seconds, 20 * took)
+            elif targets or (waiting and retry_at is not None and retry_at <= now):
+                self.standing_pass(path, targets=targets | waiting)
+        for path in list(self._standing_due):
+            if path not in jobs:
+                del self._standing_due[path]
+                self._standing_waiting.pop(path, None)
+        retries = [r for w, r in self._standing_waiting.values() if w and r is not None]
+        return min([*self._standing_due.values(), *retries], default=None)
+
+    def _follow_standing(self, jobs: list[Path], folders: FolderWatch) -> dict[Path, InputSpecs]:
+        """Each standing job's inputs, with their folders watched (never with spool.polling: rescans do it)."""
+        specs = {}
+        for path in jobs:
+            try:
+                job = self._parse_standing(path, resolve_media=False)
+            except (JobRejected, OSError):
+                continue
+            specs[path] = input_specs(job.inputs, self.standing.dir)
+        if not self.config.spool.polling:
+            folders.follow(folder for spec in specs.values() for folder in spec.watch_folders)
+        return specs
+
+    def ready_inbox(self) -> bool:
+        """Whether a job file waits in the inbox (it goes first: standing passes can wait)."""
+        return bool(self.spool.pending()[0])
 
     # recovery -----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -285,6 +378,7 @@ class Worker:
                     event(log, "job.returned", file=claim.name, reason="its worker stopped renewing the lease")
             except FileNotFoundError:  # another worker settled it first
                 continue
+        self.spool.reconsider_rejected()  # a rejected file that changed since (the rest of a slow copy) is read again
 
     # one job ------------------------------------------------------------------------------------
     def take(self, path: Path) -> Outcome | None:
@@ -331,7 +425,7 @@ class Worker:
         started = time.perf_counter()
         try:
             with self._lease_renewal(claim):
-                failures = self._run_units(job, run_id, resume=attempts > 1)
+                unit_run = self._run_units(job, run_id, resume=attempts > 1)
         except HandBack:
             self._hand_back(claim, "second stop signal")
             return Outcome(job.id, HANDED_BACK)
@@ -340,10 +434,18 @@ class Worker:
                 raise  # the machine's fault, not the job's: handed back, retried after a pause
             # a bug or a runtime failure: record it against the job, keep the worker alive
             return self._finish(claim, job.id, JobState.FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        failures = unit_run.failures
         state = JobState.FAILED if failures else JobState.DONE
         reason = "\n".join(failures) if failures else None
-        outcome = self._finish(claim, job.id, state, reason)
-        event(log, f"job.{state.value}", job=job.id, ms=(time.perf_counter() - started) * 1e3, failures=len(failures))
+        outcome = self._finish(claim, job.id, state, reason, new_failures=unit_run.new_failures)
+        event(
+            log,
+            f"job.{state.value}",
+            job=job.id,
+            ms=(time.perf_counter() - started) * 1e3,
+            failures=len(failures),
+            new_failures=unit_run.new_failures,
+        )
         return outcome
 
     def _reject(self, claim: Claim, job_id: str, reason: str, record: bool = True) -> Outcome:
@@ -351,7 +453,7 @@ class Worker:
         self.store.record_rejected(job_id, str(claim.name), reason, update_job=record)
         self.spool.finish(claim, JobState.REJECTED, reason)
         event(log, "job.rejected", logging.WARNING, file=claim.name, reason=reason)
-        return Outcome(job_id, JobState.REJECTED.value, reason)
+        return Outcome(job_id, JobState.REJECTED.value, reason, new_problems=1)
 
     def _hand_back(self, claim: Claim, reason: str) -> None:
         """Return the job to the inbox alive (not an attempt), unless its final state is already committed.
@@ -381,10 +483,20 @@ class Worker:
             job = replace(job, id=Path(claim.name).stem)
         return job
 
-    def _finish(self, claim: Claim, job_id: str, state: JobState, reason: str | None, tb: str | None = None) -> Outcome:
-        self.store.finish_job(job_id, state, reason, tb)  # committed first ...
+    def _finish(
+        self,
+        claim: Claim,
+        job_id: str,
+        state: JobState,
+        reason: str | None,
+        tb: str | None = None,
+        new_failures: int | None = None,
+    ) -> Outcome:
+        """Commit the job's end, then move its file. A job failed as a whole (`tb`, or no unit count) is news."""
+        new = (1 if state is JobState.FAILED else 0) if new_failures is None else new_failures
+        self.store.finish_job(job_id, state, reason, tb, counts={"new_failures": new})  # committed first ...
         self.spool.finish(claim, state, reason)  # ... then moved; recover() settles a crash in between
-        return Outcome(job_id, state.value, reason)
+        return Outcome(job_id, state.value, reason, new_problems=new)
 
     @contextmanager
     def _lease_renewal(self, claim: Claim) -> Iterator[None]:
@@ -405,16 +517,246 @@ class Worker:
             done.set()
             thread.join()
 
+    # standing jobs ------------------------------------------------------------------------------
+    def standing_pass(self, path: Path, targets: set[Path] | None = None, cron: bool = False) -> Outcome | None:
+        """One pass of the standing job `path`: answer what is new or changed, mark what is gone.
+
+        `targets`: only these files (named by file events), else every file of the job's inputs. With `cron`
+        (`vlbatch run`), the pass waits a while for files still being written, so that one run takes them, and
+        records a run even when nothing changed (one row per cron run; `watch` records none per idle rescan).
+        None when nothing ran: no change, or another worker holds the job.
+        """
+        with self.standing.hold(path) as held:
+            if not held:
+                return None
+            return self._standing_pass(path, targets, cron)
+
+    def _standing_pass(self, path: Path, targets: set[Path] | None, cron: bool) -> Outcome | None:
+        try:
+            job = self._parse_standing(path, resolve_media=targets is None)
+            if targets is not None and job.mode == "together":  # one answer over the set: look at all of it
+                job, targets = self._parse_standing(path, resolve_media=True), None
+        except JobRejected as exc:
+            return self._standing_rejected(path, exc.reason)
+        except FileNotFoundError:  # deleted meanwhile
+            return None
+        self.standing.set_reason(path, None)
+        index = self.store.standing_index(job.id)
+        basis = cache_key([], job.prompt, job.generation, job.media_settings, self.model_id)
+        if targets is None:
+            candidates, vanished = list(job.media), vanished_paths(index, job.media)
+        else:
+            specs = input_specs(job.inputs, self.standing.dir)
+            real = {Path(os.path.realpath(p)) for p in targets}
+            candidates = sorted(p for p in real if covers(specs, p) and self._inside_roots(p))
+            vanished = [str(p) for p in real if str(p) in index]
+        plan = plan_pass(candidates, index, basis, self._media_complete, self.retry_failed, vanished)
+        if cron:
+            self._wait_for_writers(path, plan, index, basis)
+        self._standing_waiting[path] = (set(plan.waiting), plan.next_check)
+        if not plan.needs_run and not cron:
+            return None
+        if job.mode == "together" and plan.needs_run:
+            plan.changed = {p: plan.changed.get(p) or os.stat(p) for p in job.media}
+        return self._standing_run(path, job, index, basis, plan)
+
+    def _standing_run(
+        self, path: Path, job: Job, index: dict[str, dict[str, Any]], basis: str, plan: PassPlan
+    ) -> Outcome | None:
+        tracked = sum(1 for entry in index.values() if entry["state"] != "gone")
+        fields = {
+            "source": str(path),
+            "job_sha256": job.content_sha256,
+            "prompt": job.prompt,
+            "mode": job.mode,
+            "tags": to_json(job.tags),
+            "media_count": len(plan.changed),
+            "claim": self.standing.claim_of(path),
+            "standing": 1,
+        }
+        try:
+            run_id, attempts = self.store.start_job(job.id, fields, self.name, claim_alive=self._claim_alive)
+        except JobIdBusy as exc:
+            event(log, "standing.busy", logging.WARNING, file=path.name, reason=str(exc))
+            return None
+        self._job_id = job.id
+        if self.policy.exhausted(attempts):
+            reason = f"gave up after {attempts - 1} attempts: the worker stopped during each of them"
+            self.store.finish_job(job.id, JobState.FAILED, reason, counts={"new_failures": 1})
+            return Outcome(job.id, JobState.FAILED.value, reason, new_problems=1)
+        event(
+            log,
+            "job.started",
+            job=job.id,
+            standing=True,
+            attempt=attempts,
+            changed=len(plan.changed),
+            gone=len(plan.gone),
+            unchanged=plan.unchanged,
+            tracked=tracked,
+        )
+        started = time.perf_counter()
+        try:
+            unit_run = self._run_units(replace(job, media=tuple(sorted(plan.changed))), run_id, resume=attempts > 1)
+        except HandBack:
+            self.store.hand_back(job.id)  # the run stays open: the next pass carries it on
+            return Outcome(job.id, HANDED_BACK)
+        except Exception as exc:
+            if is_passing(exc) or is_corrupt_database(exc):
+                raise
+            reason, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            self.store.finish_job(job.id, JobState.FAILED, reason, tb, counts={"new_failures": 1})
+            return Outcome(job.id, JobState.FAILED.value, reason, new_problems=1)
+        self._track(job, run_id, index, basis, plan)
+        self.store.record_gone(job.id, run_id, plan.gone)
+        for entry in plan.gone:
+            if job.remove_gone_sidecars:
+                self._remove_sidecar(job, Path(entry["path"]))
+        failures = unit_run.failures
+        state = JobState.FAILED if failures else JobState.DONE
+        reason = "\n".join(failures) if failures else None
+        counts = {"new_failures": unit_run.new_failures, "unchanged": plan.unchanged}
+        self.store.finish_job(job.id, state, reason, counts=counts)
+        event(
+            log,
+            f"job.{state.value}",
+            job=job.id,
+            standing=True,
+            ms=(time.perf_counter() - started) * 1e3,
+            failures=len(failures),
+            new_failures=unit_run.new_failures,
+            gone=len(plan.gone),
+        )
+        return Outcome(job.id, state.value, reason, new_problems=unit_run.new_failures)
+
+    def _parse_standing(self, path: Path, resolve_media: bool) -> Job:
+        return parse_job(
+            path,
+            allowed_roots=list(self.config.spool.media_roots),
+            generation=self.config.generation,
+            media=self.config.media,
+            base_dir=self.standing.dir,
+            standing=True,
+            resolve_media=resolve_media,
+        )
+
+    def _standing_rejected(self, path: Path, reason: str) -> Outcome | None:
+        """A standing job that cannot run stays where it is, its reason beside it; reported once per reason."""
+        try:
+            if self.standing.reason_path(path).read_text().rstrip("\n") == reason.rstrip():
+                return None
+        except OSError:
+            pass
+        self.standing.set_reason(path, reason)
+        self.store.record_rejected(path.stem, str(path), reason)
+        event(log, "job.rejected", logging.WARNING, file=path.name, standing=True, reason=reason)
+        return Outcome(path.stem, JobState.REJECTED.value, reason, new_problems=1)
+
+    def _track(self, job: Job, run_id: int, index: dict[str, dict[str, Any]], basis: str, plan: PassPlan) -> None:
+        """What this run settled for each file (answered, reused, failed), as the job's index of tracked files."""
+        now = utc_now()
+        rows = []
+        for link in self.store.run_links(run_id):
+            if link["change"] == "gone":
+                continue
+            hashes = json.loads(link["media_sha256"] or "[]")
+            for i, name in enumerate(json.loads(link["media_paths"])):
+                info = plan.changed.get(Path(name))
+                try:
+                    info = info or os.stat(name)
+                except OSError:
+                    continue
+                previous = index.get(name) or {}
+                rows.append(
+                    {
+                        "job_id": job.id,
+                        "path": name,
+                        "size": info.st_size,
+                        "mtime_ns": info.st_mtime_ns,
+                        "sha256": hashes[i] if i < len(hashes) else None,
+                        "basis": basis,
+                        "cache_key": link["cache_key"],
+                        "result_id": link["result_id"],
+                        "link_id": link["link_id"],
+                        "state": "failed" if link["error"] else "answered",
+                        "error_class": link["error_class"],
+                        "first_seen_utc": previous.get("first_seen_utc") or now,
+                        "updated_utc": now,
+                        "run_id": run_id,
+                    }
+                )
+        self.store.save_standing(rows)
+
+    def _claim_alive(self, claim: str) -> bool:
+        if claim.startswith(CLAIM_PREFIX):
+            return self.standing.is_held(claim)
+        return self.spool.is_held(claim)
+
+    def _inside_roots(self, path: Path) -> bool:
+        roots = [*self.config.spool.media_roots, self.standing.dir]
+        return any(path.is_relative_to(os.path.realpath(root)) for root in roots)
+
+    def _media_complete(self, path: Path, info: os.stat_result) -> float | None:
+        """None when a media file is complete (no writer holds it, unchanged for settle_seconds); else when to
+        look again."""
+        verdict = self._settle.check(path, info)
+        if verdict.complete:
+            self._settle.forget(path)  # taken now: a later change is a new episode
+            return None
+        wait = self.config.spool.rescan_seconds if verdict.retry_in is None else verdict.retry_in
+        return time.monotonic() + max(0.02, wait)
+
+    def _wait_for_writers(self, path: Path, plan: PassPlan, index: dict[str, dict[str, Any]], basis: str) -> None:
+        """Look again at files still being written until they are complete, for up to CRON_WAIT_SECONDS (or a
+        stop signal); what is still incomplete then is left for the next run, said in the log."""
+        deadline = time.monotonic() + CRON_WAIT_SECONDS
+        while plan.waiting and not self.stop_requested:
+            next_check = plan.next_check or time.monotonic()
+            if next_check > deadline:
+                event(
+                    log,
+                    "media.deferred",
+                    logging.WARNING,
+                    job=path.name,
+                    files=len(plan.waiting),
+                    first=plan.waiting[0],
+                    reason="still being written; the next run takes them",
+                )
+                return
+            self.wake.wait(max(0.0, next_check - time.monotonic()))
+            again = plan_pass(plan.waiting, index, basis, self._media_complete, self.retry_failed)
+            plan.changed.update(again.changed)
+            plan.unchanged += again.unchanged
+            plan.waiting, plan.next_check = again.waiting, again.next_check
+
+    def standing_passes(self) -> list[Outcome]:
+        """A full pass of every standing job, as `vlbatch run` makes after draining the inbox."""
+        outcomes = []
+        for path in self.standing.job_files():
+            if self.stop_requested:
+                break
+            outcome = self.standing_pass(path, cron=True)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    def _remove_sidecar(self, job: Job, media: Path) -> None:
+        """The sidecar vlbatch wrote beside a file that is gone, if the job asks (only vlbatch's own bytes)."""
+        from batch.service import sidecars
+
+        if sidecars.remove_gone(job, media, self.store):
+            event(log, "sidecar.removed", path=media, reason="its media file is gone")
+
     # units --------------------------------------------------------------------------------------
-    def _run_units(self, job: Job, run_id: int, resume: bool) -> list[str]:
-        """Answer each unit of the job; returns one line per media unit that failed."""
+    def _run_units(self, job: Job, run_id: int, resume: bool) -> _UnitRun:
+        """Answer each unit of the job; the run holds one line per media unit that failed."""
         unit_run = _UnitRun(job, run_id, resume, job.units())
         bar = tqdm(unit_run.units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
         for index, unit in enumerate(bar):
             if self.abort_requested:
                 raise HandBack
             self._answer_unit(unit_run, index, unit)
-        return unit_run.failures
+        return unit_run
 
     def _answer_unit(self, run: _UnitRun, index: int, unit: tuple[Path, ...]) -> None:
         """One unit: hash, reuse a stored answer if one fits, else decode (read ahead), generate and record."""
@@ -426,18 +768,18 @@ class Worker:
         try:
             request = self._prepared(run, index)
         except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
-            return self._unit_failed(run, base, str(exc))
+            return self._unit_failed(run, base, str(exc), failure_class(exc))
         # recorded before the model runs: a worker that dies in this unit twice skips it the next time
         deaths = self.store.begin_unit(job.id, paths)
         if self.policy.skip_unit(deaths):
             names = ", ".join(str(p) for p in unit)
             return self._unit_failed(
-                run, base, f"{names}: the worker process died {deaths} times while answering it; skipped"
+                run, base, f"{names}: the worker process died {deaths} times while answering it; skipped", "worker_died"
             )
         try:
             result = self.pipeline.answer(request, job.generation, on_text=self._check_abort)
         except VlbatchError as exc:
-            return self._unit_failed(run, base, str(exc))
+            return self._unit_failed(run, base, str(exc), failure_class(exc))
         self._record_answer(run, unit, base, result, self.pipeline.backend.name, NODE)
 
     def _needs_answer(self, run: _UnitRun, unit: tuple[Path, ...]) -> dict[str, Any] | None:
@@ -448,9 +790,8 @@ class Worker:
         try:
             hashes = [file_sha256(p) for p in unit]
         except MediaError as exc:
-            self._unit_failed(
-                run, {"media_paths": paths, "prompt": job.prompt}, f"{exc.path}: cannot read ({exc.reason})"
-            )
+            row = {"media_paths": paths, "prompt": job.prompt, "cache_key": None}
+            self._unit_failed(run, row, f"{exc.path}: cannot read ({exc.reason})", "unreadable")
             return None
         own = {"media_paths": paths, "media_sha256": to_json(hashes)}
         linked = self.store.linked(run.run_id, paths) if run.resume else None
@@ -462,6 +803,11 @@ class Worker:
         if previous is not None:
             self.store.link(job.id, run.run_id, previous, own["media_paths"], own["media_sha256"], reused=True)
             self._write_sidecar(job, unit, previous)
+            return None
+        failed = None if self.force or self.retry_failed else self.store.previous_failure(key)
+        if failed is not None:  # the same bytes failed the same question before: not tried again, not news
+            self.store.link(job.id, run.run_id, failed["id"], own["media_paths"], own["media_sha256"], reused=True)
+            run.failures.append(f"{failed['error']} (failed before; --retry-failed tries again)")
             return None
         return {
             **own,
@@ -511,11 +857,15 @@ class Worker:
             run.ahead[index + 1] = start(index + 1)
         return self._await(request)
 
-    def _unit_failed(self, run: _UnitRun, row: dict[str, Any], reason: str) -> None:
-        self.store.add_result(run.job.id, run.run_id, {**row, "cache_key": None, "error": reason})
+    def _unit_failed(self, run: _UnitRun, row: dict[str, Any], reason: str, error_class: str = "error") -> None:
+        """Record a unit that got no answer, under its cache key and the class of its error; news only if that
+        unit never failed that way before."""
+        new = not self.store.failed_before(row.get("cache_key"), row["media_paths"], error_class)
+        self.store.add_result(run.job.id, run.run_id, {**row, "error": reason, "error_class": error_class})
         self.store.end_unit(run.job.id)
         run.failures.append(reason)
-        event(log, "answer.failed", logging.WARNING, job=run.job.id, reason=reason)
+        run.new_failures += new
+        event(log, "answer.failed", logging.WARNING, job=run.job.id, reason=reason, error_class=error_class, new=new)
 
     def _await(self, future: Future[Request]) -> Request:
         """The prepared request, checking for a second stop signal while the decoder works (up to its time limit)."""
@@ -531,22 +881,5 @@ class Worker:
             raise HandBack
 
     def _write_sidecar(self, job: Job, unit: tuple[Path, ...], result_id: int) -> None:
-        """<media>.txt beside a single media file, atomically; never over a file vlbatch did not write."""
-        if not job.sidecar or len(unit) != 1:
-            return
-        path = unit[0].with_suffix(".txt")
-        answer = self.store.result(result_id)["answer"] or ""
-        if (path.exists() or path.is_symlink()) and not job.sidecar_overwrite:
-            try:
-                ours = self.store.wrote_sidecar(file_sha256(path))  # by content: a copied folder stays ours
-            except MediaError:  # a symlink, a FIFO, a folder: certainly not ours
-                ours = False
-            if not ours:
-                event(log, "sidecar.kept", logging.WARNING, path=path, reason="exists and was not written by vlbatch")
-                return
-        try:
-            write_atomic(path, answer)  # a hidden random temp name (O_EXCL), fsync, rename; never through a symlink
-        except SymlinkRefused:
-            event(log, "sidecar.kept", logging.WARNING, path=path, reason="is a symbolic link")
-            return
-        self.store.record_sidecar(path, file_sha256(path), result_id)
+        """The job's sidecar (.txt or .xmp) beside a single media file: see batch/service/sidecars.py."""
+        sidecars.write_for_unit(self.store, job, unit, result_id)

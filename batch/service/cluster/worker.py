@@ -26,6 +26,7 @@ from batch.infer.runtime.select import model_identity
 from batch.service.cluster.answerer import UnitTask
 from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane
 from batch.service.logs import event
+from batch.service.records import failure_class
 from batch.service.spool import Spool
 from batch.service.store import Store
 from batch.service.worker import HandBack, Outcome, Worker, _UnitRun
@@ -35,8 +36,17 @@ MAX_LANES = 64  # jobs one head runs at once, whatever the cluster holds (each l
 
 
 class RayWorker(Worker):
-    def __init__(self, config: Config, store: Store, spool: Spool, model_id: str, address: str, force: bool) -> None:
-        super().__init__(config, store, spool, self._no_local_model, model_id, force)
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        spool: Spool,
+        model_id: str,
+        address: str,
+        force: bool,
+        retry_failed: bool = False,
+    ) -> None:
+        super().__init__(config, store, spool, self._no_local_model, model_id, force, retry_failed)
         self.address = address
         self._pool: ActorPool | None = None
         self._lock = threading.Lock()
@@ -44,12 +54,14 @@ class RayWorker(Worker):
         self._lanes = threading.local()
 
     @classmethod
-    def from_config(cls, config: Config, force: bool = False, address: str | None = None) -> RayWorker:
+    def from_config(
+        cls, config: Config, force: bool = False, address: str | None = None, retry_failed: bool = False
+    ) -> RayWorker:
         if config.model.dir is None:
             raise VlbatchError("no model: set model.dir in config.yaml, $VLBATCH_MODEL_DIR or --model")
         spool = Spool(config.spool.dir, config.spool.lease_seconds, config.spool.settle_seconds).ensure()
         store = Store(config.spool.database, config.spool.database_timeout_seconds)
-        return cls(config, store, spool, model_identity(config.model.dir), address or "auto", force)
+        return cls(config, store, spool, model_identity(config.model.dir), address or "auto", force, retry_failed)
 
     @staticmethod
     def _no_local_model() -> Any:
@@ -84,7 +96,7 @@ class RayWorker(Worker):
             event(log, "cluster.no_actors", logging.WARNING, reason=exc.strerror)
             return 1
 
-    def drain(self) -> list[Outcome]:
+    def _drain_inbox(self) -> list[Outcome]:
         return self._run_lanes(until_empty=True)
 
     def watch(self) -> None:
@@ -162,7 +174,7 @@ class RayWorker(Worker):
     def _units_pool(self) -> Any:
         return PoolLane(self.pool, self._lock, self._inboxes, id(self))
 
-    def _run_units(self, job: Any, run_id: int, resume: bool) -> list[str]:
+    def _run_units(self, job: Any, run_id: int, resume: bool) -> _UnitRun:
         run = _UnitRun(job, run_id, resume, job.units())
         pool = self._units_pool()
         bar = tqdm(total=len(run.units), desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -183,7 +195,7 @@ class RayWorker(Worker):
                 try:
                     pool.submit((unit, base), task)
                 except VlbatchError as exc:  # a file the head cannot read to send as bytes
-                    self._unit_failed(run, base, str(exc))
+                    self._unit_failed(run, base, str(exc), failure_class(exc))
                     bar.update()
             while pool.busy():
                 self._commit(run, pool.next_done(timeout=0.5), bar)
@@ -194,7 +206,7 @@ class RayWorker(Worker):
             raise
         finally:
             bar.close()
-        return run.failures
+        return run
 
     def _commit(self, run: _UnitRun, done: Done | None, bar: tqdm) -> None:
         if done is None:
@@ -202,7 +214,7 @@ class RayWorker(Worker):
         unit, base = done.tag
         answer = done.answer
         if answer.result is None:
-            self._unit_failed(run, base, answer.error or "no answer")
+            self._unit_failed(run, base, answer.error or "no answer", "actor_error")
             self.store.record_actor(done.actor, last_error=answer.error)
         else:
             self._record_answer(run, unit, base, answer.result, answer.backend, answer.node)
@@ -218,7 +230,7 @@ class _Lane(RayWorker):
     def __init__(self, head: RayWorker) -> None:
         self.head = head
         store = Store(head.config.spool.database, head.config.spool.database_timeout_seconds)
-        super().__init__(head.config, store, head.spool, head.model_id, head.address, head.force)
+        super().__init__(head.config, store, head.spool, head.model_id, head.address, head.force, head.retry_failed)
         self.name = head.name
 
     # the head's state, read through: set once in Worker.__init__, ignored here

@@ -34,6 +34,8 @@ _RESULT_COLUMNS = {
     "tags": "The job's tags (JSON list or mapping)",
     "created_utc": "When the answer was recorded (UTC, ISO 8601)",
     "node": "The host that answered (the head's own, or a Ray actor's node)",
+    "error_class": "The kind of failure (MediaError, decode_timeout, ...): the same file failing the same way "
+    "again is not reported again",
 }
 
 _JOB_COLUMNS = {
@@ -59,6 +61,10 @@ _JOB_COLUMNS = {
     "created_utc": "First seen (UTC)",
     "started_utc": "Latest run started (UTC)",
     "finished_utc": "Latest run finished (UTC)",
+    "standing": "1: a standing job (spool/standing/), run again on every pass for its new or changed files",
+    "unchanged": "Standing job: files the run found unchanged and skipped without reading them",
+    "gone": "Standing job: files the run found gone (their answers stay, marked gone)",
+    "new_failures": "Failures not met before (the number that makes `vlbatch run` exit 1)",
 }
 
 _LATEST_RUN = "FROM job_results jr JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id"
@@ -167,6 +173,7 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                             "media_paths": "This run's own files for the answer",
                             "media_sha256": "Their SHA-256",
                             "created_utc": "When the run recorded it (UTC)",
+                            "change": "gone: a standing job's file that this run found gone (else empty)",
                         },
                         "facets": ["job_id", "reused"],
                         "sort_desc": "created_utc",
@@ -198,6 +205,27 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                         },
                         "units": {"decode_ms": "ms"},
                         "facets": ["state", "node"],
+                    },
+                    "standing_files": {
+                        "description": "Every file a standing job tracks, as its last pass saw it, with its answer.",
+                        "columns": {
+                            "job_id": "The standing job",
+                            "path": "The media file",
+                            "size": "Its size in bytes when last answered",
+                            "mtime_ns": "Its modification time (ns since the epoch) when last answered",
+                            "sha256": "SHA-256 of its bytes",
+                            "basis": "Fingerprint of the job's prompt and settings it was answered under",
+                            "cache_key": "The answer's cache key",
+                            "result_id": "Its answer or failure (results table)",
+                            "link_id": "The link that gave it that answer (job_results table)",
+                            "state": "answered, failed or gone",
+                            "error_class": "The kind of failure, when it failed",
+                            "first_seen_utc": "When a pass first took it (UTC)",
+                            "updated_utc": "When its row last changed (UTC)",
+                            "run_id": "The run that last changed it",
+                        },
+                        "facets": ["job_id", "state"],
+                        "sort_desc": "updated_utc",
                     },
                     "_sqlite_migrations": {"hidden": True},
                 },
