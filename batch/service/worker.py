@@ -268,8 +268,9 @@ class Worker:
         self.recover()
         ready, next_ready = self.spool.pending()
         outcome = self.take(ready[0]) if ready else None
-        self._backoff.reset()
-        self._failing_since = None
+        if ready or next_ready is None:  # a job taken, or nothing waiting: the faults are over
+            self._backoff.reset()
+            self._failing_since = None
         return len(ready), outcome, next_ready
 
     def _wait_out(self, exc: Exception, give_up: bool) -> None:
