@@ -34,12 +34,18 @@ def env(tmp_path: Path, tiny_onnx: Path) -> SpoolEnv:
     return e
 
 
+SCRIPT = str(Path(sys.executable).parent / "vlbatch")
+
+
+def cron_environ(env: SpoolEnv) -> dict[str, str]:
+    """The environment of a cron line: no VLBATCH_* but the config it names."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLBATCH_")}
+    return {**environ, "VLBATCH_CONFIG": str(env.config_path)}
+
+
 def vlbatch(env: SpoolEnv, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`vlbatch ARGS` as cron runs it: the config named by $VLBATCH_CONFIG, from another working directory."""
-    script = Path(sys.executable).parent / "vlbatch"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLBATCH_")}
-    environ["VLBATCH_CONFIG"] = str(env.config_path)
-    return subprocess.run([str(script), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=300)
+    return subprocess.run([SCRIPT, *args], cwd=cwd, env=cron_environ(env), capture_output=True, text=True, timeout=300)
 
 
 def answered(env: SpoolEnv, job_id: str = "nightly") -> list[tuple[str, str | None, int]]:
@@ -184,11 +190,8 @@ def test_two_workers_never_run_one_standing_job_at_once(env: SpoolEnv, tmp_path:
     job.write_text(JOB.format(folder=photos))
     env.write_config(settle=0.2, max_workers=2)
     assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
-    script = Path(sys.executable).parent / "vlbatch"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLBATCH_")}
-    environ["VLBATCH_CONFIG"] = str(env.config_path)
     procs = [
-        subprocess.Popen([str(script), "run"], cwd=tmp_path, env=environ, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([SCRIPT, "run"], cwd=tmp_path, env=cron_environ(env), stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     for proc in procs:

@@ -597,7 +597,7 @@ class _Resolver:
 
     def _glob(self, spec: str) -> list[Path]:
         pattern = os.path.expanduser(spec)
-        self._inside(self.base / _literal_prefix(pattern), spec)  # never scan outside the roots
+        self._inside(self.base / literal_prefix(pattern), spec)  # never scan outside the roots
         root_dir = None if os.path.isabs(pattern) else self.base
         matched, files = False, []
         for match in glob.iglob(pattern, root_dir=root_dir, recursive=True):  # lazily: the cap may stop it early
@@ -615,7 +615,7 @@ class _Resolver:
         return files
 
 
-def _literal_prefix(pattern: str) -> str:
+def literal_prefix(pattern: str) -> str:
     """The leading path components of a glob that hold no wildcard (the folder it searches)."""
     parts = []
     for part in PurePath(pattern).parts:

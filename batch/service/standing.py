@@ -29,6 +29,7 @@ from typing import Any
 
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.service.atomic_write import write_atomic
+from batch.service.jobfile import literal_prefix
 from batch.service.spool import is_job_name
 
 FOLDER = "standing"
@@ -210,7 +211,7 @@ def input_specs(inputs: Iterable[str], base: Path) -> InputSpecs:
         if _GLOB_MAGIC.search(spec) and not os.path.lexists(candidate):
             pattern = str(candidate)
             globs.append(re.compile(_glob_regex(pattern)))
-            roots.append(Path(os.path.realpath(_literal_prefix(pattern))))
+            roots.append(Path(os.path.realpath(literal_prefix(pattern))))
             continue
         real = Path(os.path.realpath(candidate))
         (files if real.is_file() else folders).append(real)
@@ -228,15 +229,6 @@ def covers(specs: InputSpecs, path: Path) -> bool:
         if real.is_relative_to(folder) and not any(p.startswith(".") for p in real.relative_to(folder).parts):
             return True
     return any(pattern.fullmatch(str(path)) or pattern.fullmatch(str(real)) for pattern in specs.globs)
-
-
-def _literal_prefix(pattern: str) -> str:
-    parts = []
-    for part in Path(pattern).parts:
-        if _GLOB_MAGIC.search(part):
-            break
-        parts.append(part)
-    return str(Path(*parts)) if parts else "/"
 
 
 def _glob_regex(pattern: str) -> str:
