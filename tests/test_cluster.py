@@ -475,3 +475,24 @@ def test_watch_waits_for_actors_that_can_load_the_model(cluster, heads, tmp_path
     assert head.wait() == 0, head.text()[-3000:]
     assert len(env.answers("many")) == 2
     assert any(a["answers"] for a in env.actors())
+
+
+def test_standing_jobs_under_a_ray_head_run_and_watch(cluster, heads, tmp_path, tiny_onnx):
+    """A standing job's pass answers through the actors under `run --ray`, and `watch --ray` answers a photo
+    dropped into its folder afterwards, each file once."""
+    _media(tmp_path, many=4)
+    env = Env(tmp_path, tiny_onnx).configure(cluster={})
+    standing = env.jobs / "standing"
+    standing.mkdir(parents=True)
+    (standing / "folder.yaml").write_text(f"prompt: Caption.\ninputs: {tmp_path / 'media' / 'many'}\n")
+    head = heads(env, cluster.address)
+    assert head.wait() == 0, head.text()[-3000:]
+    assert env.committed("folder") == 4
+    watcher = heads(env, cluster.address, "watch")
+    watcher.until(lambda: "event=standing.scanned" in watcher.text())
+    env.image("many/late.png", 500, size=(64, 48))
+    watcher.until(lambda: env.committed("folder") == 5, timeout=60)
+    watcher.proc.send_signal(signal.SIGTERM)
+    assert watcher.wait() == 0, watcher.text()[-3000:]
+    names = [Path(json.loads(r["media_paths"])[0]).name for r in env.rows("select media_paths from results")]
+    assert sorted(names) == sorted([*(f"{i:02d}.png" for i in range(4)), "late.png"])

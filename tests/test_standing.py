@@ -204,3 +204,25 @@ def test_two_workers_never_run_one_standing_job_at_once(env: SpoolEnv, tmp_path:
     assert hashlib.sha256((photos / "0.jpg").read_bytes()).hexdigest() in {
         row[0] for row in env.db().execute("select sha256 from standing_files")
     }
+
+
+def test_a_together_standing_job_is_asked_again_when_its_set_changes(env: SpoolEnv, tmp_path: Path) -> None:
+    photos = env.media / "photos"
+    env.image("photos/one.jpg", seed=1)
+    env.image("photos/two.jpg", seed=2)
+    job = tmp_path / "compare.yaml"
+    job.write_text(f"id: compare\nprompt: What differs?\ninputs: {photos}\nmode: together\nmax_new_tokens: 4\n")
+    assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
+
+    def answers() -> list[list[str]]:
+        rows = env.db().execute("select media_paths from results where job_id = 'compare' order by id")
+        return [sorted(Path(p).name for p in json.loads(row[0])) for row in rows]
+
+    assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
+    assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
+    assert answers() == [["one.jpg", "two.jpg"]]  # once: nothing changed the second time
+    env.image("photos/three.jpg", seed=3)
+    assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
+    assert answers() == [["one.jpg", "two.jpg"], ["one.jpg", "three.jpg", "two.jpg"]]
+    history = vlbatch(env, "status", "--job", "compare", cwd=tmp_path).stdout
+    assert history.count("unchanged") == 3, history  # one line per run, newest first

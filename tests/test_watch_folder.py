@@ -187,3 +187,29 @@ def test_a_folder_of_5000_files_starts_without_the_model_or_a_gap(tiny_onnx: Pat
     _, _, watch_log = scale.watch_start(config, tmp_path / "watch.log")
     scanned = next(line for line in watch_log.splitlines() if "event=standing.scanned" in line)
     assert "watched=1 " in scanned and "polled=0" in scanned, scanned  # one recursive watch over the tree
+
+
+def test_standing_jobs_added_and_edited_under_a_running_watch(env: SpoolEnv, tmp_path: Path) -> None:
+    """No restart: a new standing job file is taken at once, and an edited one (a new prompt) asks again,
+    long before the next rescan."""
+    env.write_config(settle=0.3, rescan=60.0)
+    for i in range(2):
+        (env.media / "drop" / f"e{i}.jpg").write_bytes(photo_bytes(300 + i))
+    (env.jobs / "standing" / "drop.yaml").unlink()
+    log = tmp_path / "watch.log"
+    proc = env.spawn("watch", log=log)
+    try:
+        wait_for(lambda: "event=worker.watching" in log.read_text(), timeout=60)
+        time.sleep(1.0)
+        job = env.jobs / "standing" / "drop.yaml"
+        staged = tmp_path / ".drop.yaml.tmp"
+        staged.write_text(JOB.format(folder=env.media / "drop"))
+        staged.rename(job)
+        wait_for(lambda: len(links(env)) == 2, timeout=30)
+        staged.write_text(JOB.format(folder=env.media / "drop").replace("Caption it.", "Title it."))
+        staged.rename(job)
+        wait_for(lambda: len(links(env)) == 4, timeout=30)
+    finally:
+        stop(proc)
+    prompts = [row[0] for row in env.db().execute("select prompt from results order by id")]
+    assert prompts == ["Caption it.", "Caption it.", "Title it.", "Title it."]

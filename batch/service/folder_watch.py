@@ -53,6 +53,12 @@ class FolderWatch:
             self._changed, self._full = set(), False
         return changed, full
 
+    def put_back(self, changed: set[Path], full: bool) -> None:
+        """Files (and a full pass) taken but not handled yet: kept for the next turn."""
+        with self._lock:
+            self._changed |= changed
+            self._full = self._full or full
+
     def counts(self) -> dict[str, int]:
         """How many folders are watched, and how many are left to the rescans."""
         return {"watched": len(self._watches), "polled": len(self.polled)}

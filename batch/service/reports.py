@@ -174,6 +174,8 @@ def format_history(runs: list[dict[str, Any]]) -> str:
     lines = []
     for run in runs:
         counts = f"{run['answered'] or 0} answered, {run['reused'] or 0} reused, {run['failed_media'] or 0} failed"
+        if run.get("standing"):
+            counts += f" ({run['new_failures'] or 0} new), {run['unchanged'] or 0} unchanged, {run['gone'] or 0} gone"
         lines.append(
             f"run {run['id']}: {run['state']}  {run['source']}  attempts {run['attempts']}  {counts}  "
             f"{run['started_utc']} -> {run['finished_utc'] or '...'}  {run['worker'] or ''}".rstrip()

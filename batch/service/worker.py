@@ -68,6 +68,19 @@ NODE = os.uname().nodename  # recorded with each answer: several machines may an
 CRON_WAIT_SECONDS = 60.0  # `vlbatch run` waits this long at most for media files still being written
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:  # gone meanwhile
+        return None
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """A file's size, mtime and inode: what changes when it is edited or replaced (None once it is gone)."""
+    info = _stat(path)
+    return None if info is None else (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
 class HandBack(Exception):
     """Stop the current job now and return it to the inbox (a second stop signal)."""
 
@@ -127,6 +140,7 @@ class Worker:
         # standing job -> (its files still being written, when to look again)
         self._standing_waiting: dict[Path, tuple[set[Path], float | None]] = {}
         self._standing_due: dict[Path, float] = {}  # standing job -> when its next full pass is due (watch)
+        self._standing_seen: dict[Path, tuple[int, int, int] | None] = {}  # its file as that pass read it
 
     @classmethod
     def from_config(cls, config: Config, force: bool = False, retry_failed: bool = False) -> Worker:
@@ -328,11 +342,14 @@ class Worker:
         specs = self._follow_standing(jobs, folders)
         now = time.monotonic()
         for path in jobs:
-            if self.stop_requested or self.ready_inbox():
+            if self.stop_requested or self.ready_inbox():  # the inbox goes first; the rest waits for the next turn
+                folders.put_back(changed, full)
                 break
             waiting, retry_at = self._standing_waiting.get(path, (set(), None))
             targets = {p for p in changed if covers(specs[path], p)} if path in specs else set(changed)
-            if full or self._standing_due.get(path, 0.0) <= now:
+            edited = self._standing_seen.get(path) != _signature(path)  # a new or edited job file: a pass now
+            if full or edited or self._standing_due.get(path, 0.0) <= now:
+                self._standing_seen[path] = _signature(path)
                 started = time.monotonic()
                 self.standing_pass(path)
                 took = time.monotonic() - started
@@ -345,6 +362,7 @@ class Worker:
             if path not in jobs:
                 del self._standing_due[path]
                 self._standing_waiting.pop(path, None)
+                self._standing_seen.pop(path, None)
         retries = [r for w, r in self._standing_waiting.values() if w and r is not None]
         return min([*self._standing_due.values(), *retries], default=None)
 
@@ -557,8 +575,8 @@ class Worker:
         self._standing_waiting[path] = (set(plan.waiting), plan.next_check)
         if not plan.needs_run and not cron:
             return None
-        if job.mode == "together" and plan.needs_run:
-            plan.changed = {p: plan.changed.get(p) or os.stat(p) for p in job.media}
+        if job.mode == "together" and plan.needs_run:  # one answer over the set: asked again for all of it
+            plan.changed = {p: info for p in job.media if (info := plan.changed.get(p) or _stat(p)) is not None}
         return self._standing_run(path, job, index, basis, plan)
 
     def _standing_run(

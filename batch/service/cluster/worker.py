@@ -25,6 +25,7 @@ from batch.errors import VlbatchError
 from batch.infer.runtime.select import model_identity
 from batch.service.cluster.answerer import UnitTask
 from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane
+from batch.service.folder_watch import FolderWatch
 from batch.service.logs import event
 from batch.service.records import failure_class
 from batch.service.spool import Spool
@@ -102,16 +103,25 @@ class RayWorker(Worker):
     def watch(self) -> None:
         observer = self._observer()
         observer.start()
-        event(log, "worker.watching", inbox=self.spool.inbox, worker=self.name, ray=self.address)
+        event(
+            log,
+            "worker.watching",
+            inbox=self.spool.inbox,
+            standing=self.standing.dir,
+            worker=self.name,
+            ray=self.address,
+        )
         try:
-            self._run_lanes(until_empty=False)
+            self._run_lanes(until_empty=False, folders=FolderWatch(observer, self.wake))
         finally:
             observer.stop()
             observer.join()
         event(log, "worker.stopped", worker=self.name)
 
-    def _run_lanes(self, until_empty: bool) -> list[Outcome]:
-        """Claim ready jobs into free lanes until the inbox is empty (`run`) or a stop signal (`watch`, `run`)."""
+    def _run_lanes(self, until_empty: bool, folders: FolderWatch | None = None) -> list[Outcome]:
+        """Claim ready jobs into free lanes until the inbox is empty (`run`) or a stop signal (`watch`, `run`).
+
+        With `folders` (`watch`), the standing jobs' passes run in this thread whenever no lane is busy."""
         outcomes: list[Outcome] = []
         running: dict[Future[Outcome | None], Path] = {}
         bar = tqdm(desc="jobs", unit="job", total=0, disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -133,7 +143,16 @@ class RayWorker(Worker):
                 if not running:
                     if until_empty and next_ready is None:
                         break
-                    self.wake.wait(self._pause(next_ready))
+                    pause = self._pause(next_ready)
+                    if folders is not None and not self.stop_requested and not next_ready:
+                        try:
+                            standing_next = self._standing_cycle(folders)
+                        except Exception as exc:
+                            self._wait_out(exc, give_up=False)
+                            continue
+                        if standing_next is not None:
+                            pause = min(pause, max(0.02, standing_next - time.monotonic()))
+                    self.wake.wait(pause)
                     self.wake.clear()
                     continue
                 finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
