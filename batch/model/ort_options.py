@@ -68,7 +68,9 @@ def int8_pairs_saturate() -> bool:
     without VNNI (AVX2 only, or AVX-512 before Ice Lake) sums pairs of products in 16 bits.
 
     The CPU is asked through numpy's cpuid probe, as onnxruntime asks it, so an emulated CPU answers for itself;
-    AVX-VNNI, which numpy does not probe, is read from /proc/cpuinfo.
+    AVX-VNNI, which numpy does not probe, is read from /proc/cpuinfo, but only where that file describes the CPU
+    this process sees: under an emulator (qemu-user) it lists the host's flags, so where it disagrees with the
+    probe about AVX2 or AVX-512 its AVX-VNNI is not this CPU's.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -80,4 +82,9 @@ def int8_pairs_saturate() -> bool:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
-    return not (features.get("AVX512VNNI") or "avx_vnni" in flags.split())
+    listed = set(flags.split())
+    same_cpu = all(
+        bool(features.get(probed)) == (flag in listed)
+        for probed, flag in (("AVX2", "avx2"), ("AVX512F", "avx512f"), ("AVX512VNNI", "avx512_vnni"))
+    )
+    return not (features.get("AVX512VNNI") or (same_cpu and "avx_vnni" in listed))
