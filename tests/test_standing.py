@@ -226,3 +226,26 @@ def test_a_together_standing_job_is_asked_again_when_its_set_changes(env: SpoolE
     assert answers() == [["one.jpg", "two.jpg"], ["one.jpg", "three.jpg", "two.jpg"]]
     history = vlbatch(env, "status", "--job", "compare", cwd=tmp_path).stdout
     assert history.count("unchanged") == 3, history  # one line per run, newest first
+
+
+def test_an_emptied_folder_looks_unmounted_and_marks_nothing_gone(env: SpoolEnv, tmp_path: Path) -> None:
+    photos = env.media / "photos"
+    for i in range(2):
+        env.image(f"photos/{i}.jpg", seed=i)
+    job = tmp_path / "nightly.yaml"
+    job.write_text(JOB.format(folder=photos))
+    assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
+    assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
+    hidden = tmp_path / "unmounted"
+    photos.rename(hidden)
+    photos.mkdir()  # the empty mount point of a share that is not mounted
+    empty = vlbatch(env, "run", cwd=tmp_path)
+    assert empty.returncode == 0 and "event=standing.empty" in empty.stderr, empty.stderr
+    assert env.db().execute("select count(*) from standing_files where state = 'gone'").fetchone()[0] == 0
+    photos.rmdir()
+    hidden.rename(photos)  # mounted again
+    back = vlbatch(env, "run", cwd=tmp_path)
+    assert back.returncode == 0 and "model.loaded" not in back.stderr
+    (photos / "0.jpg").unlink()  # one file deleted for real: that one is gone
+    assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
+    assert env.db().execute("select count(*) from standing_files where state = 'gone'").fetchone()[0] == 1

@@ -569,6 +569,18 @@ class Worker:
             real = {Path(os.path.realpath(p)) for p in targets}
             candidates = sorted(p for p in real if covers(specs, p) and self._inside_roots(p))
             vanished = [str(p) for p in real if str(p) in index]
+        if targets is None and vanished and not candidates:
+            # every tracked file gone at once, and nothing there: far more likely an unmounted share (its empty
+            # mount point) than a folder emptied on purpose; answers stay current until files come back or go
+            event(
+                log,
+                "standing.empty",
+                logging.WARNING,
+                job=path.name,
+                tracked=len(vanished),
+                reason="its inputs hold no files now; not marked gone (an unmounted share?)",
+            )
+            vanished = []
         plan = plan_pass(candidates, index, basis, self._media_complete, self.retry_failed, vanished)
         if cron:
             self._wait_for_writers(path, plan, index, basis)
