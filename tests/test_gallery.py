@@ -14,7 +14,7 @@ from spool_env import SpoolEnv
 from web_env import cards_of, latest_rows, search_word, shown
 
 from batch.cli import main
-from batch.service.web.static_gallery import MARKER
+from batch.service.web.static_gallery import MANIFEST
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_gallery_is_self_contained(gallery, results_env: SpoolEnv, tmp_path: Pat
     result = gallery(out)
     assert result.exit_code == 0, result.output
     assert "7 results on 1 pages" in result.stderr
-    assert (out / MARKER).is_file()
+    assert (out / MANIFEST).is_file()
     (page,) = pages_of(out)
     rows = latest_rows(results_env.db_path)
     assert len(cards_of(page)) == len(rows) == 7
