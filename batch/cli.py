@@ -364,7 +364,7 @@ def _open_worker(
         address = ray_address or config.cluster.ray_address or "auto"
         return RayWorker.from_config(config, force=force, address=address, retry_failed=retry_failed)
     except (sqlite3.DatabaseError, OSError) as exc:
-        if not (is_passing(exc) or is_corrupt_database(exc)):
+        if not (is_passing(exc, spool=True) or is_corrupt_database(exc)):  # the spool's and database's own files
             raise
         where = f"{config.spool.database}: cannot open the database ({describe(exc)})"
         if is_corrupt_database(exc):
@@ -663,19 +663,38 @@ def _thumbnail_cache(value: Path | None) -> Path:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all networks).")
 @click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
 @_thumbnail_cache_option
+@click.option(
+    "--allow-sql-on-network",
+    is_flag=True,
+    help="Keep arbitrary SQL (the SQL box, ?sql=) on when --host is not a loopback address (off there by default).",
+)
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None) -> None:
+def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None, allow_sql_on_network: bool) -> None:
     """Browse the results in a web browser: Datasette over the database, read-only, with a gallery and charts.
 
     Pages: / (tables, facets, full-text search, canned queries), /-/gallery (each file's preview beside its
     answer), /-/charts. Previews are made only for files recorded in the database that lie under
-    spool.media_roots. Needs the serve extra: pip install 'vlbatch[serve]'.
+    spool.media_roots. Listening on any address but loopback turns arbitrary SQL off (canned queries stay)
+    unless --allow-sql-on-network. Needs the serve extra: pip install 'vlbatch[serve]'.
     """
     app = _web_module("app")
     config = _config(ctx)
-    datasette = app.build(config, _thumbnail_cache(thumbnail_cache))
     sock = app.bind(host, port)
+    loopback = app.is_loopback(sock)
+    try:
+        datasette = app.build(config, _thumbnail_cache(thumbnail_cache), allow_sql=loopback or allow_sql_on_network)
+    except BaseException:
+        sock.close()
+        raise
     click.echo(f"vlbatch: serving {config.spool.database} read-only at {app.url_of(sock)} (Ctrl-C stops)", err=True)
+    if not loopback:
+        click.echo(
+            f"vlbatch: arbitrary SQL is ON for anyone who can reach {app.url_of(sock)} (--allow-sql-on-network)"
+            if allow_sql_on_network
+            else "vlbatch: not a loopback address: arbitrary SQL is off (tables and canned queries only); "
+            "--allow-sql-on-network turns it on",
+            err=True,
+        )
     app.serve(datasette, sock)
 
 

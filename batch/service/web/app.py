@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -27,12 +28,22 @@ DEFAULT_PORT = 8001
 
 
 class ReadOnlyDatabase(Database):
-    """Every connection, Datasette's write connection included, opens the file read-only and query-only."""
+    """Every connection, Datasette's write connection included, opens the file read-only and query-only, with
+    SQLite's size limits (`plugin.limit_connection`)."""
 
     def connect(self, write: bool = False) -> sqlite3.Connection:
         conn = connect_read_only(Path(self.path))
+        plugin.limit_connection(conn)
         self._all_file_connections.append(conn)
         return conn
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute(*args, **kwargs)
+        except MemoryError:  # SQLite's heap limit (SQLITE_NOMEM): an error of this query, shown like one
+            raise plugin.ResultTooLarge(
+                f"the query needs more memory than this server allows ({plugin.HEAP_BYTES // 2**20} MiB)"
+            ) from None
 
 
 class Site(Datasette):
@@ -45,9 +56,13 @@ class Site(Datasette):
 
 
 def build(
-    config: Config, thumbnail_cache: Path, decoder_factory: Callable[[], MediaDecoder] = IsolatedDecoder
+    config: Config,
+    thumbnail_cache: Path,
+    decoder_factory: Callable[[], MediaDecoder] = IsolatedDecoder,
+    allow_sql: bool = True,
 ) -> Datasette:
-    """A Datasette over the configured database with vlbatch's metadata, pages and thumbnails."""
+    """A Datasette over the configured database with vlbatch's metadata, pages and thumbnails; without
+    `allow_sql`, only the tables and canned queries (no SQL box, no `?sql=`, no `_where=`)."""
     path = require_current_database(config)
     plugin.register()
     thumbnails = Thumbnails(config.spool.media_roots, thumbnail_cache, config.media, decoder_factory=decoder_factory)
@@ -56,7 +71,15 @@ def build(
         metadata=metadata(),
         template_dir=str(HERE / "templates"),
         static_mounts=[("vlbatch-static", str(HERE / "static"))],
-        settings={"allow_download": False, "default_page_size": 50, "sql_time_limit_ms": 3000},
+        settings={
+            "allow_download": False,
+            "default_page_size": 50,
+            "sql_time_limit_ms": 3000,
+            "max_returned_rows": 1000,
+            "max_csv_mb": 100,
+            "truncate_cells_html": 2048,
+            "default_allow_sql": allow_sql,
+        },
     )
     datasette.remove_database("_memory")  # Datasette adds an empty in-memory one when given no files: not ours
     datasette.add_database(ReadOnlyDatabase(datasette, path=str(path)), name=DATABASE)
@@ -76,6 +99,17 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    """Whether the socket is bound to a loopback address (only this machine can connect)."""
+    try:
+        address = ipaddress.ip_address(sock.getsockname()[0].split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def url_of(sock: socket.socket) -> str:
