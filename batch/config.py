@@ -39,6 +39,10 @@ DEFAULTS_ORIGIN = "(built-in defaults)"  # where a value came from when no file 
 class ConfigError(VlbatchError):
     """config.yaml is unreadable or holds a value of the wrong kind."""
 
+    def __init__(self, message: str) -> None:
+        # one line, whatever a key, value or folder name holds (a newline in a quoted YAML key, say)
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -369,11 +373,11 @@ def _override(section: str, current: Any, values: dict[str, tuple[str, Any]]) ->
     """`current` with the parsed environment values; the dataclass checks them, and a refusal names the variable."""
     try:
         return replace(current, **{key: value for key, (_, value) in values.items()})
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         for key, (var, value) in values.items():
             try:
                 replace(current, **{key: value})
-            except (TypeError, ValueError) as refusal:
+            except (TypeError, ValueError, OverflowError) as refusal:
                 raise ConfigError(f"{var}: {section}.{key}: {_problem(refusal, key)}") from exc
         names = ", ".join(var for var, _ in values.values())
         raise ConfigError(f"{names}: {section}: {exc}") from exc
@@ -434,7 +438,7 @@ def _parse(var: str, dotted: str, text: str, hint: Any) -> Any:
 def _resolve(base: Path, value: Any) -> Path | None:
     if value in (None, ""):
         return None
-    p = Path(str(value)).expanduser()
+    p = Path(os.path.expanduser(str(value)))  # not Path.expanduser: `~nosuchuser` stays as written, no RuntimeError
     return p if p.is_absolute() else base / p
 
 
@@ -450,11 +454,11 @@ def _section(path: Path, data: dict[str, Any], name: str, cls: type) -> Any:
         raise ConfigError(f"{path}: {keys}: {_unknown('key', unknown, known)}")
     try:
         return cls(**raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int too large for a float field
         for key, value in raw.items():
             try:
                 cls(**{key: value})
-            except (TypeError, ValueError) as refusal:
+            except (TypeError, ValueError, OverflowError) as refusal:
                 raise ConfigError(f"{path}: {name}.{key}: {_problem(refusal, key)}") from exc
         raise ConfigError(f"{path}: {name}: {exc}") from exc
 
@@ -498,6 +502,8 @@ def _kind(path: Path) -> str:
         return "missing"
     except OSError as exc:
         return f"cannot be looked at ({exc.strerror})"
+    except ValueError as exc:  # a NUL character in the path
+        return f"cannot be looked at ({exc})"
     return "folder" if stat.S_ISDIR(mode) else "file"
 
 

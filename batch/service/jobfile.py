@@ -434,7 +434,7 @@ def _generation(mapping: dict[str, Any], defaults: GenerationSettings) -> Genera
         raise _Invalid(f"'temperature' must be 0 (greedy) or more, got {temperature}")
     try:
         return dataclasses.replace(defaults, **overrides)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: an int too large for a float setting
         raise _Invalid(f"invalid generation setting: {exc}") from None
 
 
@@ -598,6 +598,10 @@ class _Resolver:
     def _glob(self, spec: str) -> list[Path]:
         pattern = os.path.expanduser(spec)
         self._inside(self.base / literal_prefix(pattern), spec)  # never scan outside the roots
+        parts = PurePath(pattern).parts
+        wild = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), len(parts))
+        if ".." in parts[wild:]:  # `*/../../**` would climb out of the roots and walk the whole file system
+            raise _Invalid(f"glob {spec!r} has '..' after a wildcard; name the folder it climbs to instead")
         root_dir = None if os.path.isabs(pattern) else self.base
         matched, files = False, []
         for match in glob.iglob(pattern, root_dir=root_dir, recursive=True):  # lazily: the cap may stop it early

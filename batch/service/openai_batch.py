@@ -258,6 +258,8 @@ class _RequestReader:
     def _local_image(self, spec: str, url: str) -> Path:
         if not spec.strip():
             raise _Bad("image_url is empty")
+        if "\0" in spec:  # os.path.realpath would raise ValueError
+            raise _Bad(f"image {_shorten(url)!r} holds a NUL character")
         candidate = self.base / os.path.expanduser(spec)
         real = Path(os.path.realpath(candidate))
         if not any(real.is_relative_to(root) for root in self.roots):
@@ -306,6 +308,8 @@ def _load_json(text: str) -> dict[str, Any]:
         raise _Bad(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
         raise _Bad("JSON nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise _Bad(f"not valid JSON ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(obj, dict):
         raise _Bad(f"must be a JSON object, got {_show(obj)}")
     return obj
@@ -512,7 +516,8 @@ def _integer(body: dict[str, Any], key: str, low: int) -> int:
 
 def _number(body: dict[str, Any], key: str, low: float, high: float, *, low_open: bool) -> float | int:
     value = body[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))  # ints: no OverflowError
+    if isinstance(value, bool) or not finite:
         raise _Bad(f"body.{key} must be a number, got {_show(value)}")
     if value > high or value < low or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from yaml.nodes import CollectionNode, MappingNode, Node
+from yaml.nodes import CollectionNode, MappingNode, Node, ScalarNode
 
 MAX_DEPTH = 32  # levels of mappings and sequences, the top-level one included
 MAX_ALIAS_NODES = 10_000  # values that all the aliases of one document may repeat, together
@@ -148,6 +148,31 @@ class StrictLoader(yaml.SafeLoader):
         return f"nested deeper than {self.max_depth} levels at line {line}"
 
     # -- constructing -----------------------------------------------------------------------------------------
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        """SafeConstructor's value, or StrictYAMLError naming the line for one it cannot build.
+
+        pyyaml's scalar constructors raise plain Python errors for values its resolver accepted (`0x_`, a date
+        `2024-13-45`, an int of more than 4300 digits, `!!int foo`, `!!bool x`, `!!timestamp x`).
+        """
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, StrictYAMLError, MemoryError):
+            raise
+        except Exception as exc:
+            if not isinstance(node, ScalarNode):
+                raise
+            line, column = _line(node), _column(node)
+            shown = str(node.value).replace("\r", "\\r").replace("\n", "\\n")
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            kind = str(node.tag).removeprefix("tag:yaml.org,2002:")
+            detail = " ".join(str(exc).split()) if isinstance(exc, (ValueError, OverflowError)) else ""
+            detail = f" ({detail[:197] + '...' if len(detail) > 200 else detail})" if detail else ""
+            raise StrictYAMLError(
+                f"`{shown}` on line {line} is not a valid {kind} value{detail}; quote it to keep it as text",
+                line,
+                column,
+            ) from None
 
     def construct_mapping(self, node: Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, MappingNode):
