@@ -215,7 +215,8 @@ def test_temp_names_are_hidden_tmp_names_the_spool_ignores(tmp_path):
     seen: list[Path] = []
     write_atomic(tmp_path / "job.yaml", "prompt: hi\n", check=seen.append)
     (tmp,) = seen
-    assert tmp.parent == tmp_path and tmp.name.startswith(".job.yaml.") and tmp.name.endswith(".tmp")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".vlbatch-") and tmp.name.endswith(".tmp")
+    assert len(tmp.name) == len(".vlbatch-12345678.tmp")  # fixed: a 255-byte target name still fits
     assert not is_job_name(tmp.name)
     assert _names(tmp_path) == ["job.yaml"]
 

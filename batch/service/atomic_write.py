@@ -1,4 +1,8 @@
-"""Writing a file atomically: an unpredictable hidden temp name beside it, fsync, rename over, no leftovers."""
+"""Writing a file atomically: an unpredictable hidden temp name beside it, fsync, rename over, no leftovers.
+
+The temp name is short and of fixed length whatever the target's name (`.vlbatch-XXXXXXXX.tmp`), so a target whose
+name is at the file system's limit (255 bytes) can still be written.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+TEMP_PREFIX = ".vlbatch-"  # + mkstemp's 8 random characters + ".tmp": 21 bytes, whatever the target's name
 
 
 class SymlinkRefused(OSError):
@@ -26,22 +32,23 @@ def write_atomic(
     check: Callable[[Path], None] | None = None,
     durable: bool = True,
 ) -> None:
-    """Write `data` (str as UTF-8) to `path` so readers see the old file or the whole new one, never a part.
+    """Write `data` (str as UTF-8; a file name's bytes that are not UTF-8 kept as they are) to `path` so readers
+    see the old file or the whole new one, never a part.
 
-    The data goes to `.<name>.<random>.tmp` in the same folder (created O_EXCL by mkstemp, so a planted file or
-    symlink there cannot be followed), is fsynced, optionally passed to `check(temp_path)`, then renamed over
-    `path`; the folder is fsynced, best effort. `mode` defaults to what a plain open() would create (0o666 less
-    the umask). `durable=False` skips both fsyncs: for caches that can be made again, whose readers must take
-    an entry cut short by a power loss for a missing one.
+    The data goes to `.vlbatch-<8 random characters>.tmp` in the same folder (created O_EXCL by mkstemp, so a
+    planted file or symlink there cannot be followed), is fsynced, optionally passed to `check(temp_path)`, then
+    renamed over `path`; the folder is fsynced, best effort. `mode` defaults to what a plain open() would create
+    (0o666 less the umask). `durable=False` skips both fsyncs: for caches that can be made again, whose readers
+    must take an entry cut short by a power loss for a missing one.
     Raises SymlinkRefused when `path` is a symlink and `refuse_symlink`, or the OSError of the failing
     step (ENOSPC, EACCES, ...); any error, including one raised by `check`, removes the temp file first.
     """
     path = Path(path)
     if refuse_symlink and path.is_symlink():
         raise SymlinkRefused(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    payload = _utf8(data) if isinstance(data, str) else bytes(data)
     mode = _default_mode() if mode is None else mode
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".tmp")
     try:
         _fill(fd, payload, mode, durable)  # closes fd, also when it fails
         if check is not None:
@@ -53,6 +60,14 @@ def write_atomic(
         raise
     if durable:
         _fsync_folder(path.parent)
+
+
+def _utf8(text: str) -> bytes:
+    """Text as UTF-8; a file name in it that is not UTF-8 (surrogateescape) keeps its own bytes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "replace")
 
 
 def _fill(fd: int, payload: bytes, mode: int, durable: bool) -> None:

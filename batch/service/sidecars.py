@@ -11,11 +11,17 @@ Two formats, chosen by the job's `sidecar` key:
 A sidecar is vlbatch's when the ``sidecars`` table holds its exact bytes (by SHA-256, anywhere: a copied folder
 keeps its own). Any other file at that name (a caption someone wrote, another program's XMP) is never replaced
 unless the job says ``sidecar_overwrite``, and never removed. Writes are atomic (``write_atomic``: a hidden O_EXCL
-temp name, fsync, rename) and never go through a symbolic link.
+temp name of fixed length, fsync, rename) and never go through a symbolic link.
+
+A sidecar that cannot be written for a reason waiting does not cure (no permission on the media folder, a read-only
+share, a name too long for the file system) is skipped: one ``sidecar.skipped`` warning with the path and reason,
+and the answer stays recorded. Only faults of the machine (a full disk, an I/O error: `faults.is_passing`) are
+raised, for the worker to wait out. Paths are recorded in the ``sidecars`` table in `paths.encode_path`'s form.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -28,8 +34,10 @@ from batch.errors import MediaError
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.infer.safe_open import BLOCK_SIZE, open_media, sha256_of
 from batch.service.atomic_write import SymlinkRefused, write_atomic
+from batch.service.faults import describe, is_passing
 from batch.service.jobfile import SIDECAR_FORMATS
 from batch.service.logs import event
+from batch.service.paths import encode_path
 
 if TYPE_CHECKING:
     from batch.service.jobfile import Job
@@ -127,7 +135,26 @@ def write_for_unit(store: Store, job: Job, unit: tuple[Path, ...], result_id: in
     """The job's sidecar for a unit's answer: one media file and a job with `sidecar` set; else nothing (None)."""
     if not job.sidecar or len(unit) != 1:
         return None
-    return write_sidecar(store, unit[0], job.sidecar, result_id, job.sidecar_overwrite)
+    try:
+        return write_sidecar(store, unit[0], job.sidecar, result_id, job.sidecar_overwrite)
+    except OSError as exc:
+        if is_passing(exc):  # a full disk, an I/O error: the machine's, waited out by the worker
+            raise
+        # no permission, a read-only folder, a name too long: waiting changes nothing; the answer stays recorded
+        event(
+            log,
+            "sidecar.skipped",
+            logging.WARNING,
+            path=encode_path(sidecar_path(unit[0], job.sidecar)),
+            reason=_reason(exc),
+        )
+        return None
+
+
+def _reason(exc: OSError) -> str:
+    """Why a file operation failed, in words: the system's message with its errno name (Permission denied (EACCES))."""
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror} ({name})" if exc.strerror and name else describe(exc)
 
 
 def remove_sidecar(store: Store, media: Path, kind: str) -> bool:
@@ -156,6 +183,11 @@ def remove_sidecar(store: Store, media: Path, kind: str) -> bool:
     try:
         os.unlink(path)
     except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if is_passing(exc):
+            raise
+        event(log, "sidecar.kept", logging.WARNING, path=encode_path(path), reason=f"cannot remove it: {_reason(exc)}")
         return False
     return True
 

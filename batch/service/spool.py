@@ -211,9 +211,26 @@ class Spool:
         return claim
 
     # leases -------------------------------------------------------------------------------------
-    def renew(self, claim: Claim) -> None:
+    def renew(self, claim: Claim) -> bool:
+        """Extend the lease; False (and no lease written) once the claimed file is gone: another worker took the
+        job back after this one was suspended past its lease, and an orphan lease would only mislead."""
+        if not os.path.lexists(claim.path):
+            return False
         lease = {"host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + self.lease_seconds}
         write_atomic(claim.lease_path, json.dumps(lease))
+        return True
+
+    def orphan_leases(self, now: float | None = None) -> list[Path]:
+        """Expired lease files whose claim is gone (a suspended worker renewed after losing its claim): removed."""
+        now = time.time() if now is None else now
+        removed = []
+        for path in self.work.glob("*" + LEASE):
+            claim = Claim(path.with_name(path.name[: -len(LEASE)]), "")
+            lease = self.read_lease(claim)
+            if not os.path.lexists(claim.path) and (lease is None or lease.expires < now):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def read_lease(self, claim: Claim) -> Lease | None:
         try:

@@ -30,6 +30,7 @@ from typing import Any
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.service.atomic_write import write_atomic
 from batch.service.jobfile import literal_prefix
+from batch.service.paths import decode_path, encode_path
 from batch.service.spool import is_job_name
 
 FOLDER = "standing"
@@ -134,8 +135,8 @@ def plan_pass(
     vanished: Iterable[str] = (),
 ) -> PassPlan:
     """Sort a standing job's files: `candidates` exist now (all of them on a full pass, those events named on
-    a targeted one); `vanished` are tracked paths found missing. `basis` fingerprints the job's prompt and
-    settings (a file answered under other settings is changed for this job)."""
+    a targeted one); `vanished` are tracked paths (stored names, `paths.encode_path`) found missing. `basis`
+    fingerprints the job's prompt and settings (a file answered under other settings is changed for this job)."""
     plan = PassPlan()
     for path in candidates:
         try:
@@ -144,7 +145,7 @@ def plan_pass(
             continue
         if not stat.S_ISREG(info.st_mode):
             continue
-        entry = index.get(str(path))
+        entry = index.get(encode_path(path))  # tracked by stored name (paths.py)
         if entry is not None and _unchanged(entry, info, basis, retry_failed):
             plan.unchanged += 1
             continue
@@ -156,7 +157,7 @@ def plan_pass(
         plan.changed[path] = info
     for path in vanished:
         entry = index.get(path)
-        if entry is not None and entry["state"] != "gone" and not os.path.lexists(path):
+        if entry is not None and entry["state"] != "gone" and not os.path.lexists(decode_path(path)):
             plan.gone.append(entry)
     return plan
 
@@ -170,8 +171,8 @@ def _unchanged(entry: dict[str, Any], info: os.stat_result, basis: str, retry_fa
 
 
 def vanished_paths(index: dict[str, dict[str, Any]], present: Iterable[Path]) -> list[str]:
-    """Tracked paths (not already gone) that a full listing no longer holds."""
-    seen = {str(p) for p in present}
+    """Tracked paths (stored names, not already gone) that a full listing no longer holds."""
+    seen = {encode_path(p) for p in present}
     return [path for path, entry in index.items() if entry["state"] != "gone" and path not in seen]
 
 

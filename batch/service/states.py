@@ -21,6 +21,8 @@ class JobState(str, Enum):
 
 # what a worker did with a job file it took, beyond the database states: returned it to the inbox alive
 HANDED_BACK = "handed_back"
+# ... or found that another worker had taken it over meanwhile (it was suspended past its lease): left alone
+CLAIM_LOST = "claim_lost"
 
 
 @dataclass(frozen=True)

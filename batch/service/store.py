@@ -14,6 +14,7 @@ database. Tables (see README, "The database"):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -30,6 +31,7 @@ import sqlite_utils
 from batch.errors import VlbatchError
 from batch.infer.safe_open import sha256_of
 from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
+from batch.service.paths import encode_path, storable_text
 from batch.service.result_filter import ResultFilter
 from batch.service.states import JobState
 
@@ -235,6 +237,29 @@ def m005_standing_jobs(db: sqlite_utils.Database) -> None:
     db["standing_files"].create_index(["link_id"])
 
 
+@migrations()
+def m006_claim_fence(db: sqlite_utils.Database) -> None:
+    """A generation number per job that grows with every start: a worker's writes for a job hold only while the
+    number it started with is still the job's (a worker that lost its claim, suspended past its lease, is fenced)."""
+    db["jobs"].add_column("fence", int)
+
+
+class ClaimLost(Exception):
+    """Another worker took this job over (its fence moved on): nothing more is written for the stale holder."""
+
+    def __init__(self, job_id: str, holder: str | None) -> None:
+        super().__init__(f"job {job_id} was taken over by {holder or 'another worker'}")
+        self.job_id = job_id
+        self.holder = holder
+
+
+class DatabaseReplaced(OSError):
+    """The database path no longer names the file this connection has open (deleted, replaced, remounted).
+
+    A fault of the machine, waited out like a full disk: the worker reopens the path and carries on, and nothing
+    is ever committed to the unlinked file."""
+
+
 class JobIdBusy(Exception):
     """Another file with the same job id is running now (its claim is alive)."""
 
@@ -261,13 +286,16 @@ class Store:
     def __init__(self, path: Path, busy_timeout_seconds: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # a new file: said by a worker that reopens a vanished database
         self.db = sqlite_utils.Database(self.path)
+        self._fences: dict[str, int] = {}  # job id -> the fence this worker's writes for it must still find
         # several workers share one file: a writer waits this long for the lock, then the worker backs off
         self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time switches to WAL and migrates
             self.db.enable_wal()
             migrations.apply(self.db)
+        self.identity = _identity(self.path)  # the file this connection writes: checked before every commit
 
     def close(self) -> None:
         self.db.close()
@@ -287,10 +315,35 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.check_identity()  # never commit into a file that the path no longer names
         except BaseException:
             conn.rollback()
             raise
         conn.execute("COMMIT")
+
+    def check_identity(self) -> None:
+        """DatabaseReplaced when the configured path is gone or names another file than the one open here."""
+        now = _identity(self.path)
+        if now != self.identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise DatabaseReplaced(errno.ESTALE, f"{self.path}: the database file was {what} while it was open")
+
+    # fencing ------------------------------------------------------------------------------------
+    def hold(self, job_id: str, fence: int) -> None:
+        """From now on, every write for this job checks (in its transaction) that the job's fence is still `fence`."""
+        self._fences[job_id] = fence
+
+    def let_go(self, job_id: str) -> None:
+        self._fences.pop(job_id, None)
+
+    def check_fence(self, job_id: str) -> None:
+        """ClaimLost when another worker has started the job since this one did (call inside a transaction)."""
+        mine = self._fences.get(job_id)
+        if mine is None:
+            return
+        row = self.db.execute("SELECT fence, worker FROM jobs WHERE id = ?", [job_id]).fetchone()
+        if row is None or row[0] != mine:
+            raise ClaimLost(job_id, row[1] if row else None)
 
     def columns(self, table: str) -> list[str]:
         """A table's columns, in order, as the migrations made them."""
@@ -313,7 +366,8 @@ class Store:
         self, job_id: str, fields: dict[str, Any], worker: str, claim_alive: Callable[[str], bool] = lambda _: False
     ) -> tuple[int, int]:
         """Mark a job running; returns (run id, attempt number). A job found still running was interrupted:
-        this is another attempt of the same run. Otherwise a new run starts.
+        this is another attempt of the same run. Otherwise a new run starts. The job's fence grows by one and
+        this store holds it (see `hold`): a worker that started the job earlier can write nothing more for it.
 
         JobIdBusy when the job id is running under another claim that `claim_alive` says is still held: two
         files with one id never run at once, and their attempts are never counted as one job's.
@@ -331,9 +385,11 @@ class Store:
                 self.db["runs"].update(run_id, {**run, "error": None, "traceback": None})
             else:
                 run_id = self.db["runs"].insert({**run, "job_id": job_id, "started_utc": now}).last_pk
+            fence = ((previous or {}).get("fence") or 0) + 1
             row = {
                 **fields,
                 "id": job_id,
+                "fence": fence,
                 "run_id": run_id,
                 "state": JobState.RUNNING.value,
                 "attempts": attempts,
@@ -346,11 +402,13 @@ class Store:
                 **({} if resumed else {"inflight": None, "inflight_deaths": 0}),
             }
             self.db["jobs"].upsert(row, pk="id")
+        self.hold(job_id, fence)
         return int(run_id), attempts
 
     def hand_back(self, job_id: str) -> None:
         """A job returned to the inbox by a live worker (a stop signal, a passing fault): not an attempt."""
         with self.atomic():
+            self.check_fence(job_id)
             for table, row_id in (("jobs", job_id), ("runs", self._run_id(job_id))):
                 self.db.execute(
                     f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE id = ? AND state = ?",
@@ -364,6 +422,7 @@ class Store:
     def begin_unit(self, job_id: str, unit: str) -> int:
         """Record that the worker starts answering `unit`; returns how often a worker already died in it."""
         with self.atomic():
+            self.check_fence(job_id)
             row = self.db.execute("SELECT inflight, inflight_deaths FROM jobs WHERE id = ?", [job_id]).fetchone()
             deaths = (row[1] or 0) + 1 if row and row[0] == unit else 0
             self.db.execute("UPDATE jobs SET inflight = ?, inflight_deaths = ? WHERE id = ?", [unit, deaths, job_id])
@@ -371,6 +430,7 @@ class Store:
 
     def end_unit(self, job_id: str) -> None:
         with self.atomic():
+            self.check_fence(job_id)
             self.db.execute("UPDATE jobs SET inflight = NULL, inflight_deaths = 0 WHERE id = ?", [job_id])
 
     def finished_claim(self, claim: str) -> dict[str, Any] | None:
@@ -390,6 +450,7 @@ class Store:
         """The job's (and its run's) final state and counts, from the run's links; `counts` adds others
         (a standing run's unchanged files, new failures)."""
         with self.atomic():
+            self.check_fence(job_id)
             run_id = self._run_id(job_id)
             # a file gone from a standing folder keeps its answer: its link says so and is not counted as one
             answered, reused, failed, gone = self.db.execute(
@@ -402,8 +463,8 @@ class Store:
             ).fetchone()
             update = {
                 "state": JobState(state).value,
-                "error": error,
-                "traceback": traceback,
+                "error": None if error is None else storable_text(error),  # may quote a name that is not UTF-8
+                "traceback": None if traceback is None else storable_text(traceback),
                 "finished_utc": utc_now(),
                 "answered": answered,
                 "reused": reused,
@@ -418,7 +479,7 @@ class Store:
     def record_rejected(self, job_id: str, source: str, reason: str, update_job: bool = True) -> None:
         """A job file that could not run: a run of its own, and the job's state unless another file holds it."""
         now = utc_now()
-        rejected = {"source": source, "state": JobState.REJECTED.value, "attempts": 0, "error": reason}
+        rejected = {"source": source, "state": JobState.REJECTED.value, "attempts": 0, "error": storable_text(reason)}
         with self.atomic():
             run_id = (
                 self.db["runs"].insert({**rejected, "job_id": job_id, "started_utc": now, "finished_utc": now}).last_pk
@@ -453,7 +514,9 @@ class Store:
         """Insert one answer (or one media failure) and link it to the run, in one transaction."""
         unknown = set(row) - set(self.columns("results"))
         assert not unknown, f"not a results column: {sorted(unknown)}"
+        row = {k: storable_text(v) if k == "error" and isinstance(v, str) else v for k, v in row.items()}
         with self.atomic():
+            self.check_fence(job_id)
             now = utc_now()
             result_id = self.db["results"].insert({**row, "job_id": job_id, "created_utc": now}).last_pk
             self.link(job_id, run_id, result_id, row["media_paths"], row.get("media_sha256"), reused=False)
@@ -470,19 +533,21 @@ class Store:
         change: str | None = None,
     ) -> None:
         """Record that the run owns this answer for these media of its own (`change`: a standing run's gone)."""
-        self.db["job_results"].insert(
-            {
-                "job_id": job_id,
-                "run_id": run_id,
-                "result_id": result_id,
-                "reused": int(reused),
-                "media_paths": media_paths,
-                "media_sha256": media_sha256,
-                "created_utc": utc_now(),
-                "change": change,
-            },
-            ignore=True,  # the same media twice in one run: the first link stands
-        )
+        with self.atomic():
+            self.check_fence(job_id)
+            self.db["job_results"].insert(
+                {
+                    "job_id": job_id,
+                    "run_id": run_id,
+                    "result_id": result_id,
+                    "reused": int(reused),
+                    "media_paths": media_paths,
+                    "media_sha256": media_sha256,
+                    "created_utc": utc_now(),
+                    "change": change,
+                },
+                ignore=True,  # the same media twice in one run: the first link stands
+            )
 
     # failures -----------------------------------------------------------------------------------
     def previous_failure(self, key: str) -> dict[str, Any] | None:
@@ -524,6 +589,8 @@ class Store:
         if not rows:
             return
         with self.atomic():
+            for job_id in {row["job_id"] for row in rows}:
+                self.check_fence(job_id)
             self.db["standing_files"].upsert_all(rows, pk=("job_id", "path"))
 
     def record_gone(self, job_id: str, run_id: int, entries: list[dict[str, Any]]) -> None:
@@ -532,6 +599,7 @@ class Store:
             return
         now = utc_now()
         with self.atomic():
+            self.check_fence(job_id)
             for entry in entries:
                 paths = json.dumps([entry["path"]], ensure_ascii=False)
                 if entry.get("result_id") is not None:
@@ -563,7 +631,9 @@ class Store:
         return self.db.execute("SELECT 1 FROM sidecars WHERE sha256 = ? LIMIT 1", [sha256]).fetchone() is not None
 
     def record_sidecar(self, path: Path, sha256: str, result_id: int) -> None:
-        self.db["sidecars"].upsert({"path": str(path), "sha256": sha256, "result_id": result_id}, pk="path")
+        with self.atomic():
+            row = {"path": encode_path(path), "sha256": sha256, "result_id": result_id}  # any name: see paths.py
+            self.db["sidecars"].upsert(row, pk="path")
 
     # Ray actors ---------------------------------------------------------------------------------
     def record_actor(self, actor_id: str, **fields: Any) -> None:
@@ -705,6 +775,15 @@ def pending_migrations(path: Path) -> list[str]:
         return [m.name for m in migrations.pending(sqlite_utils.Database(conn))]
     finally:
         conn.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def worker_name() -> str:

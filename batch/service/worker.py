@@ -9,6 +9,7 @@ reconciled from the claim name recorded with the job.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from batch.service.faults import (
 from batch.service.folder_watch import FolderWatch
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
+from batch.service.paths import decode_path, encode_path, paths_json
 from batch.service.records import answer_row, cache_key, failure_class, to_json
 from batch.service.settle import SettleTracker
 from batch.service.slots import WorkerSlots
@@ -60,8 +62,8 @@ from batch.service.standing import (
     plan_pass,
     vanished_paths,
 )
-from batch.service.states import HANDED_BACK, JobState, RetryPolicy
-from batch.service.store import JobIdBusy, Store, file_sha256, utc_now, worker_name
+from batch.service.states import CLAIM_LOST, HANDED_BACK, JobState, RetryPolicy
+from batch.service.store import ClaimLost, DatabaseReplaced, JobIdBusy, Store, file_sha256, utc_now, worker_name
 
 log = logging.getLogger("batch.service.worker")
 NODE = os.uname().nodename  # recorded with each answer: several machines may answer one spool
@@ -279,6 +281,7 @@ class Worker:
         Returns how many job files were ready (the oldest was taken), its outcome, and when the next
         still-settling file is ready.
         """
+        self._check_places()
         self.recover()
         ready, next_ready = self.spool.pending()
         outcome = self.take(ready[0]) if ready else None
@@ -286,6 +289,28 @@ class Worker:
             self._backoff.reset()
             self._failing_since = None
         return len(ready), outcome, next_ready
+
+    def _check_places(self) -> None:
+        """The spool and the database are still the configured ones: a spool folder that is gone (an unmounted
+        share) is waited for, never made again on the mount point; a database file deleted or replaced under the
+        worker is reopened at its path (a new one made only where the path is empty, and said), so that no answer
+        is ever committed into an unlinked file."""
+        missing = [folder for folder in (self.spool.inbox, self.spool.work) if not folder.is_dir()]
+        if missing:
+            raise OSError(errno.ESTALE, f"{missing[0]}: the spool folder is gone (an unmounted share?); waiting for it")
+        try:
+            self.store.check_identity()
+        except DatabaseReplaced as exc:
+            self._reopen_store(exc.strerror or str(exc))
+
+    def _reopen_store(self, reason: str) -> None:
+        path = self.store.path
+        if not path.parent.is_dir():
+            raise OSError(errno.ESTALE, f"{path.parent}: the database folder is gone (an unmounted share?); waiting")
+        store = Store(path, self.config.spool.database_timeout_seconds)
+        self.store.close()
+        self.store = store
+        event(log, "database.reopened", logging.WARNING, path=path, reason=reason, created=store.created)
 
     def _wait_out(self, exc: Exception, give_up: bool) -> None:
         """Log a fault and pause (capped exponential backoff); raise when it cannot or should not be waited out."""
@@ -302,8 +327,9 @@ class Worker:
                 f"{describe(exc)}"
             ) from exc
         delay = self._backoff.next_delay()
-        event(log, "worker.fault", logging.ERROR, error=describe(exc), passing=is_passing(exc), retry_in_s=delay)
-        if not is_passing(exc):
+        passing = is_passing(exc, spool=True)  # what reaches here came from the spool or the database
+        event(log, "worker.fault", logging.ERROR, error=describe(exc), passing=passing, retry_in_s=delay)
+        if not passing:
             log.debug("%s", "".join(traceback.format_exception(exc)))
         self.wake.wait(delay)  # a stop signal ends the pause early
         self.wake.clear()
@@ -398,6 +424,7 @@ class Worker:
             except FileNotFoundError:  # another worker settled it first
                 continue
         self.spool.reconsider_rejected()  # a rejected file that changed since (the rest of a slow copy) is read again
+        self.spool.orphan_leases()  # left by a worker that renewed after it lost its claim
 
     # one job ------------------------------------------------------------------------------------
     def take(self, path: Path) -> Outcome | None:
@@ -434,6 +461,14 @@ class Worker:
             )
             return self._reject(claim, job.id, reason, record=False)
         self._job_id = job.id
+        try:
+            return self._run_job(claim, job, run_id, attempts)
+        except ClaimLost as lost:  # suspended past the lease: another worker runs the job now; write nothing more
+            return self._claim_lost(claim, lost)
+        finally:
+            self.store.let_go(job.id)
+
+    def _run_job(self, claim: Claim, job: Job, run_id: int, attempts: int) -> Outcome:
         if self.policy.exhausted(attempts):
             inflight = (self.store.job(job.id) or {}).get("inflight")
             where = f" (last while answering {', '.join(json.loads(inflight))})" if inflight else ""
@@ -448,6 +483,8 @@ class Worker:
         except HandBack:
             self._hand_back(claim, "second stop signal")
             return Outcome(job.id, HANDED_BACK)
+        except ClaimLost:
+            raise
         except Exception as exc:
             if is_passing(exc) or is_corrupt_database(exc):
                 raise  # the machine's fault, not the job's: handed back, retried after a pause
@@ -466,6 +503,13 @@ class Worker:
             new_failures=unit_run.new_failures,
         )
         return outcome
+
+    def _claim_lost(self, claim: Claim | None, lost: ClaimLost) -> Outcome:
+        """The job is another worker's now: one log line, and this worker's own leftovers (its lease) removed."""
+        event(log, "claim.lost", logging.WARNING, job=lost.job_id, by=lost.holder, worker=self.name)
+        if claim is not None and not claim.path.exists():
+            claim.lease_path.unlink(missing_ok=True)
+        return Outcome(lost.job_id, CLAIM_LOST)
 
     def _reject(self, claim: Claim, job_id: str, reason: str, record: bool = True) -> Outcome:
         """A job file that cannot run; `record=False` keeps the job row of another file with the same id."""
@@ -552,6 +596,16 @@ class Worker:
 
     def _standing_pass(self, path: Path, targets: set[Path] | None, cron: bool) -> Outcome | None:
         try:
+            return self._standing_plan(path, targets, cron)
+        except ClaimLost as lost:
+            return self._claim_lost(None, lost)
+        finally:
+            if self._job_id:
+                self.store.let_go(self._job_id)
+
+    def _standing_plan(self, path: Path, targets: set[Path] | None, cron: bool) -> Outcome | None:
+        self._job_id = None
+        try:
             job = self._parse_standing(path, resolve_media=targets is None)
             if targets is not None and job.mode == "together":  # one answer over the set: look at all of it
                 job, targets = self._parse_standing(path, resolve_media=True), None
@@ -568,7 +622,7 @@ class Worker:
             specs = input_specs(job.inputs, self.standing.dir)
             real = {Path(os.path.realpath(p)) for p in targets}
             candidates = sorted(p for p in real if covers(specs, p) and self._inside_roots(p))
-            vanished = [str(p) for p in real if str(p) in index]
+            vanished = [encode_path(p) for p in real if encode_path(p) in index]
         if targets is None and vanished and not candidates:
             # every tracked file gone at once, and nothing there: far more likely an unmounted share (its empty
             # mount point) than a folder emptied on purpose; answers stay current until files come back or go
@@ -632,6 +686,8 @@ class Worker:
         except HandBack:
             self.store.hand_back(job.id)  # the run stays open: the next pass carries it on
             return Outcome(job.id, HANDED_BACK)
+        except ClaimLost:
+            raise
         except Exception as exc:
             if is_passing(exc) or is_corrupt_database(exc):
                 raise
@@ -642,7 +698,7 @@ class Worker:
         self.store.record_gone(job.id, run_id, plan.gone)
         for entry in plan.gone:
             if job.remove_gone_sidecars:
-                self._remove_sidecar(job, Path(entry["path"]))
+                self._remove_sidecar(job, Path(decode_path(entry["path"])))
         failures = unit_run.failures
         state = JobState.FAILED if failures else JobState.DONE
         reason = "\n".join(failures) if failures else None
@@ -691,10 +747,10 @@ class Worker:
             if link["change"] == "gone":
                 continue
             hashes = json.loads(link["media_sha256"] or "[]")
-            for i, name in enumerate(json.loads(link["media_paths"])):
-                info = plan.changed.get(Path(name))
+            for i, name in enumerate(json.loads(link["media_paths"])):  # stored names (paths.py), index keys too
+                info = plan.changed.get(Path(decode_path(name)))
                 try:
-                    info = info or os.stat(name)
+                    info = info or os.stat(decode_path(name))
                 except OSError:
                     continue
                 previous = index.get(name) or {}
@@ -762,6 +818,7 @@ class Worker:
 
     def standing_passes(self) -> list[Outcome]:
         """A full pass of every standing job, as `vlbatch run` makes after draining the inbox."""
+        self._check_places()
         outcomes = []
         for path in self.standing.job_files():
             if self.stop_requested:
@@ -786,8 +843,24 @@ class Worker:
         for index, unit in enumerate(bar):
             if self.abort_requested:
                 raise HandBack
-            self._answer_unit(unit_run, index, unit)
+            try:
+                self._answer_unit(unit_run, index, unit)
+            except (OSError, UnicodeError, ValueError) as exc:  # one file's problem (its name, its folder's rights)
+                if is_passing(exc) or isinstance(exc, DatabaseReplaced):
+                    raise  # the machine's: the job goes back and is retried after a pause
+                self._unit_error(unit_run, unit, exc)
         return unit_run
+
+    def _unit_error(self, run: _UnitRun, unit: tuple[Path, ...], exc: Exception) -> None:
+        """A unit that raised where no unit should (a strange name, a folder it may not touch): a failed unit with
+        the reason, never a failed job; the rest of the job goes on. A unit already recorded keeps its record."""
+        paths = paths_json(unit)
+        if self.store.linked(run.run_id, paths) is not None:
+            event(log, "unit.error", logging.WARNING, job=run.job.id, paths=paths, error=describe(exc))
+            return
+        names = ", ".join(encode_path(p) for p in unit)
+        row = {"media_paths": paths, "prompt": run.job.prompt, "cache_key": None}
+        self._unit_failed(run, row, f"{names}: {describe(exc)}", type(exc).__name__)
 
     def _answer_unit(self, run: _UnitRun, index: int, unit: tuple[Path, ...]) -> None:
         """One unit: hash, reuse a stored answer if one fits, else decode (read ahead), generate and record."""
@@ -817,7 +890,7 @@ class Worker:
         """The unit's results row so far, when the model must answer it; None when it is settled here (linked to
         an answer this run or an earlier one holds, or failed unreadable)."""
         job = run.job
-        paths = to_json([str(p) for p in unit])
+        paths = paths_json(unit)  # any file name, losslessly (paths.py)
         try:
             hashes = [file_sha256(p) for p in unit]
         except MediaError as exc:

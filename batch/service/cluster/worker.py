@@ -132,6 +132,7 @@ class RayWorker(Worker):
                 if not self.stop_requested:
                     lanes = lanes if self._pool is not None else self._lane_limit()
                     try:
+                        self._check_places()
                         self.recover()
                         ready, next_ready = self.spool.pending()
                     except Exception as exc:

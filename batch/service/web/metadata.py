@@ -65,6 +65,8 @@ _JOB_COLUMNS = {
     "unchanged": "Standing job: files the run found unchanged and skipped without reading them",
     "gone": "Standing job: files the run found gone (their answers stay, marked gone)",
     "new_failures": "Failures not met before (the number that makes `vlbatch run` exit 1)",
+    "fence": "Grows with every start of the job: a worker's writes for it hold only while this is still the number "
+    "it started with (a worker suspended past its lease writes nothing more)",
 }
 
 _LATEST_RUN = "FROM job_results jr JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id"
@@ -155,7 +157,7 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                         "columns": {
                             k: v
                             for k, v in _JOB_COLUMNS.items()
-                            if k not in ("run_id", "inflight", "inflight_deaths", "created_utc")
+                            if k not in ("run_id", "inflight", "inflight_deaths", "created_utc", "fence")
                         }
                         | {"id": "Run id", "job_id": "The job this run belongs to"}
                         | {"started_utc": "Run started (UTC)", "finished_utc": "Run finished (UTC)"},
