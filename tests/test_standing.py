@@ -48,6 +48,15 @@ def vlbatch(env: SpoolEnv, *args: str, cwd: Path) -> subprocess.CompletedProcess
     return subprocess.run([SCRIPT, *args], cwd=cwd, env=cron_environ(env), capture_output=True, text=True, timeout=300)
 
 
+def submit_nightly(env: SpoolEnv, cwd: Path, text: str | None = None) -> Path:
+    """The nightly job (JOB over media/photos, or `text`) written in `cwd` and submitted as a standing job."""
+    job = cwd / "nightly.yaml"
+    job.write_text(JOB.format(folder=env.media / "photos") if text is None else text)
+    submitted = vlbatch(env, "submit", "--standing", str(job), cwd=cwd)
+    assert submitted.returncode == 0, submitted.stderr
+    return job
+
+
 def answered(env: SpoolEnv, job_id: str = "nightly") -> list[tuple[str, str | None, int]]:
     """(file name, error, reused) of every link the job's runs made, oldest first."""
     rows = env.db().execute(
@@ -109,9 +118,7 @@ def test_a_broken_photo_is_reported_once_and_answered_when_replaced(env: SpoolEn
     good = env.image("photos/good.jpg", seed=1)
     broken = photos / "broken.jpg"
     broken.write_bytes(good.read_bytes()[:300])  # a truncated JPEG
-    job = tmp_path / "nightly.yaml"
-    job.write_text(JOB.format(folder=photos))
-    assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
+    submit_nightly(env, tmp_path)
 
     first = vlbatch(env, "run", cwd=tmp_path)
     assert first.returncode == 1, first.stderr  # a file failing for the first time: news
@@ -137,9 +144,7 @@ def test_gone_moved_and_edited(env: SpoolEnv, tmp_path: Path) -> None:
     photos = env.media / "photos"
     for name, seed in (("a.jpg", 1), ("b.jpg", 2), ("c.jpg", 3)):
         env.image(f"photos/{name}", seed=seed)
-    job = tmp_path / "nightly.yaml"
-    job.write_text(JOB.format(folder=photos) + "remove_gone_sidecars: true\n")
-    assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
+    job = submit_nightly(env, tmp_path, JOB.format(folder=photos) + "remove_gone_sidecars: true\n")
     assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
 
     (photos / "a.jpg").unlink()
@@ -186,10 +191,8 @@ def test_two_workers_never_run_one_standing_job_at_once(env: SpoolEnv, tmp_path:
     photos = env.media / "photos"
     for i in range(6):
         env.image(f"photos/{i}.jpg", seed=i)
-    job = tmp_path / "nightly.yaml"
-    job.write_text(JOB.format(folder=photos))
     env.write_config(settle=0.2, max_workers=2)
-    assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
+    submit_nightly(env, tmp_path)
     procs = [
         subprocess.Popen([SCRIPT, "run"], cwd=tmp_path, env=cron_environ(env), stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -232,9 +235,7 @@ def test_an_emptied_folder_looks_unmounted_and_marks_nothing_gone(env: SpoolEnv,
     photos = env.media / "photos"
     for i in range(2):
         env.image(f"photos/{i}.jpg", seed=i)
-    job = tmp_path / "nightly.yaml"
-    job.write_text(JOB.format(folder=photos))
-    assert vlbatch(env, "submit", "--standing", str(job), cwd=tmp_path).returncode == 0
+    submit_nightly(env, tmp_path)
     assert vlbatch(env, "run", cwd=tmp_path).returncode == 0
     hidden = tmp_path / "unmounted"
     photos.rename(hidden)

@@ -70,10 +70,9 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-def _fill(fd: int, payload: bytes, mode: int, durable: bool) -> None:
-    """Set the mode, write every byte, fsync (when durable) and close `fd` (closed even when a step fails)."""
+def write_fully(fd: int, payload: bytes, durable: bool) -> None:
+    """Write every byte to `fd`, fsync it (when durable) and close it (closed even when a step fails)."""
     try:
-        os.fchmod(fd, mode)
         view = memoryview(payload)
         while view:
             view = view[os.write(fd, view) :]
@@ -81,6 +80,16 @@ def _fill(fd: int, payload: bytes, mode: int, durable: bool) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fill(fd: int, payload: bytes, mode: int, durable: bool) -> None:
+    """Set the mode, then write_fully (`fd` is closed even when a step fails)."""
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    write_fully(fd, payload, durable)
 
 
 def _default_mode() -> int:

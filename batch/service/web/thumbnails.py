@@ -33,7 +33,7 @@ from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.infer.media import media_kind
 from batch.infer.settings import MediaSettings
 from batch.infer.thumbnail import THUMBNAIL_VERSION
-from batch.service.atomic_write import SymlinkRefused
+from batch.service.atomic_write import SymlinkRefused, write_fully
 from batch.service.paths import decode_path
 
 DEFAULT_EDGE = 320
@@ -83,14 +83,7 @@ def write_at(dir_fd: int, name: str, data: bytes | str, *, durable: bool = True)
     tmp = temp_name(name)
     fd = os.open(tmp, _NEW, 0o666, dir_fd=dir_fd)  # 0o666 less the umask, as a plain open() creates
     try:
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_fully(fd, payload, durable)
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
