@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fuzz_support import examples, hard_limit
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
@@ -32,6 +31,7 @@ from PIL import Image
 from batch.config import Config, ConfigError, check_config, env_variables, load_config
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.service import strict_yaml
 from batch.service.jobfile import MAX_TOGETHER, Job, JobRejected, parse_job
 from batch.service.openai_batch import BatchFileRejected, requests_to_jobs
 
@@ -264,7 +264,7 @@ def random_job(draw: st.DrawFn) -> dict[str, Any]:
 def test_job_with_random_values_is_a_job_or_a_rejection(mapping: dict[str, Any]) -> None:
     with Tree() as tree:
         path = tree.jobs / "job.yaml"
-        path.write_text(yaml.safe_dump(mapping, allow_unicode=True), encoding="utf-8")
+        path.write_text(strict_yaml.dump_exact(mapping), encoding="utf-8")
         parse_or_reject(path, tree, base_dir=tree.media)
 
 
@@ -321,7 +321,7 @@ def test_valid_job_with_random_values_parses_to_its_files(case: tuple[dict[str, 
     mapping, expected = case
     with Tree() as tree:
         path = tree.jobs / "job.yaml"
-        path.write_text(yaml.safe_dump(mapping, allow_unicode=True), encoding="utf-8")
+        path.write_text(strict_yaml.dump_exact(mapping), encoding="utf-8")
         job = parse_or_reject(path, tree)
         assert isinstance(job, Job), str(job)
         assert set(job.media) == {tree.media_real / name for name in expected}
@@ -534,7 +534,7 @@ def test_any_file_name_in_a_media_folder_resolves_or_is_refused_clearly(name: by
         else:  # its folder as the input
             inputs = ["."]
         path = tree.jobs / "job.yaml"
-        path.write_text(yaml.safe_dump({"prompt": "p", "inputs": inputs}, allow_unicode=True), encoding="utf-8")
+        path.write_text(strict_yaml.dump_exact({"prompt": "p", "inputs": inputs}), encoding="utf-8")
         outcome = parse_or_reject(path, tree, base_dir=folder)
         real = Path(os.fsdecode(target))
         if direct:

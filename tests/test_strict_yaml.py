@@ -215,3 +215,15 @@ def test_config_refuses_deep_nesting_with_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}:2:38: nested deeper than {MAX_DEPTH} levels at line 2"
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "a\u0085b", "a\u2029b", "café ☕", "plain"])
+def test_dump_exact_loads_back_as_written(text: str) -> None:
+    """PyYAML writes U+0085/U+2028/U+2029 raw with allow_unicode and reads them as line breaks: not here."""
+    from batch.service.strict_yaml import dump_exact
+
+    data = {"prompt": text, "inputs": [f"/m/{text}.jpg"]}
+    dumped = dump_exact(data)
+    assert yaml.safe_load(dumped) == data
+    if text in ("café ☕", "plain"):
+        assert text in dumped  # readable where that is exact

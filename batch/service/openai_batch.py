@@ -38,11 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from batch.errors import MediaError, VlbatchError
 from batch.infer.media import media_kind
 from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.service import strict_yaml
 from batch.service.atomic_write import write_atomic
 from batch.service.jobfile import MAX_TOGETHER, JobRejected, parse_job
 from batch.service.spool import free_path
@@ -666,7 +665,7 @@ def _write_jobs(source: Path, requests: list[_Request], out_dir: Path, roots: tu
         taken: set[str] = set()
         staged = []
         for request in requests:
-            text = yaml.safe_dump(_job_mapping(request, source.name), sort_keys=False, allow_unicode=True)
+            text = strict_yaml.dump_exact(_job_mapping(request, source.name))
             job_path = staging / _file_name(request.job_id, taken)
             job_path.write_text(text, encoding="utf-8")
             staged.append(job_path)

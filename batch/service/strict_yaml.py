@@ -193,3 +193,15 @@ class StrictLoader(yaml.SafeLoader):
                     )
                 first[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def dump_exact(data: Any) -> str:
+    """YAML text that loads back as exactly `data`: readable Unicode where that holds, escapes where it does not.
+
+    PyYAML writes U+0085, U+2028 and U+2029 raw with allow_unicode, and reads them back as line breaks (a prompt
+    "a\u2028b" would come back as "a b"); such data is written with every non-ASCII character escaped instead.
+    """
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) == data:
+        return text
+    return yaml.safe_dump(data, sort_keys=False)

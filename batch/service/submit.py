@@ -11,6 +11,7 @@ import yaml
 
 from batch.config import Config
 from batch.errors import VlbatchError
+from batch.service import strict_yaml
 from batch.service.atomic_write import write_atomic
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.spool import Spool, free_path
@@ -35,7 +36,7 @@ def submit_job(path: Path, config: Config, standing: bool = False) -> Path:
     roots = list(config.spool.media_roots)
     settings = {"generation": config.generation, "media": config.media, "standing": standing}
     parse_job(path, allowed_roots=roots, **settings)  # readable errors first
-    text = yaml.safe_dump(_with_absolute_inputs(path), sort_keys=False, allow_unicode=True)
+    text = strict_yaml.dump_exact(_with_absolute_inputs(path))
     spool = _ensure_spool(config, path)
     folder = StandingFolder(spool.root).ensure().dir if standing else spool.inbox
 
