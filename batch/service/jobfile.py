@@ -499,7 +499,13 @@ def _roots(paths: Iterable[Path]) -> tuple[Path, ...]:
     return tuple(unique)
 
 
-def _is_media_name(path: str) -> bool:
+def is_glob(spec: str, candidate: Path) -> bool:
+    """Whether an input is a glob: it has a wildcard and names no file (`photo[1].jpg` that exists is a file)."""
+    return bool(_GLOB_MAGIC.search(spec)) and not os.path.lexists(candidate)
+
+
+def is_media_name(path: str) -> bool:
+    """Whether a path names an image or a video, by its suffix (nothing is opened)."""
     suffix = os.path.splitext(path)[1].lower()
     return suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS
 
@@ -545,7 +551,7 @@ class _Resolver:
 
     def resolve(self, spec: str) -> list[Path]:
         candidate = self.base / os.path.expanduser(spec)
-        if _GLOB_MAGIC.search(spec) and not os.path.lexists(candidate):
+        if is_glob(spec, candidate):
             return self._glob(spec)
         real = self._inside(candidate, spec)
         if not real.exists():
@@ -590,7 +596,7 @@ class _Resolver:
                             if target not in seen:  # a link back to a folder already walked (or a loop)
                                 seen.add(self._inside(entry.path, spec))
                                 pending.append(target)
-                        elif _is_media_name(str(target)) and target.is_file():
+                        elif is_media_name(str(target)) and target.is_file():
                             yield self._inside(entry.path, spec)
             except OSError as exc:
                 raise _Invalid(f"input {spec!r}: cannot list folder {current} ({exc.strerror})") from None
@@ -607,7 +613,7 @@ class _Resolver:
         for match in glob.iglob(pattern, root_dir=root_dir, recursive=True):  # lazily: the cap may stop it early
             matched = True
             path = self.base / match
-            if path.name.startswith(".") or not _is_media_name(os.path.realpath(path)) or path.is_dir():
+            if path.name.startswith(".") or not is_media_name(os.path.realpath(path)) or path.is_dir():
                 continue
             real = self._inside(path, spec)
             if real.is_file():

@@ -211,14 +211,13 @@ class Spool:
         return claim
 
     # leases -------------------------------------------------------------------------------------
-    def renew(self, claim: Claim) -> bool:
-        """Extend the lease; False (and no lease written) once the claimed file is gone: another worker took the
-        job back after this one was suspended past its lease, and an orphan lease would only mislead."""
+    def renew(self, claim: Claim) -> None:
+        """Extend the lease; none is written once the claimed file is gone: another worker took the job back after
+        this one was suspended past its lease, and an orphan lease would only mislead."""
         if not os.path.lexists(claim.path):
-            return False
+            return
         lease = {"host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + self.lease_seconds}
         write_atomic(claim.lease_path, json.dumps(lease))
-        return True
 
     def orphan_leases(self, now: float | None = None) -> list[Path]:
         """Expired lease files whose claim is gone (a suspended worker renewed after losing its claim): removed."""

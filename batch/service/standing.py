@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.service.atomic_write import write_atomic
-from batch.service.jobfile import literal_prefix
+from batch.service.jobfile import is_glob, is_media_name, literal_prefix
 from batch.service.paths import decode_path, encode_path
 from batch.service.spool import is_job_name
 
@@ -37,7 +36,6 @@ FOLDER = "standing"
 LOCKS = ".locks"
 REASON_SUFFIX = ".reason.txt"
 CLAIM_PREFIX = FOLDER + "/"  # jobs.claim of a standing job's run: standing/<file name>
-_GLOB_MAGIC = re.compile(r"[*?[]")
 
 
 class StandingFolder:
@@ -180,10 +178,6 @@ def vanished_paths(index: dict[str, dict[str, Any]], present: Iterable[Path]) ->
 # which files an event concerns
 
 
-def is_media_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in (*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS)
-
-
 @dataclass(frozen=True)
 class InputSpecs:
     """A standing job's inputs as paths to match events against, and the folders to watch for them."""
@@ -209,7 +203,7 @@ def input_specs(inputs: Iterable[str], base: Path) -> InputSpecs:
     folders, files, globs, roots = [], [], [], []
     for spec in inputs:
         candidate = base / os.path.expanduser(spec)
-        if _GLOB_MAGIC.search(spec) and not os.path.lexists(candidate):
+        if is_glob(spec, candidate):
             pattern = str(candidate)
             globs.append(re.compile(_glob_regex(pattern)))
             roots.append(Path(os.path.realpath(literal_prefix(pattern))))

@@ -373,9 +373,10 @@ class Worker:
                 break
             waiting, retry_at = self._standing_waiting.get(path, (set(), None))
             targets = {p for p in changed if covers(specs[path], p)} if path in specs else set(changed)
-            edited = self._standing_seen.get(path) != _signature(path)  # a new or edited job file: a pass now
+            signature = _signature(path)
+            edited = self._standing_seen.get(path) != signature  # a new or edited job file: a pass now
             if full or edited or self._standing_due.get(path, 0.0) <= now:
-                self._standing_seen[path] = _signature(path)
+                self._standing_seen[path] = signature
                 started = time.monotonic()
                 self.standing_pass(path)
                 took = time.monotonic() - started

@@ -23,7 +23,7 @@ import queue
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -72,6 +72,20 @@ def temp_name(name: str) -> str:
     return f".{name}.{secrets.token_hex(8)}.tmp"
 
 
+@contextlib.contextmanager
+def replacing(dir_fd: int, name: str) -> Iterator[str]:
+    """A temp name beside `name` in the folder `dir_fd` for the block to create; renamed over `name` when the block
+    succeeds (a symlink there is replaced, never written through), removed when it fails."""
+    tmp = temp_name(name)
+    try:
+        yield tmp
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
 def write_at(dir_fd: int, name: str, data: bytes | str, *, durable: bool = True) -> None:
     """Write `name` inside the folder `dir_fd` atomically: a new temp file (O_EXCL | O_NOFOLLOW), then a rename.
 
@@ -80,15 +94,9 @@ def write_at(dir_fd: int, name: str, data: bytes | str, *, durable: bool = True)
     behind when a step fails.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    tmp = temp_name(name)
-    fd = os.open(tmp, _NEW, 0o666, dir_fd=dir_fd)  # 0o666 less the umask, as a plain open() creates
-    try:
+    with replacing(dir_fd, name) as tmp:
+        fd = os.open(tmp, _NEW, 0o666, dir_fd=dir_fd)  # 0o666 less the umask, as a plain open() creates
         write_fully(fd, payload, durable)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
 
 
 def fsync_folder(dir_fd: int) -> None:
@@ -240,15 +248,9 @@ class Thumbnails:
                 info = os.fstat(src)
                 if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
                     raise PermissionError(errno.EPERM, "not a preview this cache wrote", str(preview.file))
-                tmp = temp_name(name)
-                try:
+                with replacing(dir_fd, name) as tmp:
                     if not self._link(folder, preview.file.name, dir_fd, tmp, info):
                         _copy_to(handle, dir_fd, tmp)
-                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except BaseException:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp, dir_fd=dir_fd)
-                    raise
         finally:
             os.close(folder)
 
