@@ -32,6 +32,7 @@ def test_a_0_1_0_database_is_migrated_with_its_history(tmp_path: Path):
         "m004_nodes_and_actors",
         "m005_standing_jobs",
         "m006_claim_fence",
+        "m007_workers_control_and_links",
     ]
     # one run per job recorded by 0.1.0, with the job's state and counts; the job points at it
     for job_id, (state, attempts, answered, reused, failed) in old_jobs.items():
@@ -55,6 +56,20 @@ def test_a_0_1_0_database_is_migrated_with_its_history(tmp_path: Path):
     sidecar = next(iter(store.db["sidecars"].rows))
     assert store.wrote_sidecar(sidecar["sha256"])
     assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # rows link to each other (declared foreign keys, all of them satisfied), the answer comes first
+    assert store.db.execute("PRAGMA foreign_key_check").fetchall() == []
+    declared = {(fk.table, fk.column, fk.other_table) for t in store.db.tables for fk in t.foreign_keys}
+    assert {("job_results", "result_id", "results"), ("job_results", "run_id", "runs"), ("runs", "job_id", "jobs")} <= (
+        declared
+    )
+    assert store.columns("results")[:3] == ["id", "media_paths", "answer"]
+    assert "linked_utc" in store.columns("job_results") and "created_utc" not in store.columns("job_results")
+    # the full-text index still follows the results table (its triggers were carried over)
+    word = store.db.execute("SELECT answer FROM results WHERE error IS NULL LIMIT 1").fetchone()[0].split()[0]
+    hits = store.db.execute("SELECT count(*) FROM results_fts WHERE results_fts MATCH ?", [f'"{word}"']).fetchone()[0]
+    store.db["results"].insert({"answer": f"{word} zebracorn", "prompt": "p", "created_utc": "2026"})
+    found = store.db.execute("SELECT count(*) FROM results_fts WHERE results_fts MATCH 'zebracorn'").fetchone()[0]
+    assert hits >= 1 and found == 1
     applied = store.db["_sqlite_migrations"].count
     store.close()
     assert Store(path).db["_sqlite_migrations"].count == applied  # opening again adds none

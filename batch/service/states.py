@@ -7,12 +7,13 @@ from enum import Enum
 
 
 class JobState(str, Enum):
-    """A job's (and a run's) state in the database; the last three are also the spool folders it ends in."""
+    """A job's (and a run's) state in the database; the finished ones are also the spool folders it ends in."""
 
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:

@@ -244,6 +244,61 @@ def m006_claim_fence(db: sqlite_utils.Database) -> None:
     db["jobs"].add_column("fence", int)
 
 
+# the answer first (then what it is about), as Datasette and `select *` show the table
+RESULT_COLUMN_ORDER = ["id", "media_paths", "answer", "error", "prompt", "job_id", "created_utc"]
+FOREIGN_KEYS = {  # declared for the viewers (Datasette links rows by them); SQLite does not enforce them here
+    "jobs": [("run_id", "runs", "id")],
+    "runs": [("job_id", "jobs", "id")],
+    "results": [("job_id", "jobs", "id")],
+    "job_results": [("job_id", "jobs", "id"), ("run_id", "runs", "id"), ("result_id", "results", "id")],
+    "sidecars": [("result_id", "results", "id")],
+    "standing_files": [
+        ("job_id", "jobs", "id"),
+        ("result_id", "results", "id"),
+        ("link_id", "job_results", "id"),
+        ("run_id", "runs", "id"),
+    ],
+}
+
+
+@migrations()
+def m007_workers_control_and_links(db: sqlite_utils.Database) -> None:
+    """Workers that report themselves (heartbeats), operator control (cancel, pause, priority), a link's time
+    under its own name (`linked_utc`: when a run took an answer, apart from the answer's `created_utc`), declared
+    foreign keys, and the results table with the file and its answer first."""
+    db["workers"].create(
+        {
+            "id": str,  # host:pid, as jobs.worker names it
+            "host": str,
+            "pid": int,
+            "command": str,  # run, watch, run --ray, watch --ray
+            "model_id": str,
+            "state": str,  # idle, busy, paused, stopping, stopped
+            "job_id": str,
+            "file": str,
+            "request": str,  # what an operator asked of it and it has not done yet: pause, resume
+            "heartbeat_seconds": float,
+            "started_utc": str,
+            "heartbeat_utc": str,
+            "stopped_utc": str,
+        },
+        pk="id",
+    )
+    db["workers"].create_index(["heartbeat_utc"])
+    for table in ("jobs", "runs"):
+        db[table].add_column("priority", int)
+        db[table].add_column("cancel_requested_utc", str)
+        db[table].add_column("cancelled_by", str)
+    db.execute("ALTER TABLE job_results RENAME COLUMN created_utc TO linked_utc")
+    db["actors"].add_column("heartbeat_utc", str)
+    triggers = [sql for _, table, sql in db.triggers if table == "results"]
+    for table, keys in FOREIGN_KEYS.items():
+        order = RESULT_COLUMN_ORDER if table == "results" else None
+        db[table].transform(foreign_keys=keys, column_order=order)
+    for sql in triggers:  # the full-text index's triggers went with the old table
+        db.execute(sql.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
+
+
 class ClaimLost(Exception):
     """Another worker took this job over (its fence moved on): nothing more is written for the stale holder."""
 
@@ -277,6 +332,7 @@ def file_sha256(path: Path) -> str:
     return sha256_of(path)
 
 
+_NO_CANCEL = {"cancel_requested_utc": None, "cancelled_by": None}
 _PREVIOUS_ANSWER = "SELECT id FROM results WHERE cache_key = ? AND error IS NULL ORDER BY id DESC LIMIT 1"
 
 
@@ -399,7 +455,8 @@ class Store:
                 "started_utc": now,
                 "finished_utc": None,
                 "created_utc": previous["created_utc"] if previous else now,
-                **({} if resumed else {"inflight": None, "inflight_deaths": 0}),
+                # a new run starts with no unit in flight and no cancel asked (a resumed one keeps a cancel asked)
+                **({} if resumed else {"inflight": None, "inflight_deaths": 0, **_NO_CANCEL}),
             }
             self.db["jobs"].upsert(row, pk="id")
         self.hold(job_id, fence)
@@ -435,8 +492,8 @@ class Store:
 
     def finished_claim(self, claim: str) -> dict[str, Any] | None:
         """The job row that a claim committed as finished, if any (for a crash before the final move)."""
-        done = (JobState.DONE.value, JobState.FAILED.value)
-        rows = list(self.db["jobs"].rows_where("claim = ? AND state IN (?, ?)", [claim, *done]))
+        done = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
+        rows = list(self.db["jobs"].rows_where("claim = ? AND state IN (?, ?, ?)", [claim, *done]))
         return rows[0] if rows else None
 
     def finish_job(
@@ -497,11 +554,77 @@ class Store:
                     pk="id",
                 )
 
+    # operator control (vlbatch cancel, pause, resume: batch/service/control.py) ------------------
+    def request_cancel(self, job_id: str, who: str) -> dict[str, Any] | None:
+        """Ask the worker running the job (and its run) to cancel it; the first request's time and asker stand.
+        None when the job is not running."""
+        with self.atomic():
+            job = self.job(job_id)
+            if job is None or job["state"] != JobState.RUNNING.value:
+                return None
+            if not job.get("cancel_requested_utc"):
+                asked = {"cancel_requested_utc": utc_now(), "cancelled_by": who}
+                self.db["jobs"].update(job_id, asked)
+                if job["run_id"] is not None:
+                    self.db["runs"].update(job["run_id"], asked)
+                job = {**job, **asked}
+        return job
+
+    def cancel_requested(self, job_id: str) -> tuple[str, str | None] | None:
+        """(when, who) when a cancel of the running job was asked, else None (an indexed lookup, per unit)."""
+        row = self.db.execute("SELECT cancel_requested_utc, cancelled_by FROM jobs WHERE id = ?", [job_id]).fetchone()
+        return (row[0], row[1]) if row and row[0] else None
+
+    def record_cancelled(self, job_id: str, source: str, who: str, reason: str, update_job: bool = True) -> int:
+        """A queued job file cancelled before any worker ran it: a run of its own in state cancelled, and the job's
+        state unless `update_job` is False (another file with the same id is running now). A job whose open run
+        waits in the inbox (handed back, or taken back from a dead worker) has that run ended cancelled instead,
+        and its fence moved on, so that a worker frozen in it writes nothing more. Returns the run id."""
+        now = utc_now()
+        ended = {
+            "state": JobState.CANCELLED.value,
+            "error": storable_text(reason),
+            "finished_utc": now,
+            "cancelled_by": who,
+        }
+        with self.atomic():
+            job = self.job(job_id)
+            if update_job and job is not None and job["state"] == JobState.RUNNING.value and job["run_id"]:
+                ended["cancel_requested_utc"] = job.get("cancel_requested_utc") or now
+                self.db["runs"].update(job["run_id"], ended)
+                self.db["jobs"].update(job_id, {**ended, "fence": (job.get("fence") or 0) + 1})
+                return int(job["run_id"])
+            ended["cancel_requested_utc"] = now
+            run = {**ended, "job_id": job_id, "source": source, "attempts": 0, "started_utc": now}
+            run_id = int(self.db["runs"].insert(run).last_pk)
+            if update_job:
+                created = job["created_utc"] if job else now
+                row = {**ended, "id": job_id, "source": source, "run_id": run_id, "attempts": 0, "created_utc": created}
+                self.db["jobs"].upsert(row, pk="id")
+        return run_id
+
+    def request_workers(self, worker_ids: list[str], request: str) -> None:
+        """Leave `request` (pause, resume) for these workers: each takes it at its next heartbeat."""
+        with self.atomic():
+            for worker_id in worker_ids:
+                self.db.execute("UPDATE workers SET request = ? WHERE id = ?", [request, worker_id])
+
     # results ------------------------------------------------------------------------------------
     def previous_answer(self, key: str) -> int | None:
         """The newest successful answer with this cache key (an indexed lookup)."""
         row = self.db.execute(_PREVIOUS_ANSWER, [key]).fetchone()
         return row[0] if row else None
+
+    def reuse_answer(
+        self, job_id: str, run_id: int, key: str, media_paths: str, media_sha256: str | None
+    ) -> int | None:
+        """The newest successful answer with this cache key, linked to the run in the same transaction, so that
+        `vlbatch db prune` cannot delete it in between; None when there is none."""
+        with self.atomic():
+            result_id = self.previous_answer(key)
+            if result_id is not None:
+                self.link(job_id, run_id, result_id, media_paths, media_sha256, reused=True)
+        return result_id
 
     def linked(self, run_id: int, media_paths: str) -> int | None:
         """The answer a run already holds for these media (from an interrupted earlier attempt of it)."""
@@ -543,7 +666,7 @@ class Store:
                     "reused": int(reused),
                     "media_paths": media_paths,
                     "media_sha256": media_sha256,
-                    "created_utc": utc_now(),
+                    "linked_utc": utc_now(),
                     "change": change,
                 },
                 ignore=True,  # the same media twice in one run: the first link stands
@@ -653,6 +776,14 @@ class Store:
                 "decode_ms = decode_ms + ?, updated_utc = ? WHERE id = ?",
                 [output_tokens, decode_ms, utc_now(), actor_id],
             )
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker that has not said it stopped (some may be gone without saying so: see heartbeat.is_gone)."""
+        return list(self.db["workers"].rows_where("state != 'stopped'", order_by="started_utc"))
+
+    def worker(self, worker_id: str) -> dict[str, Any] | None:
+        rows = list(self.db["workers"].rows_where("id = ?", [worker_id]))
+        return rows[0] if rows else None
 
     def recent_actors(self, since_utc: str) -> list[dict[str, Any]]:
         return list(self.db["actors"].rows_where("updated_utc >= ?", [since_utc], order_by="node, started_utc"))
