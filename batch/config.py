@@ -78,6 +78,7 @@ class ModelConfig:
 # SpoolConfig's durations that 0 makes no sense for, with what 0 would do
 _POSITIVE_SECONDS = {
     "lease_seconds": " (0 would take every job back from its worker at once)",
+    "heartbeat_seconds": " (0 would make every worker write its heartbeat without a pause)",
     "rescan_seconds": " (0 would make an idle `watch` rescan the inbox without a pause, at 100% CPU)",
     "give_up_seconds": " (0 would make `run` give up at the first fault)",
     "database_timeout_seconds": " (0 would fail every write that meets another process's lock)",
@@ -91,6 +92,7 @@ class SpoolConfig:
     media_roots: tuple[Path, ...] = ()  # media must lie here or in the job file's own folder
     lease_seconds: float = 30.0  # a claim not renewed for this long is taken back
     rescan_seconds: float = 5.0  # full inbox rescan period (events can be lost)
+    heartbeat_seconds: float = 5.0  # a worker writes its liveness this often; silent for 2 beats = gone
     settle_seconds: float = 0.5  # a job file must be unmodified this long before it is read
     polling: bool = False  # PollingObserver (network shares) instead of the native watcher
     max_attempts: int = 3  # starts before a job whose worker keeps dying is failed

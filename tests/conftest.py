@@ -25,6 +25,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # no config file of the machine's or the user's is found by accident
     monkeypatch.setattr("batch.config.SYSTEM_CONFIG", tmp_path / "no-system-config.yaml")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg-config"))
+    # nor a preview or calibration cached by an earlier run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     return tmp_path
 
 

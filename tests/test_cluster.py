@@ -114,6 +114,12 @@ class Env(SpoolEnv):
                     pass
 
 
+def _status(env: Env) -> dict:
+    result = CliRunner().invoke(main, ["--config", str(env.config_path), "status", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def _ppid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -347,11 +353,17 @@ def test_a_killed_head_recovers_as_a_single_worker_does(answered, cluster, heads
     env.drop("many.yaml", JOBS["many.yaml"])
     head = heads(env, cluster.address)
     head.until(lambda: env.committed("many") >= 6)
+    shown = _status(env)  # the head reports itself, and the job runs on it
+    assert [w["command"] for w in shown["workers"]] == ["run --ray"] and shown["running"][0]["state"] == "running"
+    assert {a["state"] for a in shown["actors"]} == {"ready"}
     head.proc.kill()
     head.proc.wait()
     before = env.committed("many")
     assert 6 <= before < 40 and list((env.jobs / "work").glob("*many.yaml*"))
-    time.sleep(11)  # the lease (10 s) runs out
+    time.sleep(11)  # the lease (10 s) runs out; two heartbeats (5 s) are long missed
+    shown = _status(env)  # the head and its actors are gone, the job stalled: nothing shows as running
+    assert shown["workers"] == [] and shown["running"][0]["state"] == "stalled"
+    assert {a["state"] for a in shown["actors"]} == {"gone (its head stopped beating)"}
     again = heads(env, cluster.address)
     assert again.wait() == 0, again.text()[-3000:]
     assert env.job("many")["state"] == "done" and env.job("many")["attempts"] == 2

@@ -75,12 +75,17 @@ def test_status_shows_each_running_job_with_progress_and_eta(answered: SpoolEnv)
         for i in range(3)
     )
     started = datetime.fromisoformat(store.job("long")["started_utc"])
+    beat = (started + timedelta(seconds=28)).isoformat(timespec="milliseconds")
+    store.db["workers"].insert(  # its worker beat 2 s ago: it is alive and on the job
+        {"id": "host:42", "command": "run", "state": "busy", "job_id": "long", "heartbeat_seconds": 5.0}
+        | {"started_utc": beat, "heartbeat_utc": beat}
+    )
     store.close()
     answered.drop("waiting.yaml", "prompt: Later.\ninputs: ../../media/q/cat.png\n")
     report = status_report(answered.config(), now=started + timedelta(seconds=30))
     (running,) = report["running"]
     assert (running["job"], running["worker"], running["done"], running["total"]) == ("long", "host:42", 3, 4)
-    assert running["elapsed_s"] == 30.0 and running["eta_s"] == 10.0
+    assert running["state"] == "running" and running["elapsed_s"] == 30.0 and running["eta_s"] == 10.0
     assert report["queue"] == 1 and report["config"] == str(answered.config_path)
     assert report["throughput"]["1h"]["answers"] == 3 and report["throughput"]["1h"]["answers_per_hour"] == 3.0
     text = cli(answered, "status").stdout

@@ -83,6 +83,9 @@ class RayWorker(Worker):
     def _record_actor(self, actor: str, **fields: Any) -> None:
         self._lane().store.record_actor(actor, head=self.name, **fields)
 
+    def start_heartbeat(self, command: str) -> None:
+        super().start_heartbeat(f"{command} --ray")
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
@@ -101,6 +104,7 @@ class RayWorker(Worker):
         return self._run_lanes(until_empty=True)
 
     def watch(self) -> None:
+        self.start_heartbeat("watch")
         observer = self._observer()
         observer.start()
         event(
@@ -129,7 +133,7 @@ class RayWorker(Worker):
         with ThreadPoolExecutor(MAX_LANES, thread_name_prefix="lane") as executor:
             while not (self.stop_requested and not running):
                 next_ready = None
-                if not self.stop_requested:
+                if not self.stop_requested and not self.control.paused:  # vlbatch pause: no new job
                     lanes = lanes if self._pool is not None else self._lane_limit()
                     try:
                         self._check_places()
@@ -142,6 +146,9 @@ class RayWorker(Worker):
                         running[executor.submit(self._lane_take, path)] = path
                     bar.total = max(bar.total, bar.n + len(running))
                 if not running:
+                    if self.control.paused:
+                        self._hold_while_paused()
+                        continue
                     if until_empty and next_ready is None:
                         break
                     pause = self._pause(next_ready)
@@ -191,6 +198,10 @@ class RayWorker(Worker):
             lane.close()
 
     # one job's units ------------------------------------------------------------------------------
+    def _check_preempt(self, job: Any) -> None:
+        """Never: a head runs several jobs at once, one per lane, so a job of higher priority has a lane of its own
+        as soon as one is free."""
+
     def _units_pool(self) -> Any:
         return PoolLane(self.pool, self._lock, self._inboxes, id(self))
 
@@ -202,6 +213,7 @@ class RayWorker(Worker):
             for unit in run.units:
                 if self.abort_requested:
                     raise HandBack
+                self._between_units(job)  # a pause, a cancel (what is in flight is dropped below)
                 base = self._needs_answer(run, unit)
                 if base is None:
                     bar.update()
@@ -210,6 +222,7 @@ class RayWorker(Worker):
                     self._commit(run, pool.next_done(timeout=0.5), bar)
                     if self.abort_requested:
                         raise HandBack
+                    self._check_cancel(job.id, throttled=True)
                 # the head's paths: the pool reads them (media: bytes) or maps them through path_map
                 task = UnitTask(job.prompt, tuple(str(p) for p in unit), None, job.generation, job.media_settings)
                 try:
@@ -221,6 +234,7 @@ class RayWorker(Worker):
                 self._commit(run, pool.next_done(timeout=0.5), bar)
                 if self.abort_requested:
                     raise HandBack
+                self._check_cancel(job.id, throttled=True)
         except BaseException:  # a hand-back or a fault: what is in flight belongs to this run alone, so it goes
             pool.cancel()
             raise
@@ -252,6 +266,8 @@ class _Lane(RayWorker):
         store = Store(head.config.spool.database, head.config.spool.database_timeout_seconds)
         super().__init__(head.config, store, head.spool, head.model_id, head.address, head.force, head.retry_failed)
         self.name = head.name
+        self.heartbeat = head.heartbeat  # one row for the head and all its lanes
+        self.control = head.control  # vlbatch pause holds every lane
 
     # the head's state, read through: set once in Worker.__init__, ignored here
     stop_requested = property(lambda self: self.head.stop_requested, lambda self, value: None)
