@@ -3,8 +3,8 @@
 Rules: submit (a job file written the way `vlbatch submit` does: a hidden temp name, then a rename into the inbox),
 claim (pending + claim), crash (a worker killed: its claim is forgotten, its lease left behind), expire (a lease
 rewritten into the past), recover (abandoned claims released back to the inbox), renew, release (a live hand-back)
-and finish (done, failed or rejected). After every step every submitted job is in exactly one place: inbox/,
-work/, done/, failed/ or rejected/. The model plays no part: the jobs' contents do not matter.
+and finish (done, failed, rejected or cancelled). After every step every submitted job is in exactly one place:
+inbox/, work/, done/, failed/, rejected/ or cancelled/. The model plays no part: the jobs' contents do not matter.
 
 HYPOTHESIS_PROFILE=long runs many more sequences (tests/fuzz_support.py).
 """
@@ -26,7 +26,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from batch.service.spool import LEASE, REASON_SUFFIX, Claim, Spool, is_job_name
 from batch.service.states import JobState
 
-FINISHED = [JobState.DONE, JobState.FAILED, JobState.REJECTED]
+FINISHED = [state for state in JobState if state.finished]  # done, failed, rejected, cancelled
 PLACES = ("inbox", "work", *(state.value for state in FINISHED))
 # names that collide once suffixes are added (free_path), with case and suffix variants
 NAMES = ["a.yaml", "a.yml", "A.yaml", "a.1.yaml", "job--x.yaml", "b c.yaml"]

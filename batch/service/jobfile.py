@@ -31,6 +31,7 @@ from batch.errors import MediaError, VlbatchError
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.service import strict_yaml
+from batch.service.spool import PRIORITY_LIMIT  # higher is taken first from the inbox: the spool orders by it
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_TOGETHER = 4
@@ -77,6 +78,7 @@ class Job:
     content_sha256: str = ""
     inputs: tuple[str, ...] = ()
     remove_gone_sidecars: bool = False  # standing jobs: delete the sidecar vlbatch wrote for a file that is gone
+    priority: int = 0  # higher is taken first from the inbox (and among standing passes); see spool.Spool.pending
 
     def units(self) -> list[tuple[Path, ...]]:
         """The units of work: one per media file in mode each, a single one with every file in mode together.
@@ -179,6 +181,7 @@ def _build_job(
         )
     tags = _tags(mapping)
     remove_gone_sidecars = _optional(mapping, "remove_gone_sidecars", _is_bool, "true or false", False)
+    priority = _priority(mapping)
     if standing and not inputs:
         raise _Invalid(
             "a standing job answers the files of its inputs as they come, and this one has no inputs; "
@@ -204,6 +207,7 @@ def _build_job(
         content_sha256=hashlib.sha256(data).hexdigest(),
         inputs=inputs,
         remove_gone_sidecars=remove_gone_sidecars,
+        priority=priority,
     )
 
 
@@ -291,7 +295,7 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
 def _check_keys(mapping: dict[Any, Any]) -> None:
     known = (
         *("id", "prompt", "inputs", "mode", *_GENERATION_KEYS, *_MEDIA_KEYS),
-        *("sidecar", "sidecar_overwrite", "remove_gone_sidecars", "tags"),
+        *("sidecar", "sidecar_overwrite", "remove_gone_sidecars", "tags", "priority"),
     )
     problems = []
     for key in mapping:
@@ -372,6 +376,15 @@ def _sidecar(mapping: dict[str, Any]) -> str | None:
         f"'sidecar' must be true, false, txt or xmp (true = txt: <name>.txt; xmp: <file name>.xmp, the caption "
         f"for photo managers), got {_describe(value)}"
     )
+
+
+def _priority(mapping: dict[str, Any]) -> int:
+    """`priority`: an integer from -PRIORITY_LIMIT to PRIORITY_LIMIT (default 0); higher runs first."""
+    expected = f"an integer from -{PRIORITY_LIMIT} to {PRIORITY_LIMIT} (higher runs first)"
+    value = _optional(mapping, "priority", _is_int, expected, 0)
+    if not -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT:
+        raise _Invalid(f"'priority' must be {expected}, got {value}")
+    return value
 
 
 def _written(value: Any) -> str:

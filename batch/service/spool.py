@@ -1,4 +1,4 @@
-"""The spool folder: inbox/ -> work/ (claimed, with a lease) -> done/, failed/ or rejected/.
+"""The spool folder: inbox/ -> work/ (claimed, with a lease) -> done/, failed/, rejected/ or cancelled/.
 
 A job is claimed by an atomic rename from inbox/ into work/ under a unique name; the lease file beside it
 says which worker holds it and until when. A live worker renews its lease; a job whose lease expired, or
@@ -8,6 +8,11 @@ filesystem, so a job file is always in exactly one place.
 A file in the inbox is claimed only once it is complete (batch.service.settle): no process holds it open for
 writing, where Linux can tell, and its size, mtime and inode have not changed for settle_seconds. A rejected file
 whose bytes change afterwards (the rest of a slow copy, a fix made in rejected/) goes back to the inbox.
+
+The inbox is taken highest `priority` first, then oldest first. The priority is read from the top-level
+`priority:` line of the file's first PRIORITY_HEAD bytes (no YAML parse) and kept per file signature, so a rescan
+of a large inbox reads no file twice; a file whose priority cannot be read that way sorts as 0 (the worker's full
+parse rejects it properly when it takes it).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +47,10 @@ RECORD_SUFFIX = ".rejected.json"  # rejected/.<name>.rejected.json: what the rej
 HASH_LIMIT = 1 << 20  # a rejected file larger than this is compared by size, mtime and inode alone
 FRESH_HEAD = 4  # pending() asks the kernel afresh about a writer for this many of the oldest ready files
 RECONSIDER_SECONDS = 1.0  # rejected/ is looked through at most this often (sooner when a changed file is due)
+PRIORITY_LIMIT = 1000  # a job's `priority` runs from -PRIORITY_LIMIT to PRIORITY_LIMIT (jobfile checks it)
+PRIORITY_HEAD = 16 * 1024  # the bytes of a job file searched for its `priority:` line when the inbox is sorted
+# a top-level `priority: N` line (a comment may follow); an indented one belongs to another value
+_PRIORITY_LINE = re.compile(rb"^priority[ \t]*:[ \t]+([-+]?(?:0|[1-9][0-9]{0,5}))[ \t]*(?:#[^\n]*)?\r?$", re.MULTILINE)
 
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
@@ -79,6 +90,65 @@ def free_path(folder: Path, name: str) -> Path:
         target = folder / f"{stem}.{n}{dot}{suffix}"
         n += 1
     return target
+
+
+def read_priority(path: str | os.PathLike[str]) -> int:
+    """A job file's priority for ordering, from the `priority:` line of its head; 0 when there is none, it is not
+    a plain integer within the limits, or the file cannot be read (it is judged properly when it is taken)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        head = os.read(fd, PRIORITY_HEAD)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    if len(head) == PRIORITY_HEAD:  # a longer file: its last, maybe cut, line is left out
+        head = head[: head.rfind(b"\n") + 1]
+    found = _PRIORITY_LINE.findall(head)
+    if len(found) != 1:  # none, or a duplicate key (rejected when taken)
+        return 0
+    value = int(found[0])
+    return value if -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT else 0
+
+
+class Priorities:
+    """Job files' priorities, each read once per version of the file (its size, mtime and inode)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[Signature, int]] = {}
+
+    def of(self, path: str | os.PathLike[str], st: os.stat_result | None = None) -> int:
+        key = os.fspath(path)
+        if st is None:
+            try:
+                st = os.lstat(key)
+            except OSError:
+                return 0
+        sig = signature(st)
+        known = self._known.get(key)
+        if known is not None and known[0] == sig:
+            return known[1]
+        value = read_priority(key)
+        self._known[key] = (sig, value)
+        return value
+
+    def known(self, path: str | os.PathLike[str]) -> int:
+        """The priority found at the last look (0 for a file not looked at)."""
+        known = self._known.get(os.fspath(path))
+        return 0 if known is None else known[1]
+
+    def retain(self, paths: Iterable[str]) -> None:
+        """Forget every file but these (the ones still there, each looked at by `of` in this scan)."""
+        keep = set(paths)
+        if len(self._known) > len(keep):  # every file kept was looked at: only gone ones make the cache larger
+            self._known = {key: value for key, value in self._known.items() if key in keep}
+
+    def ordered(self, paths: Iterable[Path]) -> list[Path]:
+        """Highest priority first, then by name (standing jobs' order among their passes)."""
+        return sorted(paths, key=lambda path: (-self.of(path), path.name))
 
 
 @dataclass(frozen=True)
@@ -126,12 +196,14 @@ class Spool:
         self.done: Path
         self.failed: Path
         self.rejected: Path
+        self.cancelled: Path
         # a writer holding a job file open longer than a claim's lease is not waited for by `vlbatch run`
         self._settle = SettleTracker(settle_seconds, wait_limit=lease_seconds)
         self._rejected_settle = SettleTracker(settle_seconds, wait_limit=lease_seconds)
         self._records: dict[str, tuple[int | None, dict]] = {}  # rejected name -> (its record's inode, record)
         self._reconsider_at = float("-inf")  # monotonic time of the next look through rejected/
         self._rejected_fault: str | None = None
+        self.priorities = Priorities()  # the inbox files' priorities, by path
 
     def ensure(self) -> Spool:
         for name in FOLDERS:
@@ -140,7 +212,8 @@ class Spool:
 
     # the inbox ----------------------------------------------------------------------------------
     def pending(self, now: float | None = None) -> tuple[list[Path], float | None]:
-        """Job files ready to claim, oldest first, and when (time.time()) a file not ready yet is worth another look.
+        """Job files ready to claim, highest priority first, then oldest first, and when (time.time()) a file not
+        ready yet is worth another look.
 
         Ready means complete (batch.service.settle): no process holds it open for writing, where Linux can tell,
         and its size, mtime and inode have not changed for settle_seconds of this process's clock (or it was found
@@ -148,7 +221,7 @@ class Spool:
         lease_seconds no longer sets the next look (`vlbatch run` leaves it for the next run); it is still taken
         at a later look once it is closed. `now`: the wall clock, for the old-timestamp rule.
         """
-        found: list[tuple[float, str, str, os.stat_result]] = []
+        found: list[tuple[int, float, str, str, os.stat_result]] = []
         with os.scandir(self.inbox) as entries:
             for entry in entries:
                 if not is_job_name(entry.name):
@@ -159,12 +232,13 @@ class Spool:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:  # claimed by another worker meanwhile
                     continue
-                found.append((st.st_mtime, entry.name, entry.path, st))
-        found.sort(key=lambda item: item[:2])
-        self._settle.retain(path for _, _, path, _ in found)
+                found.append((-self.priorities.of(entry.path, st), st.st_mtime, entry.name, entry.path, st))
+        found.sort(key=lambda item: item[:3])
+        self._settle.retain(path for *_, path, _ in found)
+        self.priorities.retain(path for *_, path, _ in found)
         ready: list[Path] = []
         retry: float | None = None
-        for _, name, path, st in found:
+        for _, _, name, path, st in found:
             verdict = self._settle.check(path, st, now=now, fresh=len(ready) < FRESH_HEAD)
             if verdict.complete:
                 ready.append(Path(path))

@@ -22,11 +22,12 @@ class SubmitError(VlbatchError):
     """A checked job file could not be placed in the inbox (no space, no permission, ...)."""
 
 
-def submit_job(path: Path, config: Config, standing: bool = False) -> Path:
+def submit_job(path: Path, config: Config, standing: bool = False, priority: int | None = None) -> Path:
     """Validate `path` as the worker will, then write it into the inbox atomically; returns its inbox path.
 
     With `standing`, into spool/standing/ instead, where it stays and runs on every pass; a standing job of the
-    same file name is replaced (that is how one is edited).
+    same file name is replaced (that is how one is edited). `priority` is written as the job's `priority` key
+    (replacing one the file has).
 
     JobRejected for a job the worker would refuse; SubmitError when the inbox cannot be created or written. Either
     way nothing is left in the inbox: the job is written under a hidden `.tmp` name the worker ignores, checked
@@ -36,7 +37,10 @@ def submit_job(path: Path, config: Config, standing: bool = False) -> Path:
     roots = list(config.spool.media_roots)
     settings = {"generation": config.generation, "media": config.media, "standing": standing}
     parse_job(path, allowed_roots=roots, **settings)  # readable errors first
-    text = strict_yaml.dump_exact(_with_absolute_inputs(path))
+    data = _with_absolute_inputs(path)
+    if priority is not None:
+        data["priority"] = priority
+    text = strict_yaml.dump_exact(data)
     spool = _ensure_spool(config, path)
     folder = StandingFolder(spool.root).ensure().dir if standing else spool.inbox
 
@@ -75,7 +79,7 @@ def check_job(path: Path, config: Config) -> Job:
     return job
 
 
-def submit_openai_batch(path: Path, config: Config) -> list[Path]:
+def submit_openai_batch(path: Path, config: Config, priority: int | None = None) -> list[Path]:
     """Every request of an OpenAI Batch file as a job in the inbox (the whole file is checked first).
 
     Image paths must lie under spool.media_roots; images sent as data: URIs are kept in the first media root,
@@ -89,7 +93,7 @@ def submit_openai_batch(path: Path, config: Config) -> list[Path]:
     media_dir = roots[0] / "openai-batch" / path.stem if roots else None
     with tempfile.TemporaryDirectory(dir=spool.root, prefix=".openai-batch-") as staging:
         jobs = requests_to_jobs(path, Path(staging), roots, media_dir=media_dir)
-        return [submit_job(job, config) for job in jobs]
+        return [submit_job(job, config, priority=priority) for job in jobs]
 
 
 def _with_absolute_inputs(path: Path) -> dict[str, Any]:

@@ -36,6 +36,15 @@ from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.select import model_identity
 from batch.infer.settings import answer_settings
 from batch.service import sidecars
+from batch.service.control import (
+    CANCEL_POLL_SECONDS,
+    PREEMPT_POLL_SECONDS,
+    PREEMPT_SHARE,
+    Every,
+    JobCancelled,
+    PauseSwitch,
+    PreEmpted,
+)
 from batch.service.faults import (
     Backoff,
     DatabaseCorrupt,
@@ -45,13 +54,14 @@ from batch.service.faults import (
     is_passing,
 )
 from batch.service.folder_watch import FolderWatch
+from batch.service.heartbeat import BUSY, IDLE, PAUSED, STOPPING, Heartbeat
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
 from batch.service.paths import decode_path, encode_path, paths_json
 from batch.service.records import answer_row, cache_key, failure_class, to_json
 from batch.service.settle import SettleTracker
 from batch.service.slots import WorkerSlots
-from batch.service.spool import Claim, Spool
+from batch.service.spool import Claim, Priorities, Spool
 from batch.service.standing import (
     CLAIM_PREFIX,
     InputSpecs,
@@ -84,13 +94,17 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 class HandBack(Exception):
-    """Stop the current job now and return it to the inbox (a second stop signal)."""
+    """Stop the current job now and return it to the inbox (a second stop signal, or a stop signal while paused)."""
+
+
+# an Outcome's state for a job handed back to make way for an inbox job of higher priority (it runs again later)
+PREEMPTED = "preempted"
 
 
 @dataclass(frozen=True)
 class Outcome:
     job_id: str
-    state: str  # a finished JobState's value, or HANDED_BACK
+    state: str  # a finished JobState's value, HANDED_BACK or PREEMPTED
     reason: str | None = None
     new_problems: int = 0  # failures not met before (the same unit failing the same way again is not news)
 
@@ -143,6 +157,16 @@ class Worker:
         self._standing_waiting: dict[Path, tuple[set[Path], float | None]] = {}
         self._standing_due: dict[Path, float] = {}  # standing job -> when its next full pass is due (watch)
         self._standing_seen: dict[Path, tuple[int, int, int] | None] = {}  # its file as that pass read it
+        beat, timeout = config.spool.heartbeat_seconds, config.spool.database_timeout_seconds
+        # the `workers` row: started by drain() or watch(), stopped by close()
+        self.heartbeat = Heartbeat(store.path, "run", model_id, beat, timeout, self.name)
+        self._beating = False
+        # operator control (batch/service/control.py): pause/resume from the heartbeat, cancel and priority per unit
+        self.control = PauseSwitch(self.wake, self.name)
+        self.heartbeat.on_request = self.control.on_request
+        self._cancel_poll = Every(CANCEL_POLL_SECONDS)
+        self._preempt_poll = Every(PREEMPT_POLL_SECONDS)
+        self._standing_priorities = Priorities()
 
     @classmethod
     def from_config(cls, config: Config, force: bool = False, retry_failed: bool = False) -> Worker:
@@ -182,6 +206,9 @@ class Worker:
         return self._pipeline
 
     def close(self) -> None:
+        if self._beating:
+            self.heartbeat.stop()
+            self._beating = False
         self.slots.release()
         self._prefetch.shutdown(wait=False, cancel_futures=True)
         if self._pipeline is not None:
@@ -194,6 +221,7 @@ class Worker:
             if self.stop_requested:
                 self.abort_requested = True
             self.stop_requested = True
+            self.heartbeat.set_state(STOPPING)
             self.wake.set()
             event(log, "worker.signal", signal=signal.Signals(signum).name, hand_back=self.abort_requested)
 
@@ -201,26 +229,43 @@ class Worker:
         signal.signal(signal.SIGINT, handle)
 
     # loops --------------------------------------------------------------------------------------
+    def start_heartbeat(self, command: str) -> None:
+        """Report this worker in the `workers` table from now until close() (`vlbatch status` lists it)."""
+        if not self._beating:
+            self.heartbeat.command = command
+            self.heartbeat.start()
+            self._beating = True
+
     def drain(self) -> list[Outcome]:
         """Run every job in the inbox, waiting for files still being written, then a pass of every standing job."""
+        self.start_heartbeat("run")
         outcomes = self._drain_inbox()
+        passed: set[Path] = set()  # standing jobs whose pass is over
         while not self.stop_requested:
             try:
-                return outcomes + self.standing_passes()
+                passes = self.standing_passes(passed)
             except Exception as exc:
                 self._wait_out(exc, give_up=True)
+                continue
+            outcomes += [outcome for outcome in passes if outcome.state != PREEMPTED]
+            if not any(outcome.state == PREEMPTED for outcome in passes):
+                return outcomes
+            outcomes += self._drain_inbox()  # the job of higher priority that stopped a pass; then the rest
         return outcomes
 
     def _drain_inbox(self) -> list[Outcome]:
         outcomes: list[Outcome] = []
         bar = tqdm(desc="jobs", unit="job", total=0, disable=not sys.stderr.isatty(), file=sys.stderr)
         while not self.stop_requested:
+            if self.control.paused:
+                self._hold_while_paused()
+                continue
             try:
                 ready, outcome, next_ready = self._cycle()
             except Exception as exc:
                 self._wait_out(exc, give_up=True)
                 continue
-            if outcome:
+            if outcome and outcome.state != PREEMPTED:  # a pre-empted job runs again in this drain
                 outcomes.append(outcome)
                 bar.update(1)
             if ready:
@@ -248,6 +293,7 @@ class Worker:
 
     def watch(self) -> None:
         """Run jobs as they arrive until a stop signal; faults of the machine are waited out, never fatal."""
+        self.start_heartbeat("watch")
         observer = self._observer()
         observer.start()
         folders = FolderWatch(observer, self.wake)
@@ -255,6 +301,9 @@ class Worker:
         try:
             _ = self.pipeline  # load the model before the first job arrives
             while not self.stop_requested:
+                if self.control.paused:  # vlbatch pause: no job and no standing pass until resumed
+                    self._hold_while_paused()
+                    continue
                 try:
                     ready, _, next_ready = self._cycle()
                     if ready:
@@ -363,12 +412,12 @@ class Worker:
         """`watch`'s turn for standing jobs: a full pass of each job when due (first at start, then every
         rescan_seconds, or longer for a folder whose pass is slow), else targeted passes for the files that file
         events named or that were still being written. Returns when the next pass is due (time.monotonic)."""
-        jobs = self.standing.job_files()
+        jobs = self._standing_priorities.ordered(self.standing.job_files())
         changed, full = folders.take()
         specs = self._follow_standing(jobs, folders)
         now = time.monotonic()
         for path in jobs:
-            if self.stop_requested or self.ready_inbox():  # the inbox goes first; the rest waits for the next turn
+            if self.stop_requested or self.control.paused or self.ready_inbox():  # the inbox goes first
                 folders.put_back(changed, full)
                 break
             waiting, retry_at = self._standing_waiting.get(path, (set(), None))
@@ -378,11 +427,13 @@ class Worker:
             if full or edited or self._standing_due.get(path, 0.0) <= now:
                 self._standing_seen[path] = signature
                 started = time.monotonic()
-                self.standing_pass(path)
+                outcome = self.standing_pass(path)
                 took = time.monotonic() - started
                 event(log, "standing.scanned", job=path.name, ms=took * 1e3, **folders.counts())
                 # a slow full pass (a very large folder) runs less often: at most about 5% of the time
                 self._standing_due[path] = time.monotonic() + max(self.config.spool.rescan_seconds, 20 * took)
+                if outcome is not None and outcome.state == PREEMPTED:  # goes on once the inbox is served
+                    self._standing_due[path] = 0.0
             elif targets or (waiting and retry_at is not None and retry_at <= now):
                 self.standing_pass(path, targets=targets | waiting)
         for path in list(self._standing_due):
@@ -453,9 +504,10 @@ class Worker:
             "tags": to_json(job.tags),
             "media_count": len(job.media),
             "claim": claim.path.name,
+            "priority": job.priority,
         }
         try:
-            run_id, attempts = self.store.start_job(job.id, fields, self.name, claim_alive=self.spool.is_held)
+            run_id, attempts = self._start_job(job.id, fields, claim_alive=self.spool.is_held)
         except JobIdBusy as exc:
             reason = (
                 f"{exc}; this file was set aside: submit it again when that run has finished, or give it another id"
@@ -468,6 +520,7 @@ class Worker:
             return self._claim_lost(claim, lost)
         finally:
             self.store.let_go(job.id)
+            self.heartbeat.job_ended(job.id)
 
     def _run_job(self, claim: Claim, job: Job, run_id: int, attempts: int) -> Outcome:
         if self.policy.exhausted(attempts):
@@ -480,10 +533,16 @@ class Worker:
         started = time.perf_counter()
         try:
             with self._lease_renewal(claim):
-                unit_run = self._run_units(job, run_id, resume=attempts > 1)
-        except HandBack:
-            self._hand_back(claim, "second stop signal")
+                unit_run = self._run_units(job, run_id, resume=self._resumes(run_id, attempts))
+        except HandBack as exc:
+            self._hand_back(claim, str(exc) or "second stop signal")
             return Outcome(job.id, HANDED_BACK)
+        except JobCancelled as exc:
+            return self._cancelled(claim, job.id, str(exc), started)
+        except PreEmpted as exc:
+            event(log, "job.preempted", job=job.id, by=exc.by.name, priority=exc.priority, own=job.priority)
+            self._hand_back(claim, str(exc))
+            return Outcome(job.id, PREEMPTED, str(exc))
         except ClaimLost:
             raise
         except Exception as exc:
@@ -505,12 +564,33 @@ class Worker:
         )
         return outcome
 
+    def _resumes(self, run_id: int, attempts: int) -> bool:
+        """Whether this start carries on a run that already holds answers: a later attempt, or a run handed back by
+        a live worker (a stop signal, a pre-emption), which is not an attempt. Its answered units are skipped."""
+        return attempts > 1 or self.store.run_answers(run_id) > 0
+
+    def _start_job(self, job_id: str, fields: dict[str, Any], claim_alive: Callable[[str], bool]) -> tuple[int, int]:
+        """Store.start_job, and this worker's heartbeat says it is on the job."""
+        started = self.store.start_job(job_id, fields, self.name, claim_alive=claim_alive)
+        self.heartbeat.job_started(job_id)
+        return started
+
     def _claim_lost(self, claim: Claim | None, lost: ClaimLost) -> Outcome:
         """The job is another worker's now: one log line, and this worker's own leftovers (its lease) removed."""
         event(log, "claim.lost", logging.WARNING, job=lost.job_id, by=lost.holder, worker=self.name)
         if claim is not None and not claim.path.exists():
             claim.lease_path.unlink(missing_ok=True)
         return Outcome(lost.job_id, CLAIM_LOST)
+
+    def _cancelled(self, claim: Claim, job_id: str, reason: str, started: float) -> Outcome:
+        """An operator cancelled the job: the unit in progress is dropped, the answers recorded so far stay, the job
+        and its run end cancelled (committed first), then its file moves to cancelled/ with the reason beside it."""
+        self.store.end_unit(job_id)
+        outcome = self._finish(claim, job_id, JobState.CANCELLED, reason, new_failures=0)
+        answered = self.store.run_answers((self.store.job(job_id) or {}).get("run_id"))
+        ms = (time.perf_counter() - started) * 1e3
+        event(log, "job.cancelled", job=job_id, reason=reason, ms=ms, answered=answered)
+        return outcome
 
     def _reject(self, claim: Claim, job_id: str, reason: str, record: bool = True) -> Outcome:
         """A job file that cannot run; `record=False` keeps the job row of another file with the same id."""
@@ -603,6 +683,7 @@ class Worker:
         finally:
             if self._job_id:
                 self.store.let_go(self._job_id)
+                self.heartbeat.job_ended(self._job_id)
 
     def _standing_plan(self, path: Path, targets: set[Path] | None, cron: bool) -> Outcome | None:
         self._job_id = None
@@ -659,9 +740,10 @@ class Worker:
             "media_count": len(plan.changed),
             "claim": self.standing.claim_of(path),
             "standing": 1,
+            "priority": job.priority,
         }
         try:
-            run_id, attempts = self.store.start_job(job.id, fields, self.name, claim_alive=self._claim_alive)
+            run_id, attempts = self._start_job(job.id, fields, claim_alive=self._claim_alive)
         except JobIdBusy as exc:
             event(log, "standing.busy", logging.WARNING, file=path.name, reason=str(exc))
             return None
@@ -683,10 +765,21 @@ class Worker:
         )
         started = time.perf_counter()
         try:
-            unit_run = self._run_units(replace(job, media=tuple(sorted(plan.changed))), run_id, resume=attempts > 1)
+            changed = replace(job, media=tuple(sorted(plan.changed)))
+            unit_run = self._run_units(changed, run_id, resume=self._resumes(run_id, attempts))
         except HandBack:
             self.store.hand_back(job.id)  # the run stays open: the next pass carries it on
             return Outcome(job.id, HANDED_BACK)
+        except JobCancelled as exc:  # this pass ends; the standing job stays and its next pass goes on
+            self.store.end_unit(job.id)
+            self._track(job, run_id, index, basis, plan)  # what it answered is not asked again
+            self.store.finish_job(job.id, JobState.CANCELLED, str(exc), counts={"new_failures": 0})
+            event(log, "job.cancelled", job=job.id, standing=True, reason=str(exc))
+            return Outcome(job.id, JobState.CANCELLED.value, str(exc))
+        except PreEmpted as exc:
+            event(log, "job.preempted", job=job.id, standing=True, by=exc.by.name, priority=exc.priority)
+            self.store.hand_back(job.id)  # the run stays open: the next pass carries it on
+            return Outcome(job.id, PREEMPTED, str(exc))
         except ClaimLost:
             raise
         except Exception as exc:
@@ -817,16 +910,26 @@ class Worker:
             plan.unchanged += again.unchanged
             plan.waiting, plan.next_check = again.waiting, again.next_check
 
-    def standing_passes(self) -> list[Outcome]:
-        """A full pass of every standing job, as `vlbatch run` makes after draining the inbox."""
+    def standing_passes(self, passed: set[Path] | None = None) -> list[Outcome]:
+        """A full pass of every standing job, highest priority first, as `vlbatch run` makes after draining the inbox.
+
+        `passed`: the jobs whose pass is over (added to as passes end). A pass that makes way for an inbox job of
+        higher priority ends the round (its outcome is PREEMPTED): the caller runs the inbox, then the rest."""
         self._check_places()
+        passed = set() if passed is None else passed
         outcomes = []
-        for path in self.standing.job_files():
+        for path in self._standing_priorities.ordered(self.standing.job_files()):
+            if path in passed:
+                continue
+            self._hold_while_paused()
             if self.stop_requested:
                 break
             outcome = self.standing_pass(path, cron=True)
             if outcome is not None:
                 outcomes.append(outcome)
+                if outcome.state == PREEMPTED:
+                    break
+            passed.add(path)
         return outcomes
 
     def _remove_sidecar(self, job: Job, media: Path) -> None:
@@ -841,9 +944,11 @@ class Worker:
         """Answer each unit of the job; the run holds one line per media unit that failed."""
         unit_run = _UnitRun(job, run_id, resume, job.units())
         bar = tqdm(unit_run.units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
+        self._preempt_poll.restart()
         for index, unit in enumerate(bar):
             if self.abort_requested:
                 raise HandBack
+            self._between_units(job)
             try:
                 self._answer_unit(unit_run, index, unit)
             except (OSError, UnicodeError, ValueError) as exc:  # one file's problem (its name, its folder's rights)
@@ -876,6 +981,7 @@ class Worker:
             return self._unit_failed(run, base, str(exc), failure_class(exc))
         # recorded before the model runs: a worker that dies in this unit twice skips it the next time
         deaths = self.store.begin_unit(job.id, paths)
+        self.heartbeat.on_file(job.id, ", ".join(p.name for p in unit))
         if self.policy.skip_unit(deaths):
             names = ", ".join(str(p) for p in unit)
             return self._unit_failed(
@@ -904,9 +1010,8 @@ class Worker:
             self._write_sidecar(job, unit, linked)
             return None
         key = cache_key(hashes, job.prompt, job.generation, job.media_settings, self.model_id)
-        previous = None if self.force else self.store.previous_answer(key)
+        previous = None if self.force else self.store.reuse_answer(job.id, run.run_id, key, **own)
         if previous is not None:
-            self.store.link(job.id, run.run_id, previous, own["media_paths"], own["media_sha256"], reused=True)
             self._write_sidecar(job, unit, previous)
             return None
         failed = None if self.force or self.retry_failed else self.store.previous_failure(key)
@@ -980,10 +1085,60 @@ class Worker:
             except FutureTimeout:
                 if self.abort_requested:
                     raise HandBack from None
+                self._check_cancel(self._job_id, throttled=True)
 
     def _check_abort(self, _text: str) -> None:
+        """Called with each piece of generated text: a second stop signal, or a cancel, drops the unit now."""
         if self.abort_requested:
             raise HandBack
+        self._check_cancel(self._job_id, throttled=True)
+
+    # operator control (batch/service/control.py) -----------------------------------------------------
+    def _between_units(self, job: Job) -> None:
+        """Before each unit: wait out a pause, end a job an operator cancelled, make way for a job of higher
+        priority."""
+        self._hold_while_paused(job.id)
+        self._check_cancel(job.id)
+        self._check_preempt(job)
+
+    def _hold_while_paused(self, job_id: str | None = None) -> None:
+        """While `vlbatch pause` holds, take nothing new: the model stays loaded and a job's claim keeps its lease
+        (renewed by its own thread). A cancel of the job ends the wait (the caller ends the job); a stop signal
+        ends it too, and hands a job in progress back to the inbox at once (HandBack) rather than finishing it."""
+        if not self.control.paused:
+            return
+        self.heartbeat.set_state(PAUSED)
+        event(log, "worker.paused", worker=self.name, job=job_id)
+        while self.control.paused and not self.stop_requested:
+            if job_id is not None and self.store.cancel_requested(job_id):
+                return
+            self.wake.wait(self.config.spool.heartbeat_seconds)
+            self.wake.clear()
+        if self.stop_requested:
+            if job_id is not None:
+                raise HandBack("a stop signal while paused")
+            return
+        self.heartbeat.set_state(BUSY if job_id is not None else IDLE)
+        event(log, "worker.resumed", worker=self.name, job=job_id)
+
+    def _check_cancel(self, job_id: str | None, throttled: bool = False) -> None:
+        """JobCancelled when an operator asked to cancel the job (`throttled`: at most every CANCEL_POLL_SECONDS)."""
+        if job_id is None or (throttled and not self._cancel_poll.due()):
+            return
+        asked = self.store.cancel_requested(job_id)
+        if asked is not None:
+            raise JobCancelled(job_id, *asked)
+
+    def _check_preempt(self, job: Job) -> None:
+        """PreEmpted when a ready inbox job has a higher priority than this one. The inbox is looked at no more
+        often than every PREEMPT_POLL_SECONDS, and at most about 1/PREEMPT_SHARE of the time (a very large inbox)."""
+        if not self._preempt_poll.due():
+            return
+        started = time.monotonic()
+        ready, _ = self.spool.pending()
+        self._preempt_poll.hold(PREEMPT_SHARE * (time.monotonic() - started))
+        if ready and self.spool.priorities.known(ready[0]) > job.priority:
+            raise PreEmpted(job.id, ready[0], self.spool.priorities.known(ready[0]), job.priority)
 
     def _write_sidecar(self, job: Job, unit: tuple[Path, ...], result_id: int) -> None:
         """The job's sidecar (.txt or .xmp) beside a single media file: see batch/service/sidecars.py."""
