@@ -258,7 +258,7 @@ def test_results_and_status_commands(env):
     assert len(cli("results", "--job", "tagged", "--format", "jsonl").splitlines()) == 2
     assert len(json.loads(cli("results", "--tag", "project", "--format", "json"))) == 2
     csv_lines = cli("results", "--format", "csv").splitlines()
-    assert csv_lines[0].startswith("id,job_id,") and len(csv_lines) == 4
+    assert csv_lines[0].startswith("id,media_paths,answer,error,") and len(csv_lines) == 4
     word = next(w for w in json.loads(cli("results", "--format", "json"))[0]["answer"].split() if w.isalpha())
     assert any(word in r["answer"] for r in json.loads(cli("results", "--search", word, "--format", "json")))
     assert "cat.png" in cli("results")

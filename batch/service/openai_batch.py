@@ -704,8 +704,10 @@ def result_lines(rows: Iterable[Mapping[str, Any]]) -> Iterator[str]:
     """One OpenAI Batch output line (JSON, no trailing newline) per result row, in the rows' order.
 
     A row needs ``custom_id``, ``answer``, ``error``, ``finish_reason``, ``prompt_tokens``, ``output_tokens``,
-    ``model_id``, ``created_utc`` (ISO 8601) and ``result_id``; a row with an error or without an answer becomes
-    an error line. Ids derive from ``result_id``, so the same rows always give the same lines.
+    ``model_id``, ``created_utc`` (ISO 8601: when the answer was made, the body's ``created``) and ``result_id``;
+    a row with an error or without an answer becomes an error line. Ids derive from ``result_id``, so the same
+    rows always give the same lines. The caller makes each ``custom_id`` unique and each ``result_id`` too
+    (`vlbatch results` passes the id of the run's link, and ``reports.CustomIds`` for the custom_id).
     """
     for row in rows:
         yield json.dumps(result_record(row), ensure_ascii=False)
