@@ -4,7 +4,8 @@
 
 builds the tiny random-weight model and a results database (tests/web_env.py) in a temporary folder, serves it with
 `vlbatch serve`, writes the static gallery with `vlbatch gallery`, and saves gallery.png (/-/gallery), charts.png
-(/-/charts, the whole page) and static-gallery.png (the static pages from file://), 1280x900, into the folder given.
+(/-/charts, the whole page) and static-gallery.png (the static pages from file://), 1280x900, and results-table.png
+(Datasette's results table, 1400x900: the file, its preview and the answer on the first screen) into the folder given.
 
 The browser is Debian's chromium (/usr/bin/chromium, `apt-get install chromium`) driven by playwright's Python
 package: playwright never downloads a browser of its own here. tests/test_browser.py imports the helpers below, so
@@ -41,6 +42,7 @@ CHROMIUM_ARGS = (
     "--no-first-run",
 )
 VIEWPORT = {"width": 1280, "height": 900}
+WIDE = {"width": 1400, "height": 900}
 SERVE_URL = re.compile(r"read-only at (http://\S+/) ")
 
 # every <img> on the page has finished (loaded or failed) and no failed one is left: the cards replace a failed
@@ -163,11 +165,13 @@ def take_screenshots(out_dir: Path, work: Path) -> list[Path]:
             browser = launch_chromium(p)
             try:
                 page = browser.new_page(viewport=VIEWPORT)
-                for name, address, full_page in (
-                    ("gallery.png", url + "-/gallery", False),
-                    ("charts.png", url + "-/charts", True),  # all three charts
-                    ("static-gallery.png", index.as_uri(), False),
+                for name, address, full_page, viewport in (
+                    ("gallery.png", url + "-/gallery", False, VIEWPORT),
+                    ("charts.png", url + "-/charts", True, VIEWPORT),  # all three charts
+                    ("static-gallery.png", index.as_uri(), False, VIEWPORT),
+                    ("results-table.png", url + "vlbatch/results", False, WIDE),
                 ):
+                    page.set_viewport_size(viewport)
                     page.goto(address, wait_until="load")
                     settle_images(page)
                     shots.append(out_dir / name)

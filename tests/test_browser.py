@@ -21,6 +21,8 @@ from browser_shots import (
     stop,
     write_static_gallery,
 )
+from spool_env import SpoolEnv
+from web_env import LONG_JOB, LONG_NAME, LONG_PROMPT, SHORT_PROMPT, latest_rows, make_crowded_results
 
 problem = browser_problem()
 if problem:
@@ -252,3 +254,177 @@ def test_static_gallery_from_file_url(page: Page, static_site: Path, stored, tmp
     assert page.locator("#vb-search-status").inner_text() == f"{expected} of 3 on this page match"
 
     assert requested and all(url.startswith(("file://", "data:")) for url in requested), requested
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cards that push at their edges: long names, prompts, tags and answers stay inside their card, at two widths
+
+WIDTHS = (1400, 390)
+
+# What each visible card draws, against its content box (inside border and padding): every element and every run of
+# text, clipped by the boxes inside the card that clip their overflow (an ellipsis, a line clamp), must lie inside it;
+# and no two cards may overlap.
+CONTAINMENT_JS = """() => {
+  const inset = (el) => {
+    const r = el.getBoundingClientRect(), s = getComputedStyle(el), px = (v) => parseFloat(v) || 0;
+    return {left: r.left + px(s.borderLeftWidth) + px(s.paddingLeft), right: r.right - px(s.borderRightWidth) -
+      px(s.paddingRight), top: r.top + px(s.borderTopWidth) + px(s.paddingTop), bottom: r.bottom -
+      px(s.borderBottomWidth) - px(s.paddingBottom)};
+  };
+  const cards = Array.from(document.querySelectorAll('.vb-card')).filter((c) => !c.hidden);
+  const escapes = [], overlaps = [];
+  cards.forEach((card, index) => {
+    const box = inset(card);
+    const walker = document.createTreeWalker(card, NodeFilter.SHOW_ELEMENT | NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      let rect;
+      if (node.nodeType === Node.TEXT_NODE) {
+        if (!node.textContent.trim()) continue;
+        const range = document.createRange();
+        range.selectNodeContents(node);
+        rect = range.getBoundingClientRect();
+      } else {
+        rect = node.getBoundingClientRect();
+      }
+      if (rect.width === 0 && rect.height === 0) continue;  // not drawn (display: none, a closed <details>)
+      const seen = {left: rect.left, right: rect.right, top: rect.top, bottom: rect.bottom};
+      for (let up = node.parentElement; up && up !== card; up = up.parentElement) {
+        const style = getComputedStyle(up), clip = up.getBoundingClientRect();
+        if (style.overflowX !== 'visible') { seen.left = Math.max(seen.left, clip.left);
+          seen.right = Math.min(seen.right, clip.right); }
+        if (style.overflowY !== 'visible') { seen.top = Math.max(seen.top, clip.top);
+          seen.bottom = Math.min(seen.bottom, clip.bottom); }
+      }
+      if (seen.right <= seen.left || seen.bottom <= seen.top) continue;  // clipped away entirely
+      const out = Math.max(box.left - seen.left, seen.right - box.right, box.top - seen.top, seen.bottom - box.bottom);
+      if (out > 0.5) {
+        const what = node.nodeType === Node.TEXT_NODE ? '"' + node.textContent.trim().slice(0, 30) + '"' :
+          node.tagName.toLowerCase() + (node.className ? '.' + String(node.className).split(' ')[0] : '');
+        escapes.push({card: index, what, by: Math.round(out)});
+      }
+    }
+    for (let other = index + 1; other < cards.length; other++) {
+      const a = card.getBoundingClientRect(), b = cards[other].getBoundingClientRect();
+      const w = Math.min(a.right, b.right) - Math.max(a.left, b.left), h = Math.min(a.bottom, b.bottom) -
+        Math.max(a.top, b.top);
+      if (w > 0.5 && h > 0.5) overlaps.push([index, other]);
+    }
+  });
+  const widest = Math.max(...cards.map((c) => c.getBoundingClientRect().right));
+  return {cards: cards.length, escapes, overlaps, widest, viewport: window.innerWidth};
+}"""
+
+# each card's prompt and job id as drawn: the text, whether its box has a size inside the viewport's width, and how
+# many lines of text it is high
+SHOWN_JS = """() => Array.from(document.querySelectorAll('.vb-card')).map((card) => {
+  const shown = (el, text = el) => {
+    if (!el) return null;
+    const r = el.getBoundingClientRect(), s = getComputedStyle(text);
+    return {text: el.innerText, drawn: r.width > 0 && r.height > 0 && r.left >= 0 && r.right <= innerWidth,
+      lines: text.getBoundingClientRect().height / (parseFloat(s.lineHeight) || 1.2 * parseFloat(s.fontSize))}; };
+  const prompt = card.querySelector('.vb-prompt');
+  return {prompt: prompt && shown(prompt, prompt.querySelector('.vb-prompt-text') || prompt),
+    job: shown(card.querySelector('.vb-job'))};
+})"""
+
+
+@pytest.fixture(scope="module")
+def crowded(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> SpoolEnv:
+    return make_crowded_results(tmp_path_factory.mktemp("crowded"), tiny_onnx)
+
+
+@pytest.fixture(scope="module")
+def crowded_pages(crowded: SpoolEnv, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The crowded results as the served gallery, the static one and Datasette's results table: {view: URL}."""
+    work = tmp_path_factory.mktemp("crowded-views")
+    static = write_static_gallery(crowded, work / "site", work / "thumbnails")
+    process, url = start_serve(crowded, work / "thumbnails", log=work / "serve.log")
+    try:
+        yield {"served": url + "-/gallery", "static": static.as_uri(), "table": url + "vlbatch/results"}
+    finally:
+        stop(process)
+
+
+def first_words(text: str, count: int = 4) -> str:
+    return " ".join(text.split()[:count])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("view", ["served", "static"])
+def test_long_names_prompts_tags_and_answers_stay_inside_their_cards(
+    browser: Browser, crowded_pages: dict[str, str], crowded: SpoolEnv, view: str, width: int
+):
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(crowded_pages[view])
+        settle_images(page)
+        closed, shown = page.evaluate(CONTAINMENT_JS), page.evaluate(SHOWN_JS)
+        # a click opens a prompt (Datasette's pages close an open <details> at a click elsewhere: the rest are opened
+        # without one)
+        page.locator(".vb-card", has=page.locator(f'.vb-job:text-is("{LONG_JOB}")')).first.locator("summary").click()
+        assert page.evaluate("() => document.querySelectorAll('.vb-prompt[open]').length") == 1
+        page.evaluate("() => document.querySelectorAll('.vb-prompt').forEach((d) => { d.open = true; })")
+        opened, shown_open = page.evaluate(CONTAINMENT_JS), page.evaluate(SHOWN_JS)
+    finally:
+        context.close()
+    rows = latest_rows(crowded.db_path)
+    for measured in (closed, opened):
+        assert measured["cards"] == len(rows) == 6
+        assert measured["escapes"] == [], measured["escapes"][:20]
+        assert measured["overlaps"] == []
+        assert measured["widest"] <= measured["viewport"], measured  # no card reaches past the window's right edge
+    whole = {" ".join(c["prompt"]["text"].split()) for c in shown_open}
+    assert whole == {" ".join(LONG_PROMPT.split()), SHORT_PROMPT}
+    for before, after in zip(shown, shown_open, strict=True):  # two lines until opened
+        assert before["prompt"]["lines"] < 2.1, before
+        if before["job"]["text"] == LONG_JOB:
+            assert after["prompt"]["lines"] > 3, after
+    prompts = {LONG_JOB: first_words(LONG_PROMPT), "colours": SHORT_PROMPT}
+    for card in shown:
+        assert card["prompt"] and card["prompt"]["drawn"], card
+        assert card["job"] and card["job"]["drawn"] and card["job"]["text"] in prompts, card
+        assert " ".join(card["prompt"]["text"].split()).startswith(prompts[card["job"]["text"]]), card
+    assert sorted(c["job"]["text"] for c in shown) == sorted(r["job_id"] for r in rows)
+
+
+def test_results_table_opens_on_the_file_and_its_answer_with_the_column_notes_folded(
+    browser: Browser, crowded_pages: dict[str, str], crowded: SpoolEnv
+):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(crowded_pages["table"])
+        settle_images(page)
+        columns = page.locator("table.rows-and-columns th").evaluate_all("(ths) => ths.map((t) => t.dataset.column)")
+        assert columns[:3] == ["id", "media_paths", "answer"]
+        box = page.locator("th.col-answer").bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 1400, box  # on the first screen
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 900, box
+
+        # the 150-character file's preview, decoded, in the media_paths column, its name wrapped inside the cell
+        cell = page.locator("td.col-media_paths", has=page.locator(f'figcaption:text-is("{LONG_NAME}")'))
+        assert cell.count() == 2  # its answers by both jobs
+        size = cell.first.locator("img").evaluate("(i) => i.complete ? i.naturalWidth : 0")
+        assert size > 0
+        fits = cell.first.evaluate(
+            "(td) => { const c = td.getBoundingClientRect();"
+            " const f = td.querySelector('figcaption').getBoundingClientRect();"
+            " return f.left >= c.left && f.right <= c.right; }"
+        )
+        assert fits
+
+        # every column's description, one click away in "About these columns"; none printed above the rows
+        about = page.locator("details.vb-about-columns")
+        assert about.count() == 1 and about.get_attribute("open") is None
+        assert about.locator("summary").inner_text() == "About these columns"
+        described = about.locator("dt").all_text_contents()
+        assert set(described) >= set(columns) - {"Link"}, set(columns) - set(described)
+        notes = about.locator("dd")
+        assert "Time to first token: vision encoder plus prefill" in notes.all_text_contents()
+        assert not notes.first.is_visible()
+        assert [d.is_visible() for d in page.locator("dl.column-descriptions").all()] == [False, False]
+        about.locator("summary").click()
+        assert notes.first.is_visible() and about.get_attribute("open") is not None
+    finally:
+        context.close()

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import jinja2
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -14,6 +15,8 @@ from spool_env import SpoolEnv
 from web_env import cards_of, latest_rows, search_word, shown
 
 from batch.cli import main
+from batch.service.web import static_gallery
+from batch.service.web.cards import PROMPT_CHARS, card
 from batch.service.web.static_gallery import MANIFEST
 
 
@@ -76,6 +79,8 @@ def test_gallery_is_self_contained(gallery, results_env: SpoolEnv, tmp_path: Pat
     with Image.open(out / portrait) as picture:
         assert picture.format == "JPEG" and picture.height > picture.width
 
+    prompts = [re.search(r'<span class="vb-prompt-text">([^<]*)</span>', c).group(1) for c in cards_of(page)]
+    assert sorted(prompts) == ["Caption it."] * 6 + ["Compare them."]  # the failed file's card too
     (broken,) = [c for c in cards_of(page) if "vb-failed" in c]
     (failure,) = [r for r in rows if r["error"]]
     assert published(failure, results_env) in broken and '<div class="vb-nopreview">no preview</div>' in broken
@@ -171,7 +176,7 @@ def test_refuses_a_folder_it_did_not_write(gallery, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["index.html"]
     assert (out / "index.html").read_text() == "my own page"
 
-    result = gallery(tmp_path / "bad-search", "--search", '"')
+    result = gallery(tmp_path / "bad-search", "--fts", '"')  # a raw FTS5 query that is not one
     assert result.exit_code == 1 and "cannot run that search" in result.stderr
     assert not (tmp_path / "bad-search").exists()
 
@@ -197,3 +202,24 @@ def test_a_failed_preview_is_remembered(gallery, results_env: SpoolEnv, tmp_path
     (page,) = pages_of(out)
     (broken,) = [c for c in cards_of(page) if "broken.jpg" in c]
     assert '<div class="vb-nopreview">no preview</div>' in broken and "<img" not in broken
+
+
+def test_cards_escape_what_they_show_and_cut_a_very_long_prompt() -> None:
+    """The card template (the served gallery's and the static pages') escapes the prompt, names, tags and answer."""
+    hostile = '<img src=x onerror="alert(1)">'
+    row = {
+        "link_id": 1,
+        "job_id": f"job{hostile}",
+        "media_paths": json.dumps([f"/media/{hostile}.jpg"]),
+        "answer": f"an answer {hostile}",
+        "prompt": f"Describe {hostile}" + " and more" * 300,
+        "tags": json.dumps([hostile, {"k": hostile}]),
+    }
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(static_gallery.HERE / "templates"), autoescape=True)
+    macro = env.get_template("vlbatch/_card.html").module.result_card
+    page = str(macro(card(row, lambda path: f"thumbs/{hostile}.jpg")))
+    assert "<img src=x" not in page and 'onerror="alert' not in page
+    assert page.count("&lt;img src=x onerror=&#34;alert(1)&#34;&gt;") >= 5  # name, answer, prompt, job, tags
+    prompt = re.search(r'<span class="vb-prompt-text">([^<]*)</span>', page).group(1)
+    assert html.unescape(prompt).startswith(f"Describe {hostile} and more")
+    assert len(html.unescape(prompt)) == PROMPT_CHARS + 1 and prompt.endswith("\u2026")  # cut, and said so

@@ -81,3 +81,48 @@ def make_results(root: Path, model: Path) -> SpoolEnv:
         worker.close()
     assert outcomes == {"captions": "failed", "pair": "done"}, outcomes  # broken.jpg fails its own file only
     return env
+
+
+LONG_NAME = "a" * 146 + ".jpg"  # 150 characters, no space to break at
+LONG_BROKEN = "b" * 146 + ".jpg"  # the same length, and not a JPEG: its card shows the reason, naming it
+LONG_JOB = "nightly-" + "x" * 100  # a job id of 108 characters without a space
+LONG_TAG = "t" * 120
+LONG_PROMPT = (
+    "Describe this photograph for the archive: the place, the season, the weather, the people and what they are "
+    "doing, any signs or text that can be read, and anything unusual. Mention https://example.org/"
+    + "p" * 150
+    + " if it applies, and keep to three sentences."
+)
+SHORT_PROMPT = "Name the colours."
+UNBROKEN_ANSWER = "z" * 400
+
+
+def make_crowded_results(root: Path, model: Path) -> SpoolEnv:
+    """Cards that push at their edges, made by the worker: a 150-character file name and a broken file of the same
+    length, answered by two jobs (a long prompt with a 150-character word, a long unbroken job id and tag; a short
+    prompt with a long mapping tag), and then one answer made 400 characters without a space."""
+    env = SpoolEnv(root, model)
+    env.write_config()
+    env.image(LONG_NAME, 5, (320, 240))
+    env.image("beach.jpg", 1, (320, 240))
+    (env.media / LONG_BROKEN).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    inputs = f"[../../media/{LONG_NAME}, ../../media/beach.jpg, ../../media/{LONG_BROKEN}]"
+    env.drop(
+        "long.yaml",
+        f"id: {LONG_JOB}\nprompt: '{LONG_PROMPT}'\ninputs: {inputs}\ntags: [{LONG_TAG}, holiday, archive-2026]\n",
+    )
+    env.drop("colours.yaml", f"prompt: {SHORT_PROMPT}\ninputs: {inputs}\ntags: {{kind: {'k' * 90}}}\n")
+    worker = Worker.from_config(env.config())
+    try:
+        outcomes = {o.job_id: o.state for o in worker.drain()}
+    finally:
+        worker.close()
+    assert outcomes == {LONG_JOB: "failed", "colours": "failed"}, outcomes  # the broken file fails on its own
+    conn = sqlite3.connect(env.db_path)
+    with conn:
+        conn.execute(
+            "UPDATE results SET answer = ? WHERE id = (SELECT min(id) FROM results WHERE error IS NULL)",
+            [UNBROKEN_ANSWER],
+        )
+    conn.close()
+    return env

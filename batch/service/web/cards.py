@@ -12,6 +12,7 @@ from batch.infer.media import VIDEO_EXTENSIONS
 
 # control characters a model may emit (NUL among them): shown as U+FFFD, so pages stay text
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+PROMPT_CHARS = 2000  # of a prompt, on each card (a job file may hold a far longer one; every card repeats it)
 
 
 def printable(text: str | None) -> str | None:
@@ -27,6 +28,12 @@ def tag_labels(tags_json: str | None) -> list[str]:
     if isinstance(tags, list):
         return [_scalar(value) for value in tags]
     return [] if tags is None else [_scalar(tags)]
+
+
+def shown_prompt(prompt: str | None) -> str:
+    """The prompt as a card shows it: printable, and cut at PROMPT_CHARS characters (said with an ellipsis)."""
+    text = printable(prompt) or ""
+    return text if len(text) <= PROMPT_CHARS else text[:PROMPT_CHARS].rstrip() + "\u2026"
 
 
 def timing_labels(row: dict[str, Any]) -> list[str]:
@@ -69,6 +76,7 @@ def card(
         "media": media,
         "answer": answer,
         "error": error,
+        "prompt": shown_prompt(row.get("prompt")),
         "job_id": row["job_id"],
         "run_id": row.get("run_id"),
         "reused": bool(row.get("reused")),

@@ -8,15 +8,16 @@ from markupsafe import escape
 
 DATABASE = "vlbatch"  # the name (and URL) the results database is served under, whatever its file is called
 
-_RESULT_COLUMNS = {
+_RESULT_COLUMNS = {  # in the table's own order: the file and its answer first
     "id": "Answer id",
-    "job_id": "The job that first asked for this answer (job_results links it to every run that used it)",
     "media_paths": "The media files answered about (a JSON list; one file in `each` mode)",
-    "media_sha256": "SHA-256 of each media file, in the same order",
-    "cache_key": "Hash of content, prompt, settings and model: an answer is reused when this matches",
-    "prompt": "The prompt as the job wrote it",
     "answer": "The model's answer (empty when the file failed)",
     "error": "Why this file got no answer, naming the file and the problem",
+    "prompt": "The prompt as the job wrote it",
+    "job_id": "The job that first asked for this answer (job_results links it to every run that used it)",
+    "created_utc": "When the answer was made (ISO 8601, UTC)",
+    "media_sha256": "SHA-256 of each media file, in the same order",
+    "cache_key": "Hash of content, prompt, settings and model: an answer is reused when this matches",
     "finish_reason": "stop (end of answer) or length (max_new_tokens reached)",
     "prompt_tokens": "Tokens in the prompt, image tokens included",
     "image_tokens": "Tokens the images (or video frames) took: 256 per tile",
@@ -32,7 +33,6 @@ _RESULT_COLUMNS = {
     "model_id": "The model folder's identity (name and a hash of its files)",
     "settings": "Every setting that shapes the answer (JSON)",
     "tags": "The job's tags (JSON list or mapping)",
-    "created_utc": "When the answer was recorded (UTC, ISO 8601)",
     "node": "The host that answered (the head's own, or a Ray actor's node)",
     "error_class": "The kind of failure (MediaError, decode_timeout, ...): the same file failing the same way "
     "again is not reported again",
@@ -46,7 +46,7 @@ _JOB_COLUMNS = {
     "mode": "each (one answer per file) or together (one answer over several images)",
     "tags": "The job's tags (JSON list or mapping)",
     "claim": "The claimed file in work/ while a worker holds the job",
-    "state": "running, done, failed or rejected (also the spool folder it ended in)",
+    "state": "running, done, failed, rejected or cancelled (also the spool folder it ended in)",
     "attempts": "How many workers have started this run",
     "worker": "host:pid of the worker that ran it last",
     "media_count": "Media files (or groups, in `together` mode) the job asked about",
@@ -58,15 +58,34 @@ _JOB_COLUMNS = {
     "run_id": "The latest run (runs table)",
     "inflight": "The media unit a worker is answering now",
     "inflight_deaths": "How many workers died in that unit (after two it is recorded failed and skipped)",
-    "created_utc": "First seen (UTC)",
-    "started_utc": "Latest run started (UTC)",
-    "finished_utc": "Latest run finished (UTC)",
+    "created_utc": "When a job file with this id was first seen (UTC)",
+    "started_utc": "When the latest run started (UTC)",
+    "finished_utc": "When the latest run finished: done, failed, rejected or cancelled (UTC)",
     "standing": "1: a standing job (spool/standing/), run again on every pass for its new or changed files",
     "unchanged": "Standing job: files the run found unchanged and skipped without reading them",
     "gone": "Standing job: files the run found gone (their answers stay, marked gone)",
     "new_failures": "Failures not met before (the number that makes `vlbatch run` exit 1)",
     "fence": "Grows with every start of the job: a worker's writes for it hold only while this is still the number "
     "it started with (a worker suspended past its lease writes nothing more)",
+    "priority": "The job file's priority: higher is taken first",
+    "cancel_requested_utc": "When `vlbatch cancel` asked to stop it (UTC)",
+    "cancelled_by": "Who asked to cancel it (user@host)",
+}
+
+_WORKER_COLUMNS = {
+    "id": "host:pid, as jobs.worker names it",
+    "host": "The machine it runs on",
+    "pid": "Its process id",
+    "command": "run, watch, run --ray or watch --ray",
+    "model_id": "The model folder's identity it loaded (name and a hash of its files)",
+    "state": "idle, busy, paused, stopping or stopped",
+    "job_id": "The job it is on now",
+    "file": "The media file it is answering now",
+    "request": "What an operator asked of it that it has not done yet: pause, resume",
+    "heartbeat_seconds": "Its heartbeat interval: two missed and it is taken for gone",
+    "started_utc": "When the process started (UTC)",
+    "heartbeat_utc": "When it last wrote a heartbeat (UTC)",
+    "stopped_utc": "When it said it stopped (UTC)",
 }
 
 _LATEST_RUN = "FROM job_results jr JOIN results r ON r.id = jr.result_id JOIN jobs j ON j.id = jr.job_id"
@@ -76,16 +95,16 @@ QUERIES: dict[str, dict[str, Any]] = {
         "title": "Latest answers",
         "description": "The newest 200 answers of every job's latest run, with their files.",
         "sql": (
-            "SELECT jr.created_utc, jr.job_id, jr.media_paths, r.answer, r.output_tokens, r.ttft_ms, r.tokens_per_s, "
+            "SELECT jr.linked_utc, jr.job_id, jr.media_paths, r.answer, r.output_tokens, r.ttft_ms, r.tokens_per_s, "
             f"jr.reused, r.id AS result_id {_LATEST_RUN} WHERE jr.run_id = j.run_id AND r.error IS NULL "
-            "ORDER BY jr.created_utc DESC, jr.id DESC LIMIT 200"
+            "ORDER BY jr.linked_utc DESC, jr.id DESC LIMIT 200"
         ),
     },
     "failures": {
         "title": "Failures with reasons",
         "description": "Files that got no answer, and jobs that failed or were rejected, newest first.",
         "sql": (
-            "SELECT * FROM (SELECT jr.created_utc AS at, 'file' AS what, jr.job_id, jr.media_paths AS source, "
+            "SELECT * FROM (SELECT jr.linked_utc AS at, 'file' AS what, jr.job_id, jr.media_paths AS source, "
             f"r.error AS reason {_LATEST_RUN} WHERE r.error IS NOT NULL "
             "UNION ALL SELECT finished_utc, 'job ' || state, id, source, error FROM jobs "
             "WHERE state IN ('failed', 'rejected')) ORDER BY at DESC LIMIT 500"
@@ -96,7 +115,7 @@ QUERIES: dict[str, dict[str, Any]] = {
         "description": "Every file of a job's latest run with its answer or failure (give the job id).",
         "sql": (
             "SELECT jr.media_paths, r.answer, r.error, r.finish_reason, r.output_tokens, r.vit_ms, r.ttft_ms, "
-            f"r.tokens_per_s, jr.reused, jr.created_utc {_LATEST_RUN} WHERE jr.job_id = :job "
+            f"r.tokens_per_s, jr.reused, jr.linked_utc {_LATEST_RUN} WHERE jr.job_id = :job "
             "AND jr.run_id = j.run_id ORDER BY jr.id"
         ),
     },
@@ -139,6 +158,7 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                 "tables": {
                     "results": {
                         "description": "One row per generated answer, or per media file that failed.",
+                        "label_column": "id",
                         "columns": _RESULT_COLUMNS,
                         "units": timing_units,
                         "facets": ["job_id", "finish_reason", "model_id", "backend"],
@@ -148,24 +168,27 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                     },
                     "jobs": {
                         "description": "One row per job id: its latest run's state, counts and error.",
+                        "label_column": "id",
                         "columns": _JOB_COLUMNS,
                         "facets": ["state"],
                         "sort_desc": "created_utc",
                     },
                     "runs": {
                         "description": "Every execution of a job file (all its attempts), kept as history.",
+                        "label_column": "id",
                         "columns": {
                             k: v
                             for k, v in _JOB_COLUMNS.items()
                             if k not in ("run_id", "inflight", "inflight_deaths", "created_utc", "fence")
                         }
                         | {"id": "Run id", "job_id": "The job this run belongs to"}
-                        | {"started_utc": "Run started (UTC)", "finished_utc": "Run finished (UTC)"},
+                        | {"started_utc": "When the run started (UTC)", "finished_utc": "When the run finished (UTC)"},
                         "facets": ["state", "job_id"],
                         "sort_desc": "started_utc",
                     },
                     "job_results": {
                         "description": "Every answer a run owns, generated or reused, with that run's own files.",
+                        "label_column": "id",
                         "columns": {
                             "id": "Link id",
                             "job_id": "The job",
@@ -174,11 +197,11 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                             "reused": "1: an earlier answer linked instead of generated again",
                             "media_paths": "This run's own files for the answer",
                             "media_sha256": "Their SHA-256",
-                            "created_utc": "When the run recorded it (UTC)",
+                            "linked_utc": "When this run took (linked) the answer: made by it or reused (UTC)",
                             "change": "gone: a standing job's file that this run found gone (else empty)",
                         },
                         "facets": ["job_id", "reused"],
-                        "sort_desc": "created_utc",
+                        "sort_desc": "linked_utc",
                     },
                     "sidecars": {
                         "description": "The .txt files vlbatch wrote next to media (never someone else's).",
@@ -203,7 +226,8 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                             "decode_ms": "Time it spent decoding tokens",
                             "last_error": "Why it is gone, or the last unit it could not answer",
                             "started_utc": "When the head asked for it (UTC)",
-                            "updated_utc": "Last change (UTC)",
+                            "updated_utc": "When its row last changed: a state, an answer (UTC)",
+                            "heartbeat_utc": "When its head last beat while it was starting or ready (UTC)",
                         },
                         "units": {"decode_ms": "ms"},
                         "facets": ["state", "node"],
@@ -223,11 +247,18 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                             "state": "answered, failed or gone",
                             "error_class": "The kind of failure, when it failed",
                             "first_seen_utc": "When a pass first took it (UTC)",
-                            "updated_utc": "When its row last changed (UTC)",
+                            "updated_utc": "When a pass last changed its row: answered, failed or found gone (UTC)",
                             "run_id": "The run that last changed it",
                         },
                         "facets": ["job_id", "state"],
                         "sort_desc": "updated_utc",
+                    },
+                    "workers": {
+                        "description": "The run and watch processes (a Ray head too): what each is doing, and its "
+                        "last heartbeat. One silent for two heartbeats is gone.",
+                        "columns": _WORKER_COLUMNS,
+                        "facets": ["state", "host"],
+                        "sort_desc": "heartbeat_utc",
                     },
                     "_sqlite_migrations": {"hidden": True},
                 },
