@@ -1,5 +1,6 @@
 """`vlbatch estimate`: units, tiles and prompt tokens counted as the pipeline and the worker will meet them, and
-the wall time from the rates that apply (a benchmark report, the stored answers, the built-in figures)."""
+the wall time from the rates that apply (a benchmark report, the stored answers, a calibration, the built-in
+figures for InternVL3-2B's shape only), decode priced by the context it runs at."""
 
 from __future__ import annotations
 
@@ -21,9 +22,21 @@ from batch.cli import main
 from batch.errors import PromptTooLongError
 from batch.infer.media import image_size, load_image, tile_count
 from batch.infer.pipeline import Pipeline
+from batch.model.checkpoint import read_config
 from batch.model.export.exporter import export
-from batch.service import planning
-from batch.service.estimate import duration, estimate, estimate_dict
+from batch.model.tinymodel import PRESETS
+from batch.service import calibrate, planning
+from batch.service import estimate as planner
+from batch.service.calibrate import Calibration, DecodeSample, PrefillSample
+from batch.service.estimate import (
+    REFERENCE_SHAPE,
+    ContextRates,
+    architecture,
+    duration,
+    estimate,
+    estimate_dict,
+    fit_decode,
+)
 from batch.service.jobfile import JobRejected, parse_job
 from batch.service.planning import Rates, rates_from_bench
 
@@ -49,15 +62,28 @@ def env(tmp_path: Path, tiny_onnx: Path) -> SpoolEnv:
     return e
 
 
+@pytest.fixture(autouse=True)
+def calibration_cache(tmp_path, monkeypatch) -> Path:
+    """No calibration of the caller's is found: the cache is this test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "vlbatch" / "calibration"
+
+
 @pytest.fixture
-def no_builtin_cpu_rates(monkeypatch):
+def tiny_shape_is_reference(monkeypatch):
+    """The built-in figures made to hold for the tiny model's shape, as they hold for InternVL3-2B's."""
+    monkeypatch.setattr(planner, "REFERENCE_SHAPE", architecture(PRESETS["tiny"]))
+
+
+@pytest.fixture
+def no_builtin_cpu_rates(monkeypatch, tiny_shape_is_reference):
     """The built-in CPU figures as they are before any are filled in: none."""
     monkeypatch.setattr(planning, "CPU_REFERENCE_RATES", {})
 
 
 @pytest.fixture
-def hand_cpu_rates(monkeypatch):
-    """Built-in CPU figures for fp32 exports (the tiny model's), known by hand."""
+def hand_cpu_rates(monkeypatch, tiny_shape_is_reference):
+    """Built-in CPU figures for fp32 exports of the tiny model's shape, known by hand."""
     monkeypatch.setattr(planning, "CPU_REFERENCE_RATES", {"fp32": HAND_RATES})
 
 
@@ -323,17 +349,50 @@ def test_rates_from_a_benchmark_report(env, no_builtin_cpu_rates):
                             job_file).stdout)  # fmt: skip
     rates = result["rates"]
     assert rates["source"].startswith(f"{bench}: bench/run_bench.py int4") and "Test CPU 9000" in rates["source"]
-    assert rates["measured"] and rates["decode_ms_per_token"] == 44.0
-    expected = rates_from_bench(report, "int4").unit(0, result["jobs"][0]["prompt_tokens"], 30)
-    assert result["total"]["seconds"]["total"] == pytest.approx(expected.total_ms / 1e3)
-    assert result["jobs"][0]["seconds"]["decode"] == pytest.approx(44.0 * 29 / 1e3)
+    assert rates["measured"] and rates["origin"] == "rates file"
+    # decode 40, 44, 46 ms/token at 128, 384, 640 positions: fitted as a line, 38.8 ms + 11.7 ms per 1,000 positions
+    assert (rates["decode_ms_per_token"], rates["decode_ms_per_1k_context"]) == (
+        pytest.approx(38.83, abs=0.01),
+        pytest.approx(11.72, abs=0.01),
+    )
+    prompt = result["jobs"][0]["prompt_tokens"]
+    flat = rates_from_bench(report, "int4").unit(0, prompt, 30)
+    decode_ms = sum(rates["decode_ms_per_token"] + rates["decode_ms_per_1k_context"] * (prompt + k) / 1e3
+                    for k in range(29))  # fmt: skip
+    assert result["jobs"][0]["seconds"]["decode"] == pytest.approx(decode_ms / 1e3)
+    assert result["total"]["seconds"]["total"] == pytest.approx((flat.vit_ms + flat.prefill_ms + decode_ms) / 1e3)
 
 
-def test_without_any_figures_the_error_says_how_to_get_some(env, no_builtin_cpu_rates):
+def test_a_report_with_one_decode_figure_prices_decode_flat_and_says_so(env, no_builtin_cpu_rates):
+    report = {
+        "machine": {"cpu": "Test CPU 9000", "threads": 2},
+        "int4": {
+            "vit_ms_per_tile": 300.0,
+            "cases": {"0 images": {"prompt_tokens": 128, "prefill_ms": 200.0, "decode_ms_per_token": 40.0}},
+        },
+    }
+    bench = env.root / "bench.json"
+    bench.write_text(json.dumps(report))
+    job_file = plan(env, "ask.yaml", "prompt: Tell me a joke.\nmax_new_tokens: 30\n")
+    args = ("--config", env.config_path, "estimate", "--rates", bench, "--weights", "int4")
+    result = json.loads(cli(*args, "--json", job_file).stdout)
+    assert (result["rates"]["decode_ms_per_token"], result["rates"]["decode_ms_per_1k_context"]) == (40.0, 0.0)
+    assert result["jobs"][0]["seconds"]["decode"] == pytest.approx(40.0 * 29 / 1e3)
+    text = cli(*args, job_file).stdout
+    assert "decode flat: the report's cases hold decode figures at one context length only" in text
+
+
+def test_without_any_figures_the_report_counts_and_says_how_to_get_some(env, no_builtin_cpu_rates):
     job_file = plan(env, "ask.yaml", "prompt: Hello?\n")
-    result = cli("--config", env.config_path, "estimate", job_file, code=1)
-    assert "no speed figures for onnxruntime with fp32 weights yet" in result.stderr
-    assert "make bench" in result.stderr and "--rates bench.json" in result.stderr and "vlbatch run" in result.stderr
+    result = cli("--config", env.config_path, "estimate", job_file)  # exit 0: counted, not priced
+    said = " ".join(result.stdout.split())
+    assert "no speed figures for tiny_onnx" in said
+    assert "the built-in ones have none for onnxruntime with fp32 weights" in said
+    assert "--calibrate" in said and "--rates bench.json" in said
+    assert "to answer        1" in result.stdout and "wall time        unknown" in result.stdout
+    report = json.loads(cli("--config", env.config_path, "estimate", "--json", job_file).stdout)
+    assert report["rates"] is None and "--calibrate" in report["no_figures"]
+    assert report["jobs"][0]["seconds"] is None and report["total"]["seconds"] is None
 
 
 def test_builtin_cpu_figures_apply_before_any_answer_is_stored(env, hand_cpu_rates):
@@ -363,7 +422,7 @@ def axengine(monkeypatch):
 
 
 def test_an_axmodel_folder_gets_the_published_npu_figures_computed_not_measured(
-    env, tiny_onnx, tiny_hf, tmp_path, axengine
+    env, tiny_onnx, tiny_hf, tmp_path, axengine, tiny_shape_is_reference
 ):
     folder = build_axmodel_folder(tiny_onnx, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
     env.model = folder
@@ -391,6 +450,19 @@ def test_an_axmodel_folder_gets_the_published_npu_figures_computed_not_measured(
     assert job["seconds"]["total"] == pytest.approx(expected.total_ms / 1e3)
     text = cli("--config", env.config_path, "estimate", job_file).stdout
     assert "rates   computed, not measured here: computed from the published AX650N timings" in text
+
+
+def test_an_axmodel_folder_calibrates_through_axengine_in_whole_chunks(env, tiny_onnx, tiny_hf, tmp_path, axengine):
+    env.model = build_axmodel_folder(tiny_onnx, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
+    env.write_config()
+    env.config_path.write_text(env.config_path.read_text().replace("model:\n", f"model:\n  hf_dir: {tiny_hf}\n"))
+    job_file = plan(env, "ask.yaml", "prompt: Hello?\n")
+    assert json.loads(cli("--config", env.config_path, "estimate", "--json", job_file).stdout)["rates"] is None
+    report = json.loads(cli("--config", env.config_path, "estimate", "--json", "--calibrate", job_file).stdout)
+    assert axengine.calls  # the model ran, on the NPU runtime
+    assert report["rates"]["origin"] == "calibration" and report["rates"]["whole_chunks"] is True
+    assert report["calibration"]["machine"]["backend"] == "axengine"
+    assert report["calibration"]["machine"]["threads"] is None and report["jobs"][0]["seconds"]["total"] > 0
 
 
 def test_a_published_axmodel_folder_is_estimated_without_axengine(env, tiny_onnx, tiny_hf, tmp_path, monkeypatch):
@@ -448,7 +520,7 @@ def test_json_holds_each_job_the_totals_and_the_rates(env, hand_cpu_rates):
     first = plan(env, "photos.yaml", "prompt: Describe it.\ninputs: ../media/photos/\n")
     second = plan(env, "clip.yaml", "prompt: What happens?\ninputs: ../media/clip.mp4\n")
     result = json.loads(cli("--config", env.config_path, "estimate", "--json", first, second).stdout)
-    assert set(result) == {"model", "rates", "jobs", "rejected", "total"}
+    assert set(result) == {"model", "rates", "no_figures", "calibration", "jobs", "rejected", "total"}
     assert set(result["model"]) == {
         "dir",
         "id",
@@ -458,10 +530,13 @@ def test_json_holds_each_job_the_totals_and_the_rates(env, hand_cpu_rates):
         "prefill_weights",
         "prefill_capacity",
         "prefill_capacity_from",
+        "shape",
+        "reference_shape",
     }
     assert "@" in result["model"]["id"] and result["model"]["backend"] == "onnxruntime"
     assert result["model"]["vit_weights"] == "fp32" and result["model"]["prefill_weights"] == "same"
     assert result["rates"]["source"] == "hand-made figures" and result["rates"]["measured"] is False
+    assert result["rates"]["origin"] == "built-in" and result["no_figures"] is None and result["calibration"] is None
     job_keys = {"file", "id", "mode", "units", "images", "videos", "text_only", "reused", "unreadable", "too_long",
                 "to_answer", "tiles", "prompt_tokens", "output_tokens_per_answer", "output_tokens_from",
                 "output_tokens_answers", "seconds", "seconds_per_unit", "units_per_hour", "problems"}  # fmt: skip
@@ -477,12 +552,16 @@ def test_json_holds_each_job_the_totals_and_the_rates(env, hand_cpu_rates):
     assert "total   2 jobs, 8 units, 8 to answer" in text and "units per hour" in text
 
 
-def test_help_has_an_example():
+def test_help_has_an_example_and_says_only_calibrate_runs_the_model():
     result = cli("estimate", "--help")
     assert "vlbatch estimate jobs/examples/*.yaml" in result.stdout and "--rates" in result.stdout
+    assert "vlbatch estimate --calibrate jobs/examples/*.yaml" in result.stdout
+    assert "Only --calibrate runs the model" in " ".join(result.stdout.split())
 
 
-def test_an_export_with_int8_stages_is_named_and_priced_with_their_figures(tmp_path, tiny_hf, monkeypatch):
+def test_an_export_with_int8_stages_is_named_and_priced_with_their_figures(
+    tmp_path, tiny_hf, monkeypatch, tiny_shape_is_reference
+):
     fast = tmp_path / "fast"
     export(tiny_hf, fast, vit_weights="int8", prefill_weights="int8")
     int8_rates = Rates(10.0, 20.0, 2.0, 50.0, source="int8 hand figures", measured=False)
@@ -497,3 +576,175 @@ def test_an_export_with_int8_stages_is_named_and_priced_with_their_figures(tmp_p
     result = json.loads(cli("--config", env.config_path, "estimate", "--json", job).stdout)
     assert (result["model"]["vit_weights"], result["model"]["prefill_weights"]) == ("int8", "int8")
     assert result["rates"]["vit_ms_per_tile"] == 10.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whose figures: the built-in ones hold for InternVL3-2B's shape only
+
+# InternVL3-2B's config.json as published (original InternVL layout), the keys its shape is read from
+INTERNVL3_2B_CONFIG = {
+    "architectures": ["InternVLChatModel"],
+    "model_type": "internvl_chat",
+    "template": "internvl2_5",
+    "downsample_ratio": 0.5,
+    "force_image_size": 448,
+    "max_dynamic_patch": 12,
+    "use_thumbnail": True,
+    "ps_version": "v2",
+    "select_layer": -1,
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "image_size": 448,
+        "patch_size": 14,
+        "norm_type": "layer_norm",
+        "qkv_bias": True,
+        "qk_normalization": False,
+    },
+    "llm_config": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 2,
+        "vocab_size": 151674,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def config_folder(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_reference_shape_is_internvl3_2b_as_published_and_as_the_real_shape_preset(tmp_path):
+    _, _, published = read_config(config_folder(tmp_path / "published", INTERNVL3_2B_CONFIG))
+    assert architecture(published) == REFERENCE_SHAPE
+    assert architecture(PRESETS["real-shape"]) == REFERENCE_SHAPE
+    assert architecture(PRESETS["tiny"]) != REFERENCE_SHAPE
+    one_billion = json.loads(json.dumps(INTERNVL3_2B_CONFIG))  # InternVL3-1B's language model: Qwen2.5-0.5B
+    one_billion["llm_config"].update(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                     num_attention_heads=14)  # fmt: skip
+    _, _, smaller = read_config(config_folder(tmp_path / "1b", one_billion))
+    assert architecture(smaller) != REFERENCE_SHAPE
+    assert planner.shape_differences(architecture(smaller)) == "hidden size 896, not 1,536; layers 24, not 28; ..."
+
+
+def real_shape_folder(tiny_onnx: Path, folder: Path) -> Path:
+    """A folder an estimate reads as an fp32 export of InternVL3-2B's shape: the tiny export with the published
+    config.json (an estimate never loads the weights)."""
+    shutil.copytree(tiny_onnx, folder)
+    return config_folder(folder, INTERNVL3_2B_CONFIG)
+
+
+def test_a_model_of_the_reference_shape_is_priced_with_the_builtin_figures(env, tiny_onnx, tmp_path):
+    env.model = real_shape_folder(tiny_onnx, tmp_path / "InternVL3-2B-onnx")
+    env.write_config()
+    env.image("photo.jpg", 1, (2048, 1536))
+    job_file = plan(env, "photo.yaml", "prompt: Write a caption for this photo.\ninputs: ../media/photo.jpg\n"
+                                       "max_new_tokens: 64\n")  # fmt: skip
+    report = json.loads(cli("--config", env.config_path, "estimate", "--json", job_file).stdout)
+    assert report["model"]["reference_shape"] is True and report["no_figures"] is None
+    builtin = planning.CPU_REFERENCE_RATES["fp32"]
+    assert report["rates"]["origin"] == "built-in" and report["rates"]["source"] == builtin.source
+    job = report["jobs"][0]
+    assert job["tiles"] == 13
+    assert job["seconds"]["total"] == pytest.approx(builtin.unit(13, job["prompt_tokens"], 64).total_ms / 1e3)
+    text = cli("--config", env.config_path, "estimate", job_file).stdout
+    assert "real-shape fp32 export" in text and "2 min" in text  # 122.5 s per photo in the README's table
+
+
+def test_the_tiny_model_without_figures_is_counted_and_offered_calibrate_not_priced_as_internvl3_2b(env):
+    env.image("one.png", 1, (640, 480))
+    job_file = plan(env, "one.yaml", "prompt: Describe it.\ninputs: ../media/one.png\n")
+    result = cli("--config", env.config_path, "estimate", job_file)
+    assert "no speed figures for tiny_onnx" in result.stdout
+    assert "the built-in ones are for InternVL3-2B's shape (this model's differs: hidden size 64, not 1,536;" in (
+        " ".join(result.stdout.split())
+    )
+    assert "vlbatch estimate --calibrate" in " ".join(result.stdout.split())
+    assert "real-shape" not in result.stdout and "per unit" not in result.stdout and "per hour" not in result.stdout
+    assert "to answer        1" in result.stdout and "wall time        unknown" in result.stdout
+    report = json.loads(cli("--config", env.config_path, "estimate", "--json", job_file).stdout)
+    assert report["rates"] is None and report["model"]["reference_shape"] is False
+    assert report["total"]["to_answer"] == 1 and report["total"]["seconds"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode priced by the context it runs at
+
+
+def calibration_of(env: SpoolEnv, decode: list[tuple[float, float]]) -> Calibration:
+    """A calibration of the env's model on this machine with the decode timings given (position, ms/token)."""
+    config = env.config()
+    return Calibration(
+        model_id=planner.model_identity(env.model),
+        machine=calibrate.this_machine(config.model),
+        measured_utc="2026-11-30T09:15:00+00:00",
+        load_s=0.5,
+        seconds=2.0,
+        chunk_tokens=128,
+        whole_chunks=False,
+        vit_ms_per_tile=10.0,
+        prefill=(PrefillSample(128, 20.0), PrefillSample(512, 90.0), PrefillSample(1024, 200.0)),
+        decode=tuple(DecodeSample(p, 32, ms) for p, ms in decode),
+    )
+
+
+def test_a_longer_prompt_costs_more_per_decoded_token_when_the_figures_grow_with_the_context(env):
+    calibrate.save(calibration_of(env, [(150.0, 1.0), (2100.0, 3.0), (4050.0, 5.0)]))  # +1.0256 ms per 1,000
+    short = plan(env, "short.yaml", "prompt: Hi?\nmax_new_tokens: 30\n")
+    long = plan(
+        env, "long.yaml", "prompt: " + "Tell me about the harbour and its boats. " * 150 + "\nmax_new_tokens: 30\n"
+    )
+    report = json.loads(cli("--config", env.config_path, "estimate", "--json", short, long).stdout)
+    rates = report["rates"]
+    assert rates["origin"] == "calibration" and rates["decode_ms_per_1k_context"] == pytest.approx(1.0256, rel=1e-3)
+    per_token = [job["seconds"]["decode"] * 1e3 / 29 for job in report["jobs"]]
+    prompts = [job["prompt_tokens"] for job in report["jobs"]]
+    assert prompts[1] > prompts[0] + 1000 and per_token[1] > per_token[0] + 1.0
+    fitted = ContextRates(**{k: v for k, v in rates.items()})
+    for prompt, cost in zip(prompts, per_token, strict=True):
+        assert cost == pytest.approx(sum(fitted.decode_ms_at(prompt + k) for k in range(29)) / 29)
+    text = cli("--config", env.config_path, "estimate", short).stdout
+    assert "calibrated on 2026-11-30 09:15 UTC" in text and "ms per 1,000 tokens of context" in text
+
+
+def test_flat_decode_figures_price_every_context_alike(env):
+    calibrate.save(calibration_of(env, [(150.0, 2.0), (2100.0, 2.0), (4050.0, 1.9)]))  # no growth: flat
+    short = plan(env, "short.yaml", "prompt: Hi?\nmax_new_tokens: 30\n")
+    long = plan(env, "long.yaml", "prompt: " + "Tell me about the harbour. " * 150 + "\nmax_new_tokens: 30\n")
+    report = json.loads(cli("--config", env.config_path, "estimate", "--json", short, long).stdout)
+    assert report["rates"]["decode_ms_per_1k_context"] == 0
+    assert "show no growth with the context" in report["rates"]["decode_note"]
+    assert [job["seconds"]["decode"] for job in report["jobs"]] == [pytest.approx(1.9667 * 29 / 1e3, rel=1e-3)] * 2
+
+
+def test_stored_answers_fit_decode_against_the_position_each_answer_decoded_at():
+    # 2 ms per token at position 0, +1 ms per 1,000 positions: an answer of n tokens after p prompt tokens decodes
+    # its n - 1 steps at positions p .. p + n - 2
+    rows = [
+        {"prompt_tokens": p, "output_tokens": n, "decode_ms": sum(2.0 + (p + k) / 1e3 for k in range(n - 1))}
+        for p, n in [(100, 65), (900, 33), (2000, 129), (3500, 65)]
+    ]
+    fit = planner._history_decode(rows)
+    assert fit is not None and fit.note is None
+    assert (fit.ms_per_token, fit.ms_per_1k_context) == (pytest.approx(2.0), pytest.approx(1.0))
+    close = planner._history_decode([{**row, "prompt_tokens": 100 + i} for i, row in enumerate(rows[:2])])
+    assert close is not None and close.ms_per_1k_context == 0 and "too close together" in (close.note or "")
+
+
+def test_fit_decode_weights_each_figure_by_its_steps():
+    fit = fit_decode([(100.0, 1.0, 100), (3000.0, 4.0, 100), (1500.0, 50.0, 1)], "these")
+    assert fit is not None and fit.ms_per_1k_context == pytest.approx(1.03, abs=0.1)  # the outlier barely counts
+    assert fit_decode([], "these") is None
+    steep = fit_decode([(1000.0, 0.5, 10), (3000.0, 3.0, 10)], "these")  # a line through them is below 0 at 0
+    assert steep is not None and steep.ms_per_token == 0 and steep.ms_per_1k_context == pytest.approx(0.95)
