@@ -34,7 +34,7 @@ _CONFIG_HELP = (
 _MODEL_COMMANDS = ("run", "watch", "ask", "estimate")  # they load or price a model: model.dir must be a folder
 _NO_SPOOL_COMMANDS = ("ask",)  # the others use the spool or the database: its folders are checked
 # they read the database: logged at info by default, so their first line (event=config) says which one
-_DATABASE_COMMANDS = ("run", "watch", "status", "results", "gallery", "serve", "estimate", "submit")
+_DATABASE_COMMANDS = ("run", "watch", "status", "results", "gallery", "serve", "estimate", "submit", "db")
 
 
 class _Group(click.Group):
@@ -95,7 +95,7 @@ def _config_path(ctx: click.Context) -> Path | None:
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="Log detail on stderr (default: info for run, watch and the commands that read the database: status, "
-    "results, gallery, serve, estimate, submit; warning otherwise).",
+    "results, gallery, serve, estimate, submit, db; warning otherwise).",
 )
 @click.version_option(package_name="vlbatch")
 @click.pass_context
@@ -453,8 +453,9 @@ def run(ctx: click.Context, **options: Any) -> None:
 
     \b
     Exit codes (for cron: mail on anything but 0):
-      0  every job finished, or the only failures are files that failed the same way before (or every
-         worker slot was taken: spool.max_workers, so an overlapping cron run leaves at once)
+      0  every job finished (a job cancelled with `vlbatch cancel` too), or the only failures are files
+         that failed the same way before (or every worker slot was taken: spool.max_workers, so an
+         overlapping cron run leaves at once)
       1  a problem met for the first time: a file failing, a job failing or rejected
       2  bad usage or a bad config (nothing started)
       3  gave up on faults of the machine (full disk, locked database) after spool.give_up_seconds
@@ -468,9 +469,13 @@ def run(ctx: click.Context, **options: Any) -> None:
         worker.close()
     bad = [o for o in outcomes if o.state in (JobState.FAILED, JobState.REJECTED)]
     new = [o for o in bad if o.new_problems]
+    done = sum(o.state == JobState.DONE for o in outcomes)
+    cancelled = sum(o.state == JobState.CANCELLED for o in outcomes)  # an operator's choice: not a failure
+    back = len(outcomes) - done - len(bad) - cancelled  # handed back to the inbox (stop signals), or taken over
     click.echo(
-        f"{len(outcomes)} jobs: {len(outcomes) - len(bad)} done, {len(bad)} failed or rejected "
-        f"({len(new)} with problems not met before)",
+        f"{len(outcomes)} jobs: {done} done, {len(bad)} failed or rejected ({len(new)} with problems not met before)"
+        + (f", {cancelled} cancelled" if cancelled else "")
+        + (f", {back} handed back" if back else ""),
         err=True,
     )
     for outcome in bad:
@@ -484,7 +489,16 @@ def run(ctx: click.Context, **options: Any) -> None:
 @click.argument("job_files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @_all(_MODEL_OPTIONS)
 @click.option("--hf-dir", type=click.Path(path_type=Path), help="HF folder (config, tokenizer) for axmodels.")
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime (model.threads), as the worker's."
+)
 @_FORCE_OPTION
+@click.option(
+    "--calibrate",
+    is_flag=True,
+    help="Load the model and time it on this machine first (a synthetic tile and prompts: seconds to a minute), "
+    "keep the figures for later estimates, and price the jobs with them.",
+)
 @click.option(
     "--rates",
     "rates_file",
@@ -505,7 +519,9 @@ def estimate(
     providers: tuple[str, ...] | None,
     device_id: int | None,
     hf_dir: Path | None,
+    threads: int | None,
     force: bool,
+    calibrate: bool,
     rates_file: Path | None,
     weights: str | None,
     as_json: bool,
@@ -515,18 +531,30 @@ def estimate(
     Each job is read as the worker will read it; its units are counted (already answered ones are reused and
     cost no model time; unreadable files and prompts too long are counted apart), images' sizes read from their
     headers, tiles and prompt tokens counted as the pipeline counts them. The time comes from --rates, else
-    from this model's answers stored in the database, else from the built-in figures for the runtime; the
-    report says which, and whether they were measured or computed. Nothing runs, nothing is written.
+    from this model's answers stored in the database, else from its calibration on this machine (--calibrate,
+    kept in ~/.cache/vlbatch/calibration), else from the built-in figures, which hold only for InternVL3-2B's
+    shape; the report says which, and whether they were measured or computed. With none of them it gives the
+    counts without times and offers --calibrate (exit 0). Only --calibrate runs the model; the database is
+    never written.
 
     \b
     Example:
       vlbatch estimate jobs/examples/*.yaml
+      vlbatch estimate --calibrate jobs/examples/*.yaml
       vlbatch estimate --rates bench.json --weights int4 --json holiday.yaml
     """
     from batch.service import estimate as planner
 
-    config = _worker_config(ctx, dir=model_dir, hf_dir=hf_dir, providers=providers, device_id=device_id)
-    result = planner.estimate(config, job_files, force=force, rates_file=rates_file, weights=weights)
+    if calibrate and rates_file is not None:
+        raise click.UsageError("--calibrate and --rates are two sources of figures: give one")
+    config = _worker_config(
+        ctx, dir=model_dir, hf_dir=hf_dir, threads=threads, providers=providers, device_id=device_id
+    )
+    result = planner.estimate(
+        config, job_files, force=force, rates_file=rates_file, weights=weights, calibrate_now=calibrate
+    )
+    if result.calibration_note:
+        click.echo(f"vlbatch: {result.calibration_note}", err=True)
     for rejected in result.rejected:
         click.echo(f"vlbatch: error: {rejected}", err=True)
     if as_json:
@@ -551,8 +579,27 @@ def estimate(
     help="Make them standing jobs (spool/standing/): kept, run on every pass, answering only new or changed "
     "files; one of the same name is replaced.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print what was submitted as JSON: {"submitted": [{"source", "target", "standing"}, ...]} (also when a '
+    "later file is refused: the ones before it were submitted).",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(-1000, 1000),
+    help="Write this `priority` into each job (higher is taken first from the inbox; default: the file's, else 0).",
+)
 @click.pass_context
-def submit(ctx: click.Context, job_files: tuple[Path, ...], batch_file: Path | None, standing: bool) -> None:
+def submit(
+    ctx: click.Context,
+    job_files: tuple[Path, ...],
+    batch_file: Path | None,
+    standing: bool,
+    as_json: bool,
+    priority: int | None,
+) -> None:
     """Check JOB_FILES (or the requests of an OpenAI Batch file) and put them into the inbox atomically.
 
     Relative media paths are resolved against each job file's own folder. A batch file is checked whole
@@ -565,14 +612,23 @@ def submit(ctx: click.Context, job_files: tuple[Path, ...], batch_file: Path | N
     if standing and batch_file is not None:
         raise click.UsageError("--standing takes job files, not --openai-batch")
     config = _config(ctx)
-    for path in job_files:
-        target = submit_job(path, config, standing=standing)
-        click.echo(f"submitted {path} as {'standing job ' if standing else ''}{target.name}")
-    if batch_file is not None:
-        from batch.service.submit import submit_openai_batch
+    done: list[dict[str, Any]] = []
+    try:
+        for path in job_files:
+            target = submit_job(path, config, standing=standing, priority=priority)
+            done.append({"source": str(path), "target": str(target), "standing": standing})
+            if not as_json:
+                click.echo(f"submitted {path} as {'standing job ' if standing else ''}{target.name}")
+        if batch_file is not None:
+            from batch.service.submit import submit_openai_batch
 
-        targets = submit_openai_batch(batch_file, config)
-        click.echo(f"submitted {len(targets)} requests of {batch_file} as jobs")
+            targets = submit_openai_batch(batch_file, config, priority=priority)
+            done += [{"source": str(batch_file), "target": str(target), "standing": False} for target in targets]
+            if not as_json:
+                click.echo(f"submitted {len(targets)} requests of {batch_file} as jobs")
+    finally:
+        if as_json:
+            click.echo(json.dumps({"submitted": done}, indent=2, ensure_ascii=False))
 
 
 @main.command()
@@ -609,41 +665,157 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+def _stored_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--file: a path or glob as the database stores paths (the real absolute path, paths.encode_path)."""
+    if value is None:
+        return None
+    import os
+
+    from batch.service.paths import encode_path
+
+    if not value.strip() or "\0" in value:
+        raise click.BadParameter(f"{value!r} is not a path", ctx=ctx, param=param)
+    return encode_path(os.path.realpath(value))
+
+
+def _yes_or_any(ctx: click.Context, param: click.Parameter, value: bool) -> bool | None:
+    """A flag that narrows (True) or leaves alone (None), as ResultFilter.failed takes it."""
+    return True if value else None
+
+
 _FILTER_OPTIONS = [  # ResultFilter's fields: which answers `results` and `gallery` show
-    click.option("--job", help="Only this job's answers (its latest run), with the job's own files."),
-    click.option("--run", type=click.IntRange(min=1), help="Only the answers of this run (see status --job)."),
     click.option(
-        "--since", callback=_when, help="Recorded at or after: ISO 8601 (2026-11-01, ...T10:00+01:00) or 2h, 3d."
+        "--job",
+        help="Only this job's answers, each with the job's own files (its latest run, unless --run, --last-run or "
+        "--file say otherwise).",
     ),
-    click.option("--until", callback=_when, help="Recorded before: the same forms as --since."),
+    click.option(
+        "--run",
+        type=click.IntRange(min=1),
+        help="Everything this run linked: answered, reused and failed files (and, of a standing job, files it found "
+        "gone). Run ids: vlbatch status --job ID.",
+    ),
+    click.option(
+        "--last-run",
+        is_flag=True,
+        help="Everything each job's latest run linked, reused answers included; of a standing job, what its latest "
+        "pass changed (without it: the answer each of its files has now).",
+    ),
+    click.option(
+        "--file",
+        callback=_stored_path,
+        metavar="PATH",
+        help="Every answer for this file, from every run of every job (not only the latest), newest first. A path "
+        "(relative to the current folder) or a quoted glob ('/srv/photos/*.jpg'; * matches / too).",
+    ),
+    click.option(
+        "--since",
+        callback=_when,
+        help="Answers made at or after this time (created_utc; a reused answer keeps the time it was made): "
+        "ISO 8601 (2026-11-01, 2026-11-01T10:00+01:00; no offset = UTC) or an age (90s, 15m, 2h, 3d, 1w).",
+    ),
+    click.option("--until", callback=_when, help="Answers made before this time: the same forms as --since."),
     click.option("--tag", help="Only jobs with this tag: a value of a tag list or mapping key, or key=value."),
-    click.option("-s", "--search", help="Full-text search of answers and prompts (SQLite FTS5 syntax)."),
+    click.option(
+        "-s",
+        "--search",
+        metavar="WORDS",
+        help="Answers or prompts holding every one of these words, in any case, each taken literally (n4.jpg, "
+        "don't, C++, AND).",
+    ),
+    click.option(
+        "--fts",
+        metavar="QUERY",
+        help='A raw SQLite FTS5 query over answers and prompts: OR, NOT, NEAR(), prefix*, "phrases".',
+    ),
+    click.option(
+        "--failed",
+        is_flag=True,
+        callback=_yes_or_any,
+        help="Only the files that got no answer, with the reasons.",
+    ),
 ]
+
+
+def _checked_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """The filter options, refused when two of them contradict each other."""
+    if filters.get("run") is not None and filters.get("last_run"):
+        raise click.UsageError("--run and --last-run each name the run to show: give one of them")
+    return filters
+
 
 _filter_options = _all(_FILTER_OPTIONS)
 
 
 @main.command()
 @_filter_options
-@click.option("-n", "--limit", default=100, show_default=True, type=click.IntRange(min=0), help="0 = no limit.")
+@click.option(
+    "-n",
+    "--limit",
+    type=click.IntRange(min=0),
+    help="At most this many rows; 0 = all. Default: 100 for the table (stderr says how many it left out), every "
+    "matching row for json, jsonl, csv and openai-batch.",
+)
 @click.option(
     "--format",
     "fmt",
     type=click.Choice(["table", "json", "jsonl", "csv", "openai-batch"]),
-    default="table",
-    show_default=True,
-    help="openai-batch: OpenAI Batch API output lines, by the custom_id of jobs submitted with --openai-batch.",
+    help="table (default), json (one array), jsonl (one object a line), csv, or openai-batch: OpenAI Batch API "
+    "output lines, one per answer, custom_id as the README's 'OpenAI Batch files' says.",
 )
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 @click.pass_context
-def results(ctx: click.Context, fmt: str, **filters: Any) -> None:
+def results(ctx: click.Context, fmt: str | None, as_json: bool, limit: int | None, **filters: Any) -> None:
     """Stored answers with their timings, newest first: each with the files of the job that owns it.
 
-    Reads the database of the configuration in use and never creates one.
-    """
-    from batch.service.reports import format_results, query_results
+    Without --run, --last-run or --file: each job's latest run (of a standing job, the answer each of its files
+    has now). Each row is one answer as a run linked it, the newest link first: id (the answer), job_id, run_id,
+    link_id, media_paths (that job's own files), answer or error, timings, created_utc (when the answer was
+    made), linked_utc (when the run linked it: later for a reused answer), reused (1: an earlier answer with the
+    same file bytes, prompt, settings and model), change (gone: a standing job found the file gone). JSON formats
+    give media_paths, media_sha256, settings and tags as values. Rows are written as they are read, so any
+    number exports in little memory. Reads the database of the configuration in use and never creates one.
 
-    rows = query_results(_config(ctx), **filters)
-    click.echo(format_results(rows, fmt), nl=False)
+    \b
+    Examples:
+      vlbatch results --since 24h                      answers made in the last day
+      vlbatch results --file photos/beach.jpg          every answer for one file
+      vlbatch results --failed --last-run              what failed in each job's latest run, and why
+      vlbatch results --format csv > answers.csv       every matching answer, however many
+    """
+    from batch.service import reports
+    from batch.service.result_filter import ResultFilter
+
+    if as_json and fmt not in (None, "json"):
+        raise click.UsageError(f"--json is --format json: it cannot go with --format {fmt}")
+    fmt = "json" if as_json else fmt or "table"
+    flt = ResultFilter(**_checked_filters(filters))
+    config = _config(ctx)
+    try:
+        exported = reports.export_results(config, flt, fmt, reports.row_limit(fmt, limit), sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        _quiet_stdout()
+        return
+    if exported.matching is not None and exported.matching > exported.written:
+        click.echo(
+            f"vlbatch: the newest {exported.written} of {exported.matching} answers shown, "
+            f"{exported.matching - exported.written} left out; -n 0 shows them all",
+            err=True,
+        )
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: stdout goes nowhere, so that flushing it at exit raises nothing more."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test runner's buffer)
+        pass
+    finally:
+        os.close(devnull)
 
 
 _thumbnail_cache_option = click.option(
@@ -701,23 +873,29 @@ def serve(ctx: click.Context, host: str, port: int, thumbnail_cache: Path | None
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @_filter_options
-@click.option("--failed", is_flag=True, help="Only the files that got no answer, with the reasons.")
 @click.option("--per-page", default=100, show_default=True, type=click.IntRange(min=1, max=1000))
 @_thumbnail_cache_option
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print what was written as JSON: results, pages, previews, index path."
+)
 @click.pass_context
 def gallery(
-    ctx: click.Context, out_dir: Path, failed: bool, per_page: int, thumbnail_cache: Path | None, **filters: Any
+    ctx: click.Context, out_dir: Path, per_page: int, thumbnail_cache: Path | None, as_json: bool, **filters: Any
 ) -> None:
     """Write the results as static web pages into OUT_DIR: index.html, more pages, previews beside them.
 
     The folder needs no server and no network (open index.html, or copy the folder anywhere); writing it again
-    replaces the pages and keeps previews that are still current. A cron job can write it after each drain:
-    vlbatch run; vlbatch gallery --since 24h /srv/www/last-night
+    replaces the pages and keeps previews that are still current. A cron job can write the answers made by
+    the night's run after each drain: vlbatch run; vlbatch gallery --since 24h /srv/www/last-night
     """
     static = _web_module("static_gallery")
-    filters["failed"] = True if failed else None
+    filters = _checked_filters(filters)
     written = static.write_gallery(_config(ctx), out_dir, filters, per_page, _thumbnail_cache(thumbnail_cache))
-    click.echo(f"vlbatch: {written.results} results on {written.pages} pages: {written.index}", err=True)
+    if as_json:
+        shown = {"index": str(written.index), "results": written.results, "pages": written.pages}
+        click.echo(json.dumps({**shown, "previews": written.previews, "seconds": round(written.seconds, 3)}))
+    else:
+        click.echo(f"vlbatch: {written.results} results on {written.pages} pages: {written.index}", err=True)
 
 
 def _web_module(name: str) -> Any:
@@ -747,3 +925,13 @@ def show_config(ctx: click.Context) -> None:
     click.echo(f"# from {path or 'built-in defaults'}")
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
     check_config(config, needs_model=False)
+
+
+from batch.cli_db import db  # noqa: E402 - the `db` group (backup, prune, vacuum, size) imports this module's helpers
+
+main.add_command(db)
+
+from batch.cli_control import CONTROL_COMMANDS  # noqa: E402 - cancel, pause, resume: they use this module's _config
+
+for _command in CONTROL_COMMANDS:
+    main.add_command(_command)

@@ -13,7 +13,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 def test_every_command_is_in_the_readme_and_has_help():
     expected = {"ask", "submit", "watch", "run", "status", "results", "serve", "gallery", "config", "export"}
-    expected |= {"make-model", "estimate"}
+    expected |= {"make-model", "estimate", "db", "cancel", "pause", "resume"}
     assert set(main.commands) == expected
     for name, command in main.commands.items():
         assert f"`vlbatch {name}`" in README, name
@@ -25,7 +25,7 @@ def test_every_database_column_is_documented(tmp_path):
     from batch.service.store import Store
 
     store = Store(tmp_path / "docs.db")
-    for table in ("jobs", "results", "job_results", "sidecars", "actors"):
+    for table in ("jobs", "runs", "results", "job_results", "sidecars", "actors", "workers", "standing_files"):
         assert f"`{table}`" in README, table
         for column in store.db[table].columns_dict:
             assert f"`{column}`" in README, f"{table}.{column}"
@@ -38,10 +38,13 @@ def test_every_database_column_is_described_to_datasette(tmp_path):
 
     tables = metadata()["databases"][DATABASE]["tables"]
     store = Store(tmp_path / "docs.db")
-    for table in ("jobs", "runs", "results", "job_results", "sidecars", "actors"):
+    for table in ("jobs", "runs", "results", "job_results", "sidecars", "actors", "standing_files", "workers"):
         described = tables[table]["columns"]
         for column in store.db[table].columns_dict:
             assert described.get(column), f"{table}.{column} has no description in batch/service/web/metadata.py"
+            if column.endswith("_utc"):  # each time says which event it stamps
+                text = described[column]
+                assert text.startswith("When ") and text.endswith("UTC)"), f"{table}.{column}: {text}"
         assert not set(described) - set(store.db[table].columns_dict), f"{table}: described columns that do not exist"
     store.close()
 
