@@ -144,7 +144,7 @@ def test_filters(gallery, results_env: SpoolEnv, tmp_path: Path) -> None:
         assert any(shown(row["answer"]) in c for c in found)
     assert f"search: {word}" in written["search"]
 
-    result = gallery(tmp_path / "nobody", "--job", "nobody")
+    result = gallery(tmp_path / "nobody", "--tag", "nobody")
     assert result.exit_code == 0, result.output
     (empty,) = pages_of(tmp_path / "nobody")
     assert cards_of(empty) == [] and "no results" in empty and search_index(tmp_path / "nobody") == []
@@ -177,7 +177,7 @@ def test_refuses_a_folder_it_did_not_write(gallery, tmp_path: Path) -> None:
     assert (out / "index.html").read_text() == "my own page"
 
     result = gallery(tmp_path / "bad-search", "--fts", '"')  # a raw FTS5 query that is not one
-    assert result.exit_code == 1 and "cannot run that search" in result.stderr
+    assert result.exit_code == 1 and "is not a valid SQLite FTS5 query" in result.stderr
     assert not (tmp_path / "bad-search").exists()
 
     file = tmp_path / "a-file"

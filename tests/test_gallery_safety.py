@@ -161,7 +161,7 @@ def test_the_users_own_files_stay(gallery, tmp_path: Path) -> None:
     }
     for path, text in own.items():
         path.write_text(text)
-    for args in (["--per-page", "2", "--job", "pair"], ["--job", "nobody"]):
+    for args in (["--per-page", "2", "--job", "pair"], ["--tag", "nobody"]):
         result = gallery(out, *args)
         assert result.returncode == 0, result.stderr
         for path, text in own.items():

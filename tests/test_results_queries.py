@@ -32,6 +32,8 @@ PROMPTS = {  # text-only jobs whose prompts hold words that are FTS5 syntax, or 
     "contraction": "Say why we don't stop.",
     "language": "Explain C++ templates AND macros.",
     "quote": 'Quote "this" line.',
+    "lookalikes": "Is a png file of vitamin C, a_png, in the photos?",
+    "chinese": "一只猫坐在草地上",
 }
 
 
@@ -153,6 +155,19 @@ def test_file_lists_every_answer_of_one_file_newest_first(nights) -> None:
     assert rows(env, "--file", str(photos / "nothing.jpg")) == []
     linked = invoke(env, "results", "--file", "photos/b.jpg", cwd=env.media)
     assert linked.exit_code == 0 and linked.stdout.count("b.jpg") == 3
+    # a folder is every file under it
+    assert rows(env, "--file", str(photos)) == rows(env, "--file", str(photos / "*"))
+    assert len(rows(env, "--file", "photos", cwd=env.media)) == 2 * 3 + 2 * 2
+
+
+def test_a_job_or_run_that_does_not_exist_and_an_empty_time_span_are_said(nights) -> None:
+    env, between = nights
+    for args, what in ((("--job", "nosuch"), "no job with id 'nosuch'"), (("--run", "999"), "no run 999")):
+        for command in (["results", *args], ["gallery", str(env.root / "g"), *args]):
+            result = invoke(env, *command)
+            assert result.exit_code == 1 and what in said(result.stderr), (command, result.stderr)
+    backwards = invoke(env, "results", "--since", "1m", "--until", "1h")
+    assert backwards.exit_code == 2 and "is not before --until" in backwards.stderr
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +198,13 @@ def words(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path) -> SpoolEnv
         ("and macros", ["language"]),  # every word, in any order and case
         ("NEAR", []),
         ('"this"', ["quote"]),
-        ('"', []),  # no word the index holds: nothing, and no error
+        ('"', ["quote"]),  # punctuation alone is a word too
         ("jpg stop", []),
+        ("a.png", []),  # not "a png" nor "a_png": the characters as written
+        ("c++", ["language"]),  # not "vitamin C,"
+        ("photo", ["lookalikes"]),  # a part of a word
+        ("坐在", ["chinese"]),  # text without spaces
+        ("草地 猫", ["chinese"]),
     ],
 )
 def test_search_takes_words_literally(words: SpoolEnv, words_given: str, found: list[str]) -> None:
@@ -197,6 +217,10 @@ def test_fts_takes_raw_queries_and_a_bad_one_is_one_line(words: SpoolEnv) -> Non
     bad = invoke(words, "results", "--fts", "AND")
     assert bad.exit_code == 1 and bad.stdout == ""
     assert said(bad.stderr).count("\n") == 1 and "--fts 'AND' is not a valid SQLite FTS5 query" in bad.stderr
+    for query in ('"unclosed', "nosuchcolumn:word"):  # errors SQLite raises while stepping, not preparing
+        bad = invoke(words, "results", "--fts", query)
+        assert bad.exit_code == 1, bad.stderr
+        assert f"--fts {query!r} is not a valid SQLite FTS5 query" in said(bad.stderr)
 
 
 def test_failed_lists_files_without_an_answer_with_the_reason(words: SpoolEnv) -> None:

@@ -19,13 +19,13 @@ from typing import Any, TextIO
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
+from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database, is_passing
 from batch.service.heartbeat import is_gone
 from batch.service.result_filter import ResultFilter
 from batch.service.spool import Spool
 from batch.service.store import Store, pending_migrations
 from batch.service.timefilter import to_utc_iso
-from batch.service.worker_status import HANDED_BACK, RUNNING, STALLED, job_liveness, stalled_text, worker_view
+from batch.service.worker_status import PAUSED, RUNNING, STALLED, WAITING, job_liveness, stalled_text, worker_view
 
 TABLE_COLUMNS = ("id", "job_id", "run_id", "media", "answer", "output_tokens", "ttft_ms", "tokens_per_s", "created_utc")
 # stored as JSON text, shown as values by json_row
@@ -123,10 +123,10 @@ def _actor(row: dict[str, Any], now: datetime, heartbeat_seconds: float) -> dict
 
 
 def _honest_counts(counts: dict[str, int], running: list[dict[str, Any]]) -> dict[str, int]:
-    """Jobs per state, where a job the database calls running but whose worker is gone counts as stalled, and one
-    whose file went back to the inbox as handed_back."""
+    """Jobs per state, where a job the database calls running counts as its worker's heartbeat says: paused,
+    stalled (its worker gone) or waiting (its file back in the inbox)."""
     counts = dict(counts)
-    for state in (STALLED, HANDED_BACK):
+    for state in (PAUSED, STALLED, WAITING):
         n = sum(1 for run in running if run["state"] == state)
         if n:
             counts[state] = n
@@ -143,10 +143,12 @@ def _worker_of(store: Store, live: dict[str, dict[str, Any]], job: dict[str, Any
 
 def _progress(store: Store, job: dict[str, Any], now: datetime, liveness: dict[str, Any]) -> dict[str, Any]:
     """A job the database calls running: whether it is (its worker's heartbeat), answers so far of its media, time
-    spent and, only while it really runs, the time left at this pace."""
+    spent (until its worker was last heard, for a stalled one) and, only while it really runs, the time left at
+    this pace."""
     done = store.run_answers(job["run_id"])
     total = job["media_count"] or 0
-    elapsed = (now - datetime.fromisoformat(job["started_utc"])).total_seconds()
+    until = datetime.fromisoformat(liveness["worker_gone_utc"]) if liveness.get("worker_gone_utc") else now
+    elapsed = max(0.0, (until - datetime.fromisoformat(job["started_utc"])).total_seconds())
     eta = elapsed / done * (total - done) if done and total >= done else None
     if liveness["state"] != RUNNING:
         eta = None
@@ -168,8 +170,9 @@ def _progress(store: Store, job: dict[str, Any], now: datetime, liveness: dict[s
 
 
 def job_history(config: Config, job_id: str) -> list[dict[str, Any]]:
+    """A job's runs, newest first; a run still going shows what its links hold so far."""
     with existing_store(config) as store:
-        runs = store.runs_of(job_id)
+        runs = [run | store.run_counts(run["id"]) if run["state"] == RUNNING else run for run in store.runs_of(job_id)]
     if not runs:
         raise VlbatchError(f"no job with id {job_id!r} in {config.spool.database}")
     return [json_row(run) for run in runs]
@@ -193,8 +196,17 @@ def format_status(report: dict[str, Any]) -> str:
                 f"{run['attempt']}) on {run['worker']}: {counts}"
             )
             continue
-        if run["state"] == HANDED_BACK:
-            lines.append(f"handed back: {run['job']} (run {run['run']}) waits in the inbox: {counts}")
+        if run["state"] == WAITING:
+            lines.append(
+                f"waiting {run['job']} (run {run['run']}): back in the inbox, its run resumes when a worker takes it: "
+                f"{counts}"
+            )
+            continue
+        if run["state"] == PAUSED:
+            lines.append(
+                f"paused {run['job']} (run {run['run']}, attempt {run['attempt']}) on {run['worker']}: {counts} "
+                "(vlbatch resume goes on)"
+            )
             continue
         eta = "?" if run["eta_s"] is None else _duration(run["eta_s"])
         at = f", now {run['file']}" if run["file"] else ""
@@ -273,6 +285,7 @@ def export_results(config: Config, flt: ResultFilter, fmt: str, limit: int | Non
     """Writes the answers `flt` selects to `out` in `fmt`, each row as the cursor gives it (memory stays flat
     however many match); `limit` as `row_limit` makes it. Reads the configured database, never creates one."""
     with existing_store(config) as store:
+        require_named(store.db.conn, flt, store.path)
         names, rows = _query(store, flt, limit)
         if fmt == "table":
             written = _write_table(rows, out)
@@ -290,6 +303,15 @@ def export_results(config: Config, flt: ResultFilter, fmt: str, limit: int | Non
         if fmt == "table" and limit and written == limit:
             matching = _read(store, lambda: store.db.execute(*flt.count()).fetchone()[0])
     return Exported(written, matching)
+
+
+def require_named(conn: sqlite3.Connection, flt: ResultFilter, database: Path) -> None:
+    """An error naming the job or run a filter asks for when the database has none of that name (a typo would
+    otherwise look like a job without answers)."""
+    if flt.job and conn.execute("SELECT 1 FROM jobs WHERE id = ?", [flt.job]).fetchone() is None:
+        raise VlbatchError(f"no job with id {flt.job!r} in {database} (vlbatch status lists the jobs)")
+    if flt.run is not None and conn.execute("SELECT 1 FROM runs WHERE id = ?", [flt.run]).fetchone() is None:
+        raise VlbatchError(f"no run {flt.run} in {database} (vlbatch status --job ID lists a job's runs)")
 
 
 def json_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -317,7 +339,7 @@ def _query(store: Store, flt: ResultFilter, limit: int | None) -> tuple[list[str
     def rows() -> Iterator[dict[str, Any]]:
         values = iter(cursor)
         while True:
-            one = _read(store, lambda: next(values, None))
+            one = _read(store, lambda: next(values, None), flt)
             if one is None:
                 return
             yield dict(zip(names, one, strict=True))
@@ -332,7 +354,7 @@ def _read(store: Store, step: Any, flt: ResultFilter | None = None) -> Any:
     except sqlite3.DatabaseError as exc:
         if is_corrupt_database(exc):
             raise DatabaseCorrupt(f"{store.path}: the database is damaged ({describe(exc)})") from None
-        if flt is not None and flt.fts and "fts5" in str(exc).lower():
+        if flt is not None and flt.fts and not is_passing(exc, spool=True):  # the one query text a user writes
             raise VlbatchError(
                 f"--fts {flt.fts!r} is not a valid SQLite FTS5 query ({exc}); -s takes plain words instead"
             ) from None

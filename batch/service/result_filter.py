@@ -24,7 +24,7 @@ class ResultFilter:
     tracks has now). `file` is a stored path (`paths.encode_path` of the real absolute path) or a glob of one
     (SQLite GLOB: `*` matches `/` too). `since`/`until` are UTC times in the stored format, compared with the
     answer's `created_utc`; `tag` is `value` (a list item or a mapping key) or `key=value`; `search` is words, each
-    taken literally (see `fts_words`); `fts` a raw FTS5 query; `failed` keeps only the files that got no answer
+    found as written (see `literal_words`); `fts` a raw FTS5 query; `failed` keeps only the files that got no answer
     (True) or only answers (False)."""
 
     job: str | None = None
@@ -59,10 +59,12 @@ class ResultFilter:
             sql, tag_args = _tag_condition(self.tag)
             where.append(sql)
             args += tag_args
-        for query in (fts_words(self.search or ""), self.fts):
-            if query:
-                where.append("r.id IN (SELECT rowid FROM results_fts WHERE results_fts MATCH ?)")
-                args.append(query)
+        for word in literal_words(self.search or ""):
+            where.append("(instr(lower(coalesce(r.answer, '')), ?) > 0 OR instr(lower(coalesce(r.prompt, '')), ?) > 0)")
+            args += [word, word]
+        if self.fts:
+            where.append("r.id IN (SELECT rowid FROM results_fts WHERE results_fts MATCH ?)")
+            args.append(self.fts)
         if self.failed is not None:
             where.append("r.error IS NOT NULL" if self.failed else "r.error IS NULL")
         return " AND ".join(where), args
@@ -101,13 +103,12 @@ class ResultFilter:
         return f"SELECT count(*) {_FROM} WHERE {where}", args
 
 
-def fts_words(text: str) -> str:
-    """Words as an FTS5 query that finds them literally: each word a quoted phrase (`"` doubled), all required.
-
-    `n4.jpg`, `don't`, `C++`, `AND`, `NEAR` and `"` are words, never query syntax; a word the index holds no
-    token of (`"`, `+++`) requires nothing when other words are given and matches nothing alone. "" for no words.
-    """
-    return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+def literal_words(text: str) -> list[str]:
+    """The words of `text` (split at white space), each to be found as written in the answer or the prompt: a part
+    of a word counts (`photo` finds `photos`, `坐在` finds `坐在草地上`: text without spaces is searchable too),
+    ASCII letters in any case, every other character exactly (`n4.jpg`, `don't`, `C++`, `AND`, `"`). The words are
+    lowered here as SQLite's lower() lowers the text: ASCII letters only."""
+    return ["".join(c.lower() if c.isascii() else c for c in word) for word in text.split()]
 
 
 def _file_condition(stored: str) -> tuple[str, list[Any]]:

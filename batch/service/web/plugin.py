@@ -323,8 +323,8 @@ async def gallery(datasette: Any, request: Any) -> Response:
             sql, args = flt.select(columns, PAGE_SIZE, (page - 1) * PAGE_SIZE)
             rows = [dict(row) for row in (await db.execute(sql, args)).rows]
             cards = [card(row, lambda p, link=row["link_id"]: thumbnail_url(datasette, p, link)) for row in rows]
-        except Exception as exc:  # an FTS5 syntax error in the search text, most often
-            errors.append(f"cannot run that search ({exc}); see SQLite FTS5 query syntax")
+        except Exception as exc:  # the query's time limit, most often (the search text is taken as words)
+            errors.append(f"cannot show these results ({exc})")
     jobs = [row[0] for row in (await db.execute("SELECT id FROM jobs ORDER BY id")).rows]
     pages = max(1, math.ceil(total / PAGE_SIZE))
     kept = {k: v for k, v in fields.items() if v}

@@ -39,7 +39,7 @@ from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.service.atomic_write import SymlinkRefused
-from batch.service.reports import require_current_database
+from batch.service.reports import require_current_database, require_named
 from batch.service.result_filter import ResultFilter
 from batch.service.store import connect_read_only
 from batch.service.web.cards import card
@@ -326,11 +326,14 @@ def _rows(config: Config, flt: ResultFilter) -> list[dict[str, Any]]:
     conn.row_factory = sqlite3.Row
     try:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(results)")]
+        require_named(conn, flt, config.spool.database)
         sql, args = flt.select(columns)
         try:
             return [dict(row) for row in conn.execute(sql, args)]
         except sqlite3.OperationalError as exc:
-            raise VlbatchError(f"cannot run that search ({exc}); see SQLite FTS5 query syntax") from None
+            if flt.fts:  # the one query text a user writes
+                raise VlbatchError(f"--fts {flt.fts!r} is not a valid SQLite FTS5 query ({exc})") from None
+            raise VlbatchError(f"{config.spool.database}: cannot read the results ({exc})") from None
     finally:
         conn.close()
 
