@@ -435,7 +435,8 @@ def watch(ctx: click.Context, **options: Any) -> None:
     worker = _open_worker(ctx, **options)
     worker.install_signal_handlers()
     try:
-        if worker.take_slot(wait=True):
+        worker.start_heartbeat("watch")  # listed by status while it waits for a slot too
+        if worker.take_slot(wait=True) and not worker.stop_requested:
             worker.watch()
     finally:
         worker.close()
@@ -532,10 +533,10 @@ def estimate(
     cost no model time; unreadable files and prompts too long are counted apart), images' sizes read from their
     headers, tiles and prompt tokens counted as the pipeline counts them. The time comes from --rates, else
     from this model's answers stored in the database, else from its calibration on this machine (--calibrate,
-    kept in ~/.cache/vlbatch/calibration), else from the built-in figures, which hold only for InternVL3-2B's
-    shape; the report says which, and whether they were measured or computed. With none of them it gives the
-    counts without times and offers --calibrate (exit 0). Only --calibrate runs the model; the database is
-    never written.
+    kept in $XDG_CACHE_HOME/vlbatch/calibration, by default ~/.cache/vlbatch/calibration), else from the
+    built-in figures, which hold only for InternVL3-2B's shape; the report says which, and whether they were
+    measured or computed. With none of them it gives the counts without times and offers --calibrate (exit 0).
+    Only --calibrate runs the model; the database is never written.
 
     \b
     Example:
@@ -675,7 +676,10 @@ def _stored_path(ctx: click.Context, param: click.Parameter, value: str | None) 
 
     if not value.strip() or "\0" in value:
         raise click.BadParameter(f"{value!r} is not a path", ctx=ctx, param=param)
-    return encode_path(os.path.realpath(value))
+    real = os.path.realpath(value)
+    if os.path.isdir(real):  # a folder: every file under it (its own name's glob characters taken literally)
+        return "".join(f"[{c}]" if c in "*?[" else c for c in encode_path(real)) + "/*"
+    return encode_path(real)
 
 
 def _yes_or_any(ctx: click.Context, param: click.Parameter, value: bool) -> bool | None:
@@ -706,7 +710,8 @@ _FILTER_OPTIONS = [  # ResultFilter's fields: which answers `results` and `galle
         callback=_stored_path,
         metavar="PATH",
         help="Every answer for this file, from every run of every job (not only the latest), newest first. A path "
-        "(relative to the current folder) or a quoted glob ('/srv/photos/*.jpg'; * matches / too).",
+        "(relative to the current folder), a folder (every file under it) or a quoted glob ('/srv/photos/*.jpg'; "
+        "* matches / too).",
     ),
     click.option(
         "--since",
@@ -720,8 +725,8 @@ _FILTER_OPTIONS = [  # ResultFilter's fields: which answers `results` and `galle
         "-s",
         "--search",
         metavar="WORDS",
-        help="Answers or prompts holding every one of these words, in any case, each taken literally (n4.jpg, "
-        "don't, C++, AND).",
+        help="Answers or prompts holding every one of these words as written (a part of a word counts; ASCII "
+        "letters in any case; n4.jpg, don't, C++, AND and text without spaces work).",
     ),
     click.option(
         "--fts",
@@ -741,6 +746,9 @@ def _checked_filters(filters: dict[str, Any]) -> dict[str, Any]:
     """The filter options, refused when two of them contradict each other."""
     if filters.get("run") is not None and filters.get("last_run"):
         raise click.UsageError("--run and --last-run each name the run to show: give one of them")
+    since, until = filters.get("since"), filters.get("until")
+    if since is not None and until is not None and since >= until:
+        raise click.UsageError(f"--since ({since}) is not before --until ({until}): no answer can match")
     return filters
 
 

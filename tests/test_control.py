@@ -167,6 +167,10 @@ def test_cancel_a_queued_job_and_what_cannot_be_cancelled(env):
     assert code == 1
     assert "holiday: already finished (cancelled at " in err
     assert "nosuch: no such job in the inbox" in err
+    env.drop("named.yaml", "id: elsewise\nprompt: Describe.\n")  # its id is not its name: the file is pointed at
+    code, _, err = vlbatch(env, "cancel", "named")
+    assert code == 1 and "named.yaml is there under another id: `vlbatch cancel named.yaml` names the file" in err
+    assert (env.inbox / "named.yaml").exists()
     status = json.loads(vlbatch(env, "status", "--json")[1])
     assert status["jobs"]["cancelled"] == 2 and status["spool"]["cancelled"] == 2
 
@@ -261,7 +265,11 @@ def test_pause_holds_a_running_watch_with_its_model_and_claim_then_resume_finish
         spool = Spool(env.jobs, lease_seconds=2.0)
         (claim,) = spool.claims()
         assert spool.is_held(claim.path.name)
-        assert json.loads(vlbatch(env, "status", "--json")[1])["workers"][0]["state"] == "paused"
+        report = json.loads(vlbatch(env, "status", "--json")[1])
+        assert report["workers"][0]["state"] == "paused" and report["jobs"] == {"paused": 1}
+        (job,) = report["running"]  # the job is held, not running: no ETA
+        assert job["state"] == "paused" and job["eta_s"] is None
+        assert "paused long (run" in vlbatch(env, "status")[1]
 
         code, out, err = vlbatch(env, "resume", worker_id(proc))
         assert code == 0 and f"asked {worker_id(proc)} (watch, paused, on long) to resume" in out, err

@@ -72,6 +72,9 @@ def test_a_killed_worker_shows_its_job_stalled_then_running_again_once_recovered
             shown = {w["worker"]: w for w in status_json(env)["workers"]}.get(name)
             return shown if shown and shown["file"] else None
 
+        args = ["--config", str(env.config_path), "status", "--job", "long", "--json"]
+        (run,) = json.loads(CliRunner().invoke(main, args, catch_exceptions=False).stdout)
+        assert run["state"] == "running" and run["answered"] >= 2  # what its links hold so far
         shown = wait_for(on_a_file, timeout=5 * BEAT)
         assert shown["state"] == "busy" and shown["job"] == "long" and shown["file"].endswith(".png")
     finally:
@@ -125,11 +128,30 @@ def test_a_job_handed_back_by_a_second_signal_is_not_shown_running(env):
         _, err = proc.communicate(timeout=60)
     assert "job.handed_back" in err and (env.inbox / "long.yaml").exists()
     (job,) = status_json(env)["running"]
-    assert job["state"] == "handed_back" and job["eta_s"] is None
-    assert status_json(env)["jobs"] == {"handed_back": 1}  # not counted as running
+    assert job["state"] == "waiting" and job["eta_s"] is None
+    assert status_json(env)["jobs"] == {"waiting": 1}  # not counted as running
     text = status(env)
-    assert "handed back: long" in text and "running long" not in text and "ETA" not in text
+    assert "waiting long (run 1): back in the inbox" in text and "running long" not in text and "ETA" not in text
     assert status_json(env)["workers"] == []  # the worker said it stopped
+
+
+def test_a_watcher_waiting_for_a_slot_is_listed_and_a_stop_there_loads_no_model(env, tmp_path):
+    first = env.spawn("watch")  # spool.max_workers is 1: the second waits for the first one's slot
+    wait_for(lambda: env.db_path.exists() and [w["state"] for w in status_json(env)["workers"]] == ["idle"])
+    log = tmp_path / "second.log"
+    second = env.spawn("watch", log=log)
+    name = f"{socket.gethostname()}:{second.pid}"
+    try:
+        wait_for(lambda: {w["worker"]: w["state"] for w in status_json(env)["workers"]}.get(name) == "waiting")
+        assert f"worker {name} (watch): waiting" in status(env)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert second.returncode == 0 and first.returncode == 0
+    assert "model.loaded" not in log.read_text()  # stopped while waiting: nothing was loaded for nothing
+    assert status_json(env)["workers"] == []
 
 
 def test_an_idle_watcher_is_listed_and_a_locked_database_never_stops_its_beat(env):

@@ -32,7 +32,7 @@ from batch.errors import VlbatchError
 from batch.service.heartbeat import PAUSED, STOPPED, is_gone
 from batch.service.jobfile import JobRejected, load_job_text
 from batch.service.logs import event
-from batch.service.spool import Spool, is_job_name
+from batch.service.spool import JOB_SUFFIXES, Spool, is_job_name
 from batch.service.standing import CLAIM_PREFIX
 from batch.service.states import JobState
 from batch.service.store import Store, utc_now
@@ -169,6 +169,9 @@ def _cancel_one(spool: Spool, store: Store, job_id: str, who: str) -> dict[str, 
     row = store.job(job_id)
     if row is None:
         message = f"{job_id}: no such job in the inbox ({spool.inbox}) or the database ({store.path})"
+        named = [spool.inbox / f"{job_id}{suffix}" for suffix in JOB_SUFFIXES]
+        for path in (p for p in named if p.is_file()):  # a file of that name whose `id:` says otherwise
+            message += f"; {path.name} is there under another id: `vlbatch cancel {path.name}` names the file"
         return {**result, "action": UNKNOWN, "ok": False, "message": message}
     when = row["finished_utc"] or row["started_utc"] or "?"
     message = f"{job_id}: already finished ({row['state']} at {when}); nothing to cancel"

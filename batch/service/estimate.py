@@ -614,7 +614,8 @@ def format_estimate(result: Estimate) -> str:
     total = data["total"]
     if len(result.jobs) > 1 or result.rejected:
         rejected = f" ({len(result.rejected)} rejected)" if result.rejected else ""
-        head = f"total   {total['jobs']} jobs{rejected}, {total['units']:,} units, {total['to_answer']:,} to answer"
+        jobs = f"{total['jobs']} job{'' if total['jobs'] == 1 else 's'}"
+        head = f"total   {jobs}{rejected}, {total['units']:,} units, {total['to_answer']:,} to answer"
         lines += ["", head, *(f"        {line}" for line in _time_lines(total))]
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Workers report themselves: each `run`/`watch` process (a Ray head too) keeps a row of the `workers` table current.
 
-A thread writes the row every `spool.heartbeat_seconds`: host, pid, command, state (idle, busy, paused, stopping,
+A thread writes the row every `spool.heartbeat_seconds`, and at once (at most once a second) when the worker starts
+a file or changes state: host, pid, command, state (idle, busy, paused, waiting for a worker slot, stopping,
 stopped), the jobs and the file it is on, and the time of the beat. A worker that misses two beats is gone (killed,
 frozen, its host down): `vlbatch status` then shows its job as stalled, never as running. The same beat renews the
 `heartbeat_utc` of the Ray actors the head holds, so one rule says whether anything is alive.
@@ -27,7 +28,9 @@ from batch.service.logs import event
 log = logging.getLogger("batch.service.heartbeat")
 
 MISSED_BEATS = 2  # a worker silent for this many of its intervals is gone
-IDLE, BUSY, PAUSED, STOPPING, STOPPED = "idle", "busy", "paused", "stopping", "stopped"
+MIN_SPACING_SECONDS = 1.0  # a change (a new file, a state) is written at once, but at most one beat a second
+# waiting: for a worker slot (spool.max_workers)
+IDLE, BUSY, PAUSED, STOPPING, STOPPED, WAITING = "idle", "busy", "paused", "stopping", "stopped", "waiting"
 
 
 def utc_now() -> str:
@@ -94,10 +97,11 @@ class Heartbeat:
         self._wake.set()
 
     def on_file(self, job_id: str, file: str | None) -> None:
-        """The file (or unit) a job is answering now; written with the next beat."""
+        """The file (or unit) a job is answering now; written at once (at most one beat a second)."""
         with self._lock:
             if job_id in self._doing.jobs:
                 self._doing.jobs[job_id] = file
+        self._wake.set()
 
     def job_ended(self, job_id: str) -> None:
         with self._lock:
@@ -128,8 +132,10 @@ class Heartbeat:
         while not self._done.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
-            if not self._done.is_set():
-                self.beat()
+            if self._done.is_set():
+                return
+            self.beat()
+            self._done.wait(min(MIN_SPACING_SECONDS, self.interval))
 
     def beat(self) -> None:
         """Write the row now and take any request an operator left for this worker."""

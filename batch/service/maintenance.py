@@ -677,10 +677,12 @@ def format_prune(report: PruneReport, cutoff_text: str) -> str:
 
 
 def format_vacuum(report: VacuumReport) -> str:
-    text = (
-        f"vacuumed {report.database} in {report.seconds:.1f} s: {human_bytes(report.bytes_before)} "
-        f"(+ WAL {human_bytes(report.wal_bytes_before)}) -> {human_bytes(report.bytes_after)} "
-        f"(+ WAL {human_bytes(report.wal_bytes_after)})"
+    before = report.bytes_before + report.wal_bytes_before
+    after = report.bytes_after + report.wal_bytes_after
+    text = (  # the WAL counts: pages not yet checkpointed into the file are part of the database on disk
+        f"vacuumed {report.database} in {report.seconds:.1f} s: {human_bytes(before)} -> {human_bytes(after)} on "
+        f"disk (file {human_bytes(report.bytes_before)} + WAL {human_bytes(report.wal_bytes_before)} -> file "
+        f"{human_bytes(report.bytes_after)} + WAL {human_bytes(report.wal_bytes_after)})"
     )
     if report.wal_bytes_after:
         text += "; a reader held the WAL: it moves into the file at the workers' next checkpoint"

@@ -45,11 +45,11 @@ class WorkerSlots:
 
     def wait(self, stop: Callable[[], bool], interval: float = 1.0) -> bool:
         """Take a slot as soon as one is free; False when `stop()` turns true first."""
-        while not self.take():
-            if stop():
-                return False
+        while not stop():
+            if self.take():
+                return True
             time.sleep(interval)
-        return True
+        return False
 
     def release(self) -> None:
         if self._fd is not None:

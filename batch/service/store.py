@@ -273,7 +273,7 @@ def m007_workers_control_and_links(db: sqlite_utils.Database) -> None:
             "pid": int,
             "command": str,  # run, watch, run --ray, watch --ray
             "model_id": str,
-            "state": str,  # idle, busy, paused, stopping, stopped
+            "state": str,  # idle, busy, paused, waiting (for a worker slot), stopping, stopped
             "job_id": str,
             "file": str,
             "request": str,  # what an operator asked of it and it has not done yet: pause, resume
@@ -509,29 +509,30 @@ class Store:
         with self.atomic():
             self.check_fence(job_id)
             run_id = self._run_id(job_id)
-            # a file gone from a standing folder keeps its answer: its link says so and is not counted as one
-            answered, reused, failed, gone = self.db.execute(
-                "SELECT coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 0 AND r.error IS NULL), 0), "
-                "coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 1), 0), "
-                "coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 0 AND r.error IS NOT NULL), 0), "
-                "coalesce(sum(jr.change = 'gone'), 0) "
-                "FROM job_results jr JOIN results r ON r.id = jr.result_id WHERE jr.run_id = ?",
-                [run_id],
-            ).fetchone()
             update = {
                 "state": JobState(state).value,
                 "error": None if error is None else storable_text(error),  # may quote a name that is not UTF-8
                 "traceback": None if traceback is None else storable_text(traceback),
                 "finished_utc": utc_now(),
-                "answered": answered,
-                "reused": reused,
-                "failed_media": failed,
-                "gone": gone,
+                **self.run_counts(run_id),
                 **(counts or {}),
             }
             self.db["jobs"].update(job_id, update)
             if run_id is not None:
                 self.db["runs"].update(run_id, update)
+
+    def run_counts(self, run_id: int | None) -> dict[str, int]:
+        """What a run's links hold so far: answered, reused, failed_media and gone (a file gone from a standing
+        folder keeps its answer: its link says so and is not counted as one)."""
+        answered, reused, failed, gone = self.db.execute(
+            "SELECT coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 0 AND r.error IS NULL), 0), "
+            "coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 1), 0), "
+            "coalesce(sum(jr.change IS NOT 'gone' AND jr.reused = 0 AND r.error IS NOT NULL), 0), "
+            "coalesce(sum(jr.change = 'gone'), 0) "
+            "FROM job_results jr JOIN results r ON r.id = jr.result_id WHERE jr.run_id = ?",
+            [run_id],
+        ).fetchone()
+        return {"answered": answered, "reused": reused, "failed_media": failed, "gone": gone}
 
     def record_rejected(self, job_id: str, source: str, reason: str, update_job: bool = True) -> None:
         """A job file that could not run: a run of its own, and the job's state unless another file holds it."""

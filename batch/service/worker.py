@@ -54,7 +54,7 @@ from batch.service.faults import (
     is_passing,
 )
 from batch.service.folder_watch import FolderWatch
-from batch.service.heartbeat import BUSY, IDLE, PAUSED, STOPPING, Heartbeat
+from batch.service.heartbeat import BUSY, IDLE, PAUSED, STOPPING, WAITING, Heartbeat
 from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
 from batch.service.paths import decode_path, encode_path, paths_json
@@ -289,7 +289,13 @@ class Worker:
             reason="every worker slot for this spool and model is held by another vlbatch process (spool.max_workers)",
             waiting=wait,
         )
-        return wait and self.slots.wait(lambda: self.stop_requested)
+        if not wait:
+            return False
+        self.heartbeat.set_state(WAITING)  # listed by status while it waits (a heartbeat started by the caller)
+        taken = self.slots.wait(lambda: self.stop_requested)
+        if taken:
+            self.heartbeat.set_state(IDLE)
+        return taken
 
     def watch(self) -> None:
         """Run jobs as they arrive until a stop signal; faults of the machine are waited out, never fatal."""
@@ -299,7 +305,8 @@ class Worker:
         folders = FolderWatch(observer, self.wake)
         event(log, "worker.watching", inbox=self.spool.inbox, standing=self.standing.dir, worker=self.name)
         try:
-            _ = self.pipeline  # load the model before the first job arrives
+            if not self.stop_requested:  # a stop while it waited for a slot: no model loaded for nothing
+                _ = self.pipeline  # load the model before the first job arrives
             while not self.stop_requested:
                 if self.control.paused:  # vlbatch pause: no job and no standing pass until resumed
                     self._hold_while_paused()

@@ -1,10 +1,12 @@
-"""What `vlbatch status` says of workers and of the jobs the database calls running: live, stalled or handed back.
+"""What `vlbatch status` says of workers and of the jobs the database calls running: running, paused, stalled, or
+waiting in the inbox.
 
 The database's `jobs.state = running` only says a worker started the job and has not finished it. Whether the
 job is really running comes from its worker's heartbeat (batch.service.heartbeat): a live worker on the job is
-running it; a worker that stopped beating has left it stalled until the spool takes it back (its lease expires,
-or at once when a worker on the same host sees the process gone); a job whose file is back in the inbox was
-handed back and waits there.
+running it (or holding it paused: `vlbatch pause`); a worker that stopped beating has left it stalled until the
+spool takes it back (its lease expires, or at once when a worker on the same host sees the process gone); a job
+whose file is back in the inbox (handed back by a second stop signal, or taken back from a dead worker) waits
+there for a worker to resume its run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from batch.service.heartbeat import is_gone
 from batch.service.spool import SEPARATOR, Claim, Spool
 from batch.service.standing import CLAIM_PREFIX
 
-RUNNING, STALLED, HANDED_BACK = "running", "stalled", "handed_back"
+RUNNING, PAUSED, STALLED, WAITING = "running", "paused", "stalled", "waiting"
 
 
 def worker_view(row: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -33,13 +35,14 @@ def worker_view(row: dict[str, Any], now: datetime) -> dict[str, Any]:
         "model_id": row["model_id"],
         "started_utc": row["started_utc"],
         "heartbeat_utc": row["heartbeat_utc"],
-        "heartbeat_age_s": None if last is None else round((now - last).total_seconds(), 1),
+        "heartbeat_age_s": None if last is None else max(0.0, round((now - last).total_seconds(), 1)),
         "gone": is_gone(row.get("heartbeat_utc"), row.get("heartbeat_seconds"), row.get("state"), now),
     }
 
 
 def job_liveness(job: dict[str, Any], worker: dict[str, Any] | None, spool: Spool, now: datetime) -> dict[str, Any]:
-    """Whether a job the database calls running is running, stalled (its worker gone) or handed back.
+    """Whether a job the database calls running is running, paused, stalled (its worker gone) or waiting in the
+    inbox for a worker to resume it.
 
     A worker with no row at all (a release before heartbeats) is judged by its claim's lease alone.
     """
@@ -52,14 +55,14 @@ def job_liveness(job: dict[str, Any], worker: dict[str, Any] | None, spool: Spoo
         if alive:
             return {"state": RUNNING}
         if claim_path is not None and not os.path.lexists(claim_path):
-            return {"state": HANDED_BACK}
+            return {"state": WAITING}
         return _stalled(None, lease.expires if lease else None, standing)
     on_job = job["id"] in (worker.get("job_id") or "").split(", ")
     gone = is_gone(worker.get("heartbeat_utc"), worker.get("heartbeat_seconds"), worker.get("state"), now)
     if not gone and on_job:
-        return {"state": RUNNING}
+        return {"state": PAUSED if worker.get("state") == PAUSED else RUNNING}
     if claim_path is not None and not os.path.lexists(claim_path):
-        return {"state": HANDED_BACK}  # its file went back to the inbox: the next worker resumes the run
+        return {"state": WAITING}  # its file went back to the inbox: the next worker resumes the run
     since = worker.get("stopped_utc") or worker.get("heartbeat_utc")  # its last sign of life
     if not gone:  # alive, but on other work: it lost this job (a hand-back that could not move the file)
         since = None

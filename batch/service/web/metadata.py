@@ -78,7 +78,7 @@ _WORKER_COLUMNS = {
     "pid": "Its process id",
     "command": "run, watch, run --ray or watch --ray",
     "model_id": "The model folder's identity it loaded (name and a hash of its files)",
-    "state": "idle, busy, paused, stopping or stopped",
+    "state": "idle, busy, paused, waiting (for a worker slot), stopping or stopped",
     "job_id": "The job it is on now",
     "file": "The media file it is answering now",
     "request": "What an operator asked of it that it has not done yet: pause, resume",
