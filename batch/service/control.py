@@ -29,7 +29,7 @@ from typing import Any
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.service.heartbeat import PAUSED, STOPPED, is_gone
+from batch.service.heartbeat import PAUSED, STOPPED, worker_gone
 from batch.service.jobfile import JobRejected, load_job_text
 from batch.service.logs import event
 from batch.service.spool import JOB_SUFFIXES, Spool, is_job_name
@@ -268,7 +268,7 @@ def ask_workers(config: Config, request: str, names: list[str]) -> list[dict[str
 
 
 def _live(row: dict[str, Any], now: datetime) -> bool:
-    return not is_gone(row.get("heartbeat_utc"), row.get("heartbeat_seconds"), row.get("state"), now)
+    return not worker_gone(row, now)
 
 
 def _live_workers(store: Store, now: datetime) -> list[dict[str, Any]]:

@@ -20,10 +20,12 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from batch.service.logs import event
+from batch.service.store import utc_now
 
 log = logging.getLogger("batch.service.heartbeat")
 
@@ -33,16 +35,17 @@ MIN_SPACING_SECONDS = 1.0  # a change (a new file, a state) is written at once, 
 IDLE, BUSY, PAUSED, STOPPING, STOPPED, WAITING = "idle", "busy", "paused", "stopping", "stopped", "waiting"
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 def is_gone(heartbeat_utc: str | None, heartbeat_seconds: float | None, state: str | None, now: datetime) -> bool:
     """Whether a worker row says its worker is no longer there: it stopped, or missed MISSED_BEATS beats."""
     if state == STOPPED or not heartbeat_utc:
         return True
     silent = (now - datetime.fromisoformat(heartbeat_utc)).total_seconds()
     return silent > MISSED_BEATS * (heartbeat_seconds or 5.0)
+
+
+def worker_gone(row: dict[str, Any], now: datetime) -> bool:
+    """`is_gone` of a `workers` row: stopped, or silent for MISSED_BEATS of its own beat intervals."""
+    return is_gone(row.get("heartbeat_utc"), row.get("heartbeat_seconds"), row.get("state"), now)
 
 
 @dataclass

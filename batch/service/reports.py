@@ -25,7 +25,16 @@ from batch.service.result_filter import ResultFilter
 from batch.service.spool import Spool
 from batch.service.store import Store, pending_migrations
 from batch.service.timefilter import to_utc_iso
-from batch.service.worker_status import PAUSED, RUNNING, STALLED, WAITING, job_liveness, stalled_text, worker_view
+from batch.service.worker_status import (
+    PAUSED,
+    RUNNING,
+    STALLED,
+    WAITING,
+    job_liveness,
+    local_clock,
+    stalled_text,
+    worker_view,
+)
 
 TABLE_COLUMNS = ("id", "job_id", "run_id", "media", "answer", "output_tokens", "ttft_ms", "tokens_per_s", "created_utc")
 # stored as JSON text, shown as values by json_row
@@ -186,7 +195,7 @@ def format_status(report: dict[str, Any]) -> str:
         doing = f"on {worker['job']}" + (f", now {worker['file']}" if worker["file"] else "") if worker["job"] else ""
         lines.append(
             f"worker {worker['worker']} ({worker['command']}): {worker['state']}{' ' + doing if doing else ''}, "
-            f"up since {_clock(worker['started_utc'])}, last heartbeat {worker['heartbeat_age_s']:.0f}s ago"
+            f"up since {local_clock(worker['started_utc'])}, last heartbeat {worker['heartbeat_age_s']:.0f}s ago"
         )
     for run in report["running"]:
         counts = f"{run['done']}/{run['total']} answered"
@@ -211,7 +220,7 @@ def format_status(report: dict[str, Any]) -> str:
         eta = "?" if run["eta_s"] is None else _duration(run["eta_s"])
         at = f", now {run['file']}" if run["file"] else ""
         if run.get("cancel_requested_utc"):
-            at += f"; cancel asked by {run['cancelled_by']} at {_clock(run['cancel_requested_utc'])}"
+            at += f"; cancel asked by {run['cancelled_by']} at {local_clock(run['cancel_requested_utc'])}"
         lines.append(
             f"running {run['job']} (run {run['run']}, attempt {run['attempt']}) on {run['worker']}: "
             f"{counts}, {_duration(run['elapsed_s'])} elapsed, ETA {eta}{at}"
@@ -495,11 +504,6 @@ def _cell(name: str, row: dict[str, Any]) -> str:
     if isinstance(value, float):
         return f"{value:.1f}"
     return "" if value is None else str(value)
-
-
-def _clock(utc: str | None) -> str:
-    """A stored UTC time as the local wall clock, HH:MM:SS."""
-    return datetime.fromisoformat(utc).astimezone().strftime("%H:%M:%S") if utc else "?"
 
 
 def _duration(seconds: float) -> str:

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from batch.service.heartbeat import is_gone
+from batch.service.heartbeat import worker_gone
 from batch.service.spool import SEPARATOR, Claim, Spool
 from batch.service.standing import CLAIM_PREFIX
 
@@ -36,7 +36,7 @@ def worker_view(row: dict[str, Any], now: datetime) -> dict[str, Any]:
         "started_utc": row["started_utc"],
         "heartbeat_utc": row["heartbeat_utc"],
         "heartbeat_age_s": None if last is None else max(0.0, round((now - last).total_seconds(), 1)),
-        "gone": is_gone(row.get("heartbeat_utc"), row.get("heartbeat_seconds"), row.get("state"), now),
+        "gone": worker_gone(row, now),
     }
 
 
@@ -58,7 +58,7 @@ def job_liveness(job: dict[str, Any], worker: dict[str, Any] | None, spool: Spoo
             return {"state": WAITING}
         return _stalled(None, lease.expires if lease else None, standing)
     on_job = job["id"] in (worker.get("job_id") or "").split(", ")
-    gone = is_gone(worker.get("heartbeat_utc"), worker.get("heartbeat_seconds"), worker.get("state"), now)
+    gone = worker_gone(worker, now)
     if not gone and on_job:
         return {"state": PAUSED if worker.get("state") == PAUSED else RUNNING}
     if claim_path is not None and not os.path.lexists(claim_path):
@@ -85,21 +85,22 @@ def _lease(spool: Spool, claim_path: Path | None) -> Any:
 
 def stalled_text(run: dict[str, Any], now: datetime) -> str:
     """`stalled (worker gone since 10:42:07; recovered when its lease expires at 10:42:31)`, in local time."""
-    gone = f"worker gone since {_clock(run['worker_gone_utc'])}" if run.get("worker_gone_utc") else "worker gone"
+    gone = f"worker gone since {local_clock(run['worker_gone_utc'])}" if run.get("worker_gone_utc") else "worker gone"
     if run.get("standing"):
         then = "the standing job's next pass carries it on"
     elif run.get("lease_expires_utc"):
         expires = run["lease_expires_utc"]
         past = datetime.fromisoformat(expires) <= now
         then = (
-            f"its lease expired at {_clock(expires)}: the next worker's turn takes it back"
+            f"its lease expired at {local_clock(expires)}: the next worker's turn takes it back"
             if past
-            else f"recovered when its lease expires at {_clock(expires)}, or sooner by a worker on its host"
+            else f"recovered when its lease expires at {local_clock(expires)}, or sooner by a worker on its host"
         )
     else:
         then = "the next worker's turn takes it back"
     return f"stalled ({gone}; {then})"
 
 
-def _clock(utc: str) -> str:
-    return datetime.fromisoformat(utc).astimezone().strftime("%H:%M:%S")
+def local_clock(utc: str | None) -> str:
+    """A stored UTC time as the local wall clock, HH:MM:SS ("?" for none)."""
+    return datetime.fromisoformat(utc).astimezone().strftime("%H:%M:%S") if utc else "?"
