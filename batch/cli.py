@@ -41,8 +41,7 @@ class _Group(click.Group):
     """Turns the errors vlbatch expects into one line on stderr and an exit code; gives every command --config."""
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
-        if not any(param.name == "config_path" for param in cmd.params):
-            cmd.params.append(_config_option_after_the_command())
+        _give_config_option(cmd)
         super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -61,6 +60,14 @@ def _exit_code(exc: VlbatchError) -> int:
         return EXIT_USAGE
     codes = {InfrastructureError: EXIT_INFRASTRUCTURE, DatabaseCorrupt: EXIT_CORRUPT_DATABASE}
     return codes.get(type(exc), EXIT_FAILED)
+
+
+def _give_config_option(cmd: click.Command) -> None:
+    """--config on the command, and on each subcommand of a group (`vlbatch db size --config c.yaml`)."""
+    if not any(param.name == "config_path" for param in cmd.params):
+        cmd.params.append(_config_option_after_the_command())
+    for sub in getattr(cmd, "commands", {}).values():
+        _give_config_option(sub)
 
 
 def _config_option_after_the_command() -> click.Option:

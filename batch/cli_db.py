@@ -18,8 +18,6 @@ import click
 
 from batch.service import maintenance
 
-_CONFIG_HELP = "Config file (the same as `vlbatch --config FILE db ...`)."
-
 
 def _cli() -> Any:
     """batch.cli, imported when a command runs (it imports this module to register the group)."""
@@ -28,28 +26,7 @@ def _cli() -> Any:
     return batch.cli
 
 
-def _remember_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
-    _cli()._remember_config_path(ctx, param, value)
-
-
-class _DbGroup(click.Group):
-    """Gives every `db` subcommand --config after its name too (`vlbatch db size --config c.yaml`)."""
-
-    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
-        if not any(param.name == "config_path" for param in cmd.params):
-            cmd.params.append(
-                click.Option(
-                    ["--config", "config_path"],
-                    type=click.Path(dir_okay=False, path_type=Path),
-                    expose_value=False,
-                    callback=_remember_config,
-                    help=_CONFIG_HELP,
-                )
-            )
-        super().add_command(cmd, name)
-
-
-@click.group(cls=_DbGroup)
+@click.group()
 def db() -> None:
     """The database over years: backups while workers write, pruning old runs, VACUUM, size and growth.
 

@@ -59,7 +59,7 @@ def write_atomic(
             os.unlink(tmp)
         raise
     if durable:
-        _fsync_folder(path.parent)
+        fsync_folder_at(path.parent)
 
 
 def _utf8(text: str) -> bytes:
@@ -104,7 +104,7 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder_at(folder: Path) -> None:
     """Make the rename durable; some filesystems refuse fsync on a folder, which is fine."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import VlbatchError
+from batch.service.atomic_write import fsync_folder_at
 from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
 from batch.service.states import JobState
 from batch.service.store import Store, connect_read_only
@@ -207,7 +208,7 @@ def _publish(temp: Path, target: Path, force: bool) -> None:
             os.link(temp, target)
     except FileExistsError:
         raise VlbatchError(f"{target} exists; pass --force to replace it") from None
-    _fsync(target.parent)
+    fsync_folder_at(target.parent)
 
 
 def _fsync(path: Path) -> None:
