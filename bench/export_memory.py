@@ -7,7 +7,8 @@ jobs (answers of about 200 characters, their links, runs and jobs rows, the full
 triggers), then runs `vlbatch results --format FORMAT -n 0` in a child process for json, jsonl, csv and
 openai-batch, and again with `-n SMALL`. Prints the rows each wrote (counted from its output), the seconds, and
 the peak resident memory of the export process itself (its rusage, read by a small launcher); the ratio of the
-two peaks shows whether memory grows with the rows written.
+two peaks shows whether memory grows with the rows written. Then the time of `-s` with a word no answer holds
+(a literal search reads every answer), against a query that matches none without reading them.
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ print(f"maxrss_kib={usage.ru_maxrss} exit={os.waitstatus_to_exitcode(status)}", 
 """
 
 
-def export(config: Path, fmt: str, limit: int, out: Path) -> tuple[float, int]:
+def export(config: Path, fmt: str, limit: int, out: Path, *more: str) -> tuple[float, int]:
     """(seconds, peak RSS in KiB) of one `vlbatch results` process, its stdout written to `out`."""
     command = [sys.executable, "-m", "batch", "--config", str(config), "--log-level", "warning", "results"]
-    command += ["--format", fmt, "-n", str(limit)]
+    command += ["--format", fmt, "-n", str(limit), *more]
     with open(out, "wb") as stdout:
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=stdout, stderr=subprocess.PIPE)
@@ -188,6 +189,11 @@ def main() -> None:
                 f"{fmt:<13} {written:>8,} {seconds:>8.1f} {megabytes:>8.1f} {peak / 1024:>6.1f} MiB"
                 f"   {small_peak / 1024:>8.1f} MiB  {peak / small_peak:.2f}"
             )
+        # -s reads every answer in scope (a literal search is a scan): a word no answer holds, against no search
+        searched, _ = export(config, "jsonl", 0, folder / "search.out", "-s", "zeppelin-nowhere")
+        assert rows_in(folder / "search.out", "jsonl") == 0
+        baseline, _ = export(config, "jsonl", 0, folder / "none.out", "--tag", "no-such-tag")
+        print(f"-s over {args.rows:,} answers, none matching: {searched:.2f} s; --tag matching none: {baseline:.2f} s")
 
 
 if __name__ == "__main__":
