@@ -211,6 +211,23 @@ def test_search_takes_words_literally(words: SpoolEnv, words_given: str, found: 
     assert sorted(r["job_id"] for r in rows(words, "-s", words_given)) == found
 
 
+def test_the_table_never_sends_control_characters_to_the_terminal(words: SpoolEnv) -> None:
+    conn = sqlite3.connect(words.db_path)
+    (answer_id,) = conn.execute("SELECT min(id) FROM results WHERE answer IS NOT NULL").fetchone()
+    with conn:
+        conn.execute("UPDATE results SET answer = ? WHERE id = ?", ["\x1b[2Jcleared\x07 \x00end", answer_id])
+    try:
+        table = invoke(words, "results", "-n", "0").stdout
+        assert "\ufffd[2Jcleared\ufffd \ufffdend" in table
+        assert not any(not c.isprintable() for c in table.replace("\n", ""))
+        shown = [r["answer"] for r in rows(words) if r["id"] == answer_id]
+        assert shown == ["\x1b[2Jcleared\x07 \x00end"]  # machine formats keep the text as it is
+    finally:
+        with conn:
+            conn.execute("UPDATE results SET answer = 'nothing to see' WHERE id = ?", [answer_id])
+        conn.close()
+
+
 def test_fts_takes_raw_queries_and_a_bad_one_is_one_line(words: SpoolEnv) -> None:
     assert sorted(r["job_id"] for r in rows(words, "--fts", "n4 OR macros")) == ["file-name", "language"]
     assert sorted(r["job_id"] for r in rows(words, "--fts", "templ*", "-s", "C++")) == ["language"]

@@ -499,6 +499,8 @@ def _cell(name: str, row: dict[str, Any]) -> str:
     if name == "answer":
         text = row["answer"] if row.get("error") is None else f"ERROR: {row['error']}"
         text = ("(gone) " if row.get("change") == "gone" else "") + " ".join((text or "").split())
+        # a model's text may hold control characters (an escape sequence would drive the terminal): shown as �
+        text = "".join(c if c.isprintable() else "\ufffd" for c in text)
         return text if len(text) <= 60 else text[:57] + "..."
     value = row.get(name)
     if isinstance(value, float):

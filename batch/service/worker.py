@@ -988,7 +988,7 @@ class Worker:
             return self._unit_failed(run, base, str(exc), failure_class(exc))
         # recorded before the model runs: a worker that dies in this unit twice skips it the next time
         deaths = self.store.begin_unit(job.id, paths)
-        self.heartbeat.on_file(job.id, ", ".join(p.name for p in unit))
+        self.heartbeat.on_file(job.id, ", ".join(encode_path(p.name) for p in unit))  # any name, as stored
         if self.policy.skip_unit(deaths):
             names = ", ".join(str(p) for p in unit)
             return self._unit_failed(
