@@ -1,7 +1,7 @@
 """Workers report themselves: each `run`/`watch` process (a Ray head too) keeps a row of the `workers` table current.
 
 A thread writes the row every `spool.heartbeat_seconds`, and at once (at most once a second) when the worker starts
-a file or changes state: host, pid, command, state (idle, busy, paused, waiting for a worker slot, stopping,
+or ends a job or changes state: host, pid, command, state (idle, busy, paused, waiting for a worker slot, stopping,
 stopped), the jobs and the file it is on, and the time of the beat. A worker that misses two beats is gone (killed,
 frozen, its host down): `vlbatch status` then shows its job as stalled, never as running. The same beat renews the
 `heartbeat_utc` of the Ray actors the head holds, so one rule says whether anything is alive.
@@ -30,7 +30,7 @@ from batch.service.store import utc_now
 log = logging.getLogger("batch.service.heartbeat")
 
 MISSED_BEATS = 2  # a worker silent for this many of its intervals is gone
-MIN_SPACING_SECONDS = 1.0  # a change (a new file, a state) is written at once, but at most one beat a second
+MIN_SPACING_SECONDS = 1.0  # a change (a job, a state) is written at once, but at most one beat a second
 # waiting: for a worker slot (spool.max_workers)
 IDLE, BUSY, PAUSED, STOPPING, STOPPED, WAITING = "idle", "busy", "paused", "stopping", "stopped", "waiting"
 
@@ -74,6 +74,7 @@ class Heartbeat:
         self.interval = interval
         self.busy_timeout_seconds = busy_timeout_seconds
         self.on_request = on_request  # returns True when it acted on the request (then it is cleared)
+        self.holds_actors = False  # a Ray head: its beat renews its actors' heartbeat_utc too
         self._doing = _Doing()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -100,11 +101,11 @@ class Heartbeat:
         self._wake.set()
 
     def on_file(self, job_id: str, file: str | None) -> None:
-        """The file (or unit) a job is answering now; written at once (at most one beat a second)."""
+        """The file (or unit) a job is answering now; written with the next beat. Not at once: a beat at every
+        file's start would write in step with the worker's own commits (and stretch them, waiting for the GIL)."""
         with self._lock:
             if job_id in self._doing.jobs:
                 self._doing.jobs[job_id] = file
-        self._wake.set()
 
     def job_ended(self, job_id: str) -> None:
         with self._lock:
@@ -180,24 +181,24 @@ class Heartbeat:
         return conn
 
     def _write(self, row: dict[str, object]) -> str | None:
+        """The row, and a Ray head's actors, each written by one statement in its own transaction: the write lock
+        is never held across statements (where this thread would wait for the GIL, and a worker suspended there,
+        SIGSTOP or a laptop lid, would hold every other worker's writes)."""
         conn = self._connect()
         try:
             names = ", ".join(row)
             marks = ", ".join("?" for _ in row)
             updates = ", ".join(f"{name} = excluded.{name}" for name in row if name != "id")
-            conn.execute("BEGIN IMMEDIATE")
             conn.execute(
                 f"INSERT INTO workers ({names}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}",
                 list(row.values()),
             )
-            if self._stopped_utc is None:  # a Ray head's actors live as long as it beats
+            if self.holds_actors and self._stopped_utc is None:  # a Ray head's actors live as long as it beats
                 conn.execute(
                     "UPDATE actors SET heartbeat_utc = ? WHERE head = ? AND state IN ('starting', 'ready')",
                     [row["heartbeat_utc"], self.id],
                 )
-            request = conn.execute("SELECT request FROM workers WHERE id = ?", [self.id]).fetchone()[0]
-            conn.execute("COMMIT")
-            return request
+            return conn.execute("SELECT request FROM workers WHERE id = ?", [self.id]).fetchone()[0]
         finally:
             conn.close()
 

@@ -191,8 +191,10 @@ def format_status(report: dict[str, Any]) -> str:
     lines = [f"config: {report['config'] or '(defaults)'}   database: {report['database']}"]
     lines.append("spool:  " + "  ".join(f"{k}={v}" for k, v in report["spool"].items()))
     lines.append("jobs:   " + ("  ".join(f"{k}={v}" for k, v in report["jobs"].items()) or "none yet"))
+    shown = {run["job"] for run in report["running"]}  # their lines name the file from the run, fresher than a beat
     for worker in report.get("workers", []):
-        doing = f"on {worker['job']}" + (f", now {worker['file']}" if worker["file"] else "") if worker["job"] else ""
+        file = f", now {worker['file']}" if worker["file"] and worker["job"] not in shown else ""
+        doing = f"on {worker['job']}{file}" if worker["job"] else ""
         lines.append(
             f"worker {worker['worker']} ({worker['command']}): {worker['state']}{' ' + doing if doing else ''}, "
             f"up since {local_clock(worker['started_utc'])}, last heartbeat {worker['heartbeat_age_s']:.0f}s ago"

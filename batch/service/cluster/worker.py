@@ -84,6 +84,7 @@ class RayWorker(Worker):
         self._lane().store.record_actor(actor, head=self.name, **fields)
 
     def start_heartbeat(self, command: str) -> None:
+        self.heartbeat.holds_actors = True
         super().start_heartbeat(f"{command} --ray")
 
     def close(self) -> None:
