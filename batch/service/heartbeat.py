@@ -18,6 +18,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -133,13 +134,17 @@ class Heartbeat:
         self.beat()
 
     def _run(self) -> None:
+        """A beat every `interval` from the last one; a change wakes it sooner, at most one beat per MIN_SPACING."""
+        last = time.monotonic()
         while not self._done.is_set():
-            self._wake.wait(self.interval)
+            woken = self._wake.wait(max(0.0, last + self.interval - time.monotonic()))
             self._wake.clear()
+            if woken:
+                self._done.wait(max(0.0, last + min(MIN_SPACING_SECONDS, self.interval) - time.monotonic()))
             if self._done.is_set():
                 return
             self.beat()
-            self._done.wait(min(MIN_SPACING_SECONDS, self.interval))
+            last = time.monotonic()
 
     def beat(self) -> None:
         """Write the row now and take any request an operator left for this worker."""
