@@ -1,4 +1,5 @@
-"""The KV cache (preallocated per-layer buffers written by position) and the additive attention masks."""
+"""The KV caches (one answer's preallocated per-layer buffers; several answers' packed rows) and the additive
+attention masks."""
 
 from __future__ import annotations
 
@@ -47,3 +48,86 @@ def decode_mask(pos: int, cols: int, dtype: type = np.float32) -> np.ndarray:
     mask[..., :pos] = 0.0
     mask[..., -1] = 0.0
     return mask
+
+
+class RowCache:
+    """K and V of several answers decoded together: (rows, width, kv_dim) per layer, row r at positions 0 upwards.
+
+    The rows in use are packed at the front (`count`), so the history a decode step reads is a prefix view of each
+    buffer, never a copy. `width` grows in steps of GROW positions as the longest row needs (a copy then); a row
+    shorter than the width sees the rest masked. Each row holds up to `capacity` positions, as a KVCache does.
+    """
+
+    GROW = 64
+
+    def __init__(self, num_layers: int, rows: int, kv_dim: int, capacity: int, dtype: np.dtype | type = np.float32):
+        self.rows, self.kv_dim, self.capacity, self.dtype = rows, kv_dim, capacity, np.dtype(dtype)
+        self.k = [np.zeros((rows, 0, kv_dim), self.dtype) for _ in range(num_layers)]
+        self.v = [np.zeros((rows, 0, kv_dim), self.dtype) for _ in range(num_layers)]
+        self.lengths = np.zeros(rows, np.int64)  # positions each row holds
+        self.count = 0
+
+    @property
+    def width(self) -> int:
+        return self.k[0].shape[1] if self.k else 0
+
+    def _fit(self, length: int) -> None:
+        """Widen every buffer to hold `length` positions (rounded up to GROW, at most capacity)."""
+        if length <= self.width:
+            return
+        if length > self.capacity:
+            raise IndexError(f"KV cache full: positions up to {length - 1}, capacity {self.capacity}")
+        width = min(self.capacity, -(-length // self.GROW) * self.GROW)
+        for buffers in (self.k, self.v):
+            for layer, old in enumerate(buffers):
+                new = np.zeros((self.rows, width, self.kv_dim), self.dtype)
+                new[: self.count, : old.shape[1]] = old[: self.count]
+                buffers[layer] = new
+
+    def add(self, cache: KVCache) -> int:
+        """Take in a prefilled single-answer cache as the next row; returns its row."""
+        if self.count == self.rows:
+            raise IndexError(f"all {self.rows} rows are in use")
+        n = cache.length
+        self._fit(n + 1)
+        row = self.count
+        for layer in range(len(self.k)):
+            self.k[layer][row, :n] = cache.k[layer][0, :n]
+            self.v[layer][row, :n] = cache.v[layer][0, :n]
+        self.lengths[row] = n
+        self.count += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Free a row: the last row in use moves into its place (callers keep their own lists in the same order)."""
+        last = self.count - 1
+        if row != last:
+            for buffers in (self.k, self.v):
+                for layer in buffers:
+                    layer[row] = layer[last]
+            self.lengths[row] = self.lengths[last]
+        self.count = last
+
+    def prepare_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Before a decode step: the rows' positions (count,) and their (count, 1, width+1) mask (history + itself)."""
+        positions = self.lengths[: self.count].copy()
+        self._fit(int(positions.max()) + 1)
+        width = self.width
+        mask = np.full((self.count, 1, width + 1), MASKED, np.float32)
+        allowed = np.arange(width)[None, :] < positions[:, None]  # (count, width)
+        mask[:, 0, :width] = np.where(allowed, 0.0, MASKED)
+        mask[:, 0, width] = 0.0
+        return positions, mask
+
+    def history(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views (no copy) of the rows in use: (count, width, kv_dim) each."""
+        return self.k[layer][: self.count], self.v[layer][: self.count]
+
+    def write(self, layer: int, positions: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray) -> None:
+        """Store each row's new (count, 1, kv_dim) K/V at its own position."""
+        rows = np.arange(self.count)
+        self.k[layer][rows, positions] = k_rows[:, 0]
+        self.v[layer][rows, positions] = v_rows[:, 0]
+
+    def advance(self) -> None:
+        self.lengths[: self.count] += 1

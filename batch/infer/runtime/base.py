@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from batch.infer.kvcache import KVCache
+from batch.infer.kvcache import KVCache, RowCache
 
 
 class Backend(ABC):
@@ -15,7 +15,10 @@ class Backend(ABC):
     Shapes are discovered from the model files by each implementation: `chunk_len` (prefill chunk),
     `prefill_capacity` (longest prompt), `kv_capacity` (positions the cache holds, prompt + answer).
     Hidden states travel between layers in the runtime's own dtype (`hidden_dtype`).
+    A runtime that decodes several answers together (`max_rows` > 1) also implements the row methods.
     """
+
+    max_rows: int = 1  # answers one decode step may carry
 
     name: str
     chunk_len: int
@@ -47,6 +50,18 @@ class Backend(ABC):
     @abstractmethod
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """(1, 1, hidden) last state -> (vocab,) float32 logits."""
+
+    def new_row_cache(self, rows: int) -> RowCache:
+        """An empty cache for up to `rows` answers decoded together."""
+        raise NotImplementedError(f"{self.name} decodes one answer at a time")
+
+    def decode_rows(self, layer: int, hidden: np.ndarray, positions: np.ndarray, mask: np.ndarray, cache: RowCache):
+        """Run `layer` for one token of each row in use: (count, 1, hidden) at `positions`; writes their K/V."""
+        raise NotImplementedError(f"{self.name} decodes one answer at a time")
+
+    def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
+        """(count, 1, hidden) last states -> (count, vocab) float32 logits."""
+        raise NotImplementedError(f"{self.name} decodes one answer at a time")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions."""

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
+from batch.infer.kvcache import KVCache, RowCache, decode_mask, prefill_mask
 from batch.infer.runtime.base import Backend
-from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.model.export.manifest import FIRST_ROWS_VERSION, FORMAT, FORMAT_VERSION, MANIFEST
 from batch.model.modelspec import ModelSpec
 from batch.model.ort_options import session_options
 
@@ -26,8 +26,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFolderError(f"{path}: unreadable manifest ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ModelFolderError(f"{path}: not a vlbatch ONNX export of version {FORMAT_VERSION}")
+    version = manifest.get("version")
+    if manifest.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelFolderError(f"{path}: not a vlbatch ONNX export")
+    if version > FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{path}: an export of format {version}, newer than this vlbatch reads ({FORMAT_VERSION}): upgrade vlbatch"
+        )
     files = manifest["files"]
     for name in [files["vit"], files["post"], files["embed"], *files["layers"], *files.get("prefill_layers", [])]:
         if not (path.parent / name).is_file():
@@ -92,6 +97,9 @@ class OnnxBackend(Backend):
         self.kv_capacity = int(manifest["kv_capacity"])
         self.prefill_capacity = prefill_capacity(manifest)
         self._kv_dim = self.spec.text.kv_dim
+        # exports before FIRST_ROWS_VERSION have decoder graphs of one row: they decode one answer at a time
+        self.max_rows = 64 if int(manifest["version"]) >= FIRST_ROWS_VERSION else 1
+        self.format_version = int(manifest["version"])
 
     def vit(self, pixels: np.ndarray) -> np.ndarray:
         return np.concatenate([self._vit.run(None, {"image": pixels[i : i + 1]})[0] for i in range(len(pixels))])
@@ -125,3 +133,24 @@ class OnnxBackend(Backend):
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self._post.run(None, {"input": np.ascontiguousarray(hidden, dtype=np.float32)})[0][0, -1]
+
+    def new_row_cache(self, rows: int) -> RowCache:
+        return RowCache(self.num_layers, rows, self._kv_dim, self.kv_capacity, np.float32)
+
+    def decode_rows(
+        self, layer: int, hidden: np.ndarray, positions: np.ndarray, mask: np.ndarray, cache: RowCache
+    ) -> np.ndarray:
+        k_hist, v_hist = cache.history(layer)
+        feed = {
+            "K_cache": k_hist,
+            "V_cache": v_hist,
+            "indices": positions.astype(np.uint32)[:, None],
+            "input": np.ascontiguousarray(hidden, dtype=np.float32),
+            "mask": mask,
+        }
+        k_rows, v_rows, out = self._layers[layer].run(None, feed)
+        cache.write(layer, positions, k_rows, v_rows)
+        return out
+
+    def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
+        return self._post.run(None, {"input": np.ascontiguousarray(hidden, dtype=np.float32)})[0][:, -1]

@@ -3,7 +3,8 @@
 They mirror the NPU files' contract (see README, "Model files"): a decoder layer takes the K/V history
 rows, the positions (`indices`), the chunk's hidden states (`input`) and an additive `mask` over
 history + chunk, and returns the chunk's new K/V rows and hidden states. On the CPU all lengths are
-dynamic and activations are float32.
+dynamic, activations are float32, and the decoder layers and the post graph take a leading rows dimension: one row
+for a prompt chunk (the NPU's shape), several for a batched decode step.
 """
 
 from __future__ import annotations
@@ -94,41 +95,47 @@ def vit_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
 
 
 def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelProto:
-    """One Qwen2 decoder layer over a chunk of S new tokens with P history rows (both dynamic)."""
+    """One Qwen2 decoder layer over B rows of S new tokens each, over P history rows per row (all dynamic).
+
+    A prompt chunk is one row of S tokens; a batched decode step is B rows of one token, each at its own position
+    (`indices`) with its own history and mask. Every projection runs on all B*S tokens at once, so a decode step of
+    B rows reads each weight once.
+    """
     t = spec.text
     hid, nh, nkv, d = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
     group = nh // nkv
     p = f"language_model.model.layers.{layer}."
     g = GraphBuilder(f"qwen2_layer_{layer}")
-    k_hist = g.input("K_cache", np.float32, [1, "history", t.kv_dim])
-    v_hist = g.input("V_cache", np.float32, [1, "history", t.kv_dim])
-    indices = g.input("indices", np.uint32, [1, "chunk"])
-    x = g.input("input", np.float32, [1, "chunk", hid])
-    mask = g.input("mask", np.float32, [1, "chunk", "total"])
+    k_hist = g.input("K_cache", np.float32, ["rows", "history", t.kv_dim])
+    v_hist = g.input("V_cache", np.float32, ["rows", "history", t.kv_dim])
+    indices = g.input("indices", np.uint32, ["rows", "chunk"])
+    x = g.input("input", np.float32, ["rows", "chunk", hid])
+    mask = g.input("mask", np.float32, ["rows", "chunk", "total"])
 
-    # rotary tables for the chunk's positions, (S, d/2); onnxruntime's RotaryEmbedding rotates the halves of each
-    # head (rotate_half, not interleaved) with row s of the tables for token s (position offset 0)
+    # rotary tables, one row per token (B*S, d/2); onnxruntime's RotaryEmbedding rotates the halves of each head
+    # (rotate_half, not interleaved), token (b, s) with table row b*S+s (its position_ids)
     inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
     inv_freq = (inv_freq / t.rope_scaling_factor).astype(np.float32)
-    pos = g.reshape(g.op("Cast", [indices], to=onnx.TensorProto.FLOAT), [-1, 1])  # (S, 1)
-    angles = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq)])  # (S, d/2)
+    pos = g.reshape(g.op("Cast", [indices], to=onnx.TensorProto.FLOAT), [-1, 1])  # (B*S, 1)
+    angles = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq)])  # (B*S, d/2)
     cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
-    offset = g.const([0])
+    tokens = g.op("Range", [g.const(0), g.op("Size", [indices]), g.const(1)])
+    table_rows = g.op("Reshape", [tokens, g.op("Shape", [indices])])  # (B, S): b*S+s
 
     def rope(states: str) -> str:
-        return g.op("RotaryEmbedding", [states, offset, cos, sin], domain=CONTRIB_DOMAIN, interleaved=0)
+        return g.op("RotaryEmbedding", [states, table_rows, cos, sin], domain=CONTRIB_DOMAIN, interleaved=0)
 
     h = g.rms_norm(x, p + "input_layernorm", w(p + "input_layernorm.weight"), t.rms_norm_eps)
     a = p + "self_attn."
     q = g.linear(h, a + "q_proj", w(a + "q_proj.weight"), w(a + "q_proj.bias"))
     k = g.linear(h, a + "k_proj", w(a + "k_proj.weight"), w(a + "k_proj.bias"))
     v = g.linear(h, a + "v_proj", w(a + "v_proj.weight"), w(a + "v_proj.bias"))
-    q = g.reshape(rope(q), [1, -1, nh, d])  # (1, S, nh, d)
-    k_new = rope(k)  # (1, S, kv_dim)
-    g.output(k_new, "K_out", np.float32, [1, "chunk", t.kv_dim])
-    g.output(v, "V_out", np.float32, [1, "chunk", t.kv_dim])
+    q = rope(q)  # (B, S, nh*d)
+    k_new = rope(k)  # (B, S, kv_dim)
+    g.output(k_new, "K_out", np.float32, ["rows", "chunk", t.kv_dim])
+    g.output(v, "V_out", np.float32, ["rows", "chunk", t.kv_dim])
 
-    attn = _attention(g, q, k_hist, v_hist, k_new, v, mask, nkv, group, d)  # (1, S, hidden)
+    attn = _attention(g, q, k_hist, v_hist, k_new, v, mask, nkv, group, d)  # (B, S, hidden)
     x = g.op("Add", [x, g.linear(attn, a + "o_proj", w(a + "o_proj.weight"))])
 
     h = g.rms_norm(x, p + "post_attention_layernorm", w(p + "post_attention_layernorm.weight"), t.rms_norm_eps)
@@ -136,52 +143,53 @@ def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelPr
     gate = g.silu(g.linear(h, m + "gate_proj", w(m + "gate_proj.weight")))
     up = g.linear(h, m + "up_proj", w(m + "up_proj.weight"))
     down = g.linear(g.op("Mul", [gate, up]), m + "down_proj", w(m + "down_proj.weight"))
-    g.output(g.op("Add", [x, down]), "output", np.float32, [1, "chunk", hid])
+    g.output(g.op("Add", [x, down]), "output", np.float32, ["rows", "chunk", hid])
     return g.build()
 
 
 def _attention(
     g: GraphBuilder, q: str, k_hist: str, v_hist: str, k_new: str, v_new: str, mask: str, nkv: int, group: int, d: int
 ) -> str:
-    """Grouped-query attention over history + chunk that reads the history rows where they lie.
+    """Grouped-query attention of each row over its own history + chunk, reading the history where it lies.
 
     Each query head is spread into a row of width kv_dim holding its values in its KV group's slice and zeros
-    elsewhere, so scores against all KV heads at once are one Gemm with the (P, kv_dim) history as it is
-    (transB, no transpose, no concatenation with the new rows); the values come back the same way and each
-    head keeps its own group's slice. Only the small score and probability rows are ever concatenated or
-    split, so a decode step costs no copy of the cache.
+    elsewhere, so scores against all KV heads at once are one product per row with the (P, kv_dim) history as it
+    is (FusedMatMul with transB: no transpose, no concatenation with the new rows); the values come back the same
+    way and each head keeps its own group's slice. Only the small score and probability rows are ever concatenated
+    or split, so a decode step costs no copy of the cache.
     """
     kv_dim, heads = nkv * d, nkv * group
-    onehot = np.eye(nkv, dtype=np.float32).reshape(1, nkv, 1, nkv, 1)  # (1, g, 1, slot, 1)
+    onehot = np.eye(nkv, dtype=np.float32).reshape(1, 1, nkv, 1, nkv, 1)  # (1, 1, g, 1, slot, 1)
     spread = g.weight("attn.group_onehot", onehot)
-    q5 = g.op("Unsqueeze", [g.reshape(q, [-1, nkv, group, d]), g.const([3])])  # (S, g, group, 1, d)
-    q_rows = g.reshape(g.op("Mul", [q5, spread]), [-1, kv_dim])  # (S*heads, kv_dim)
-    k_hist2, v_hist2 = g.reshape(k_hist, [-1, kv_dim]), g.reshape(v_hist, [-1, kv_dim])  # (P, kv_dim) views
-    k_new2, v_new2 = g.reshape(k_new, [-1, kv_dim]), g.reshape(v_new, [-1, kv_dim])  # (S, kv_dim)
+    q6 = g.op("Unsqueeze", [g.reshape(q, [0, 0, nkv, group, d]), g.const([4])])  # (B, S, g, group, 1, d)
+    q_rows = g.reshape(g.op("Mul", [q6, spread]), [0, -1, kv_dim])  # (B, S*heads, kv_dim)
     scale = float(d**-0.5)
-    past = g.op("Gemm", [q_rows, k_hist2], transB=1, alpha=scale)  # (S*heads, P)
-    now = g.op("Gemm", [q_rows, k_new2], transB=1, alpha=scale)  # (S*heads, S)
-    joined = g.op("Concat", [past, now], axis=1)  # (S*heads, T) with T = P+S
-    total = g.op("Shape", [joined], start=1, end=2)
-    scores = g.op("Reshape", [joined, g.op("Concat", [g.const([-1, heads]), total], axis=0)])  # (S, heads, T)
-    scores = g.op("Add", [scores, g.op("Transpose", [mask], perm=[1, 0, 2])])  # mask (1, S, T) -> (S, 1, T)
-    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.op("Concat", [g.const([-1]), total], axis=0)])
-    history = g.op("Shape", [k_hist2], start=0, end=1)
+
+    def scores_over(keys: str) -> str:
+        return g.op("FusedMatMul", [q_rows, keys], domain=CONTRIB_DOMAIN, transB=1, alpha=scale)
+
+    past, now = scores_over(k_hist), scores_over(k_new)  # (B, S*heads, P), (B, S*heads, S)
+    joined = g.op("Concat", [past, now], axis=2)  # (B, S*heads, T) with T = P+S
+    total = g.op("Shape", [joined], start=2, end=3)
+    scores = g.op("Reshape", [joined, g.op("Concat", [g.const([0, -1, heads]), total], axis=0)])  # (B, S, heads, T)
+    scores = g.op("Add", [scores, g.op("Unsqueeze", [mask, g.const([2])])])  # mask (B, S, T) -> (B, S, 1, T)
+    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.op("Concat", [g.const([0, -1]), total], axis=0)])
+    history = g.op("Shape", [k_hist], start=1, end=2)
     p_past, p_now = g.ops(
-        "Split", [probs, g.op("Concat", [history, g.op("Shape", [k_new2], start=0, end=1)], axis=0)], 2, axis=1
+        "Split", [probs, g.op("Concat", [history, g.op("Shape", [k_new], start=1, end=2)], axis=0)], 2, axis=2
     )
-    out = g.op("Add", [g.op("MatMul", [p_past, v_hist2]), g.op("MatMul", [p_now, v_new2])])  # (S*heads, kv_dim)
-    out = g.op("Mul", [g.reshape(out, [-1, nkv, group, nkv, d]), spread])
-    out = g.op("ReduceSum", [out, g.const([3])], keepdims=0)  # (S, g, group, d): each head's own group
-    return g.reshape(out, [1, -1, heads * d])
+    out = g.op("Add", [g.op("MatMul", [p_past, v_hist]), g.op("MatMul", [p_now, v_new])])  # (B, S*heads, kv_dim)
+    out = g.op("Mul", [g.reshape(out, [0, -1, nkv, group, nkv, d]), spread])
+    out = g.op("ReduceSum", [out, g.const([4])], keepdims=0)  # (B, S, g, group, d): each head's own group
+    return g.reshape(out, [0, 0, heads * d])
 
 
 def post_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
-    """input (1, S, hidden) -> logits (1, S, vocab): final RMSNorm and lm_head."""
+    """input (B, S, hidden) -> logits (B, S, vocab): final RMSNorm and lm_head."""
     t = spec.text
     g = GraphBuilder("qwen2_post")
-    x = g.input("input", np.float32, [1, "chunk", t.hidden_size])
+    x = g.input("input", np.float32, ["rows", "chunk", t.hidden_size])
     x = g.rms_norm(x, "norm", w("language_model.model.norm.weight"), t.rms_norm_eps)
     head = "language_model.model.embed_tokens.weight" if t.tie_word_embeddings else "language_model.lm_head.weight"
-    g.output(g.linear(x, "lm_head", w(head)), "logits", np.float32, [1, "chunk", t.vocab_size])
+    g.output(g.linear(x, "lm_head", w(head)), "logits", np.float32, ["rows", "chunk", t.vocab_size])
     return g.build()

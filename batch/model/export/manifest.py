@@ -5,4 +5,7 @@ Kept apart from the exporter so that reading an export never imports `onnx` (not
 
 MANIFEST = "manifest.json"
 FORMAT = "vlbatch-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format 2: the decoder layers and the post graph take a leading rows dimension (several answers per decode step);
+# format 1 exports still load and decode one answer at a time
+FIRST_ROWS_VERSION = 2
