@@ -44,6 +44,12 @@ class ConfigError(VlbatchError):
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
+# answers decoded together by default: on a 2-core Zen 4 with the int4 export, 4 rows gave the most photos per hour
+# (README, "Performance"); more rows add latency per answer for little more throughput
+DEFAULT_BATCH = 4
+MAX_BATCH = 64
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dir: Path | None = None  # an exported ONNX folder, or the prebuilt axmodel folder
@@ -52,8 +58,12 @@ class ModelConfig:
     threads: int | None = None  # onnxruntime threads; None = every core this process may use
     providers: tuple[str, ...] = ()  # axengine execution providers, in order; () = the runtime's default
     device_id: int | None = None  # axengine device (an AXCL card) the providers run on; None = the default
+    batch: int = DEFAULT_BATCH  # answers decoded together (onnxruntime exports of format 2; the NPU decodes one)
 
     def __post_init__(self) -> None:
+        batch = self.batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be an integer from 1 to {MAX_BATCH}, got {batch!r}")
         if self.backend not in ("auto", "onnxruntime", "axengine"):
             raise ValueError(f"backend must be auto, onnxruntime or axengine, got {self.backend!r}")
         threads = self.threads

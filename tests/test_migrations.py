@@ -33,6 +33,7 @@ def test_a_0_1_0_database_is_migrated_with_its_history(tmp_path: Path):
         "m005_standing_jobs",
         "m006_claim_fence",
         "m007_workers_control_and_links",
+        "m008_decode_rows",
     ]
     # one run per job recorded by 0.1.0, with the job's state and counts; the job points at it
     for job_id, (state, attempts, answered, reused, failed) in old_jobs.items():

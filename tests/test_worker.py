@@ -337,26 +337,26 @@ def test_the_next_units_media_is_prepared_while_the_current_one_generates(env, m
     w = worker(env)
     pipeline = w.pipeline
     events: list[str] = []
-    prepare, answer = pipeline.prepare, pipeline.answer
+    prepare, embeds = pipeline.prepare, pipeline.prompt_embeds
 
     def spy_prepare(question, media, settings=None):
         events.append(f"prepare {Path(media[0]).stem}")
         return prepare(question, media, settings)
 
-    def spy_answer(request, settings=None, on_text=None):
+    def spy_embeds(request, timings):
         events.append("answer start")
-        result = answer(request, settings, on_text)
+        features = embeds(request, timings)
         time.sleep(0.2)  # a slow model: the side thread has time to run
         events.append("answer end")
-        return result
+        return features
 
     monkeypatch.setattr(pipeline, "prepare", spy_prepare)
-    monkeypatch.setattr(pipeline, "answer", spy_answer)
+    monkeypatch.setattr(pipeline, "prompt_embeds", spy_embeds)
     outcomes = w.drain()
     w.close()
     assert outcomes[0].state == "done"
     first_end = events.index("answer end")
-    assert "prepare 1" in events[:first_end]  # unit 1 was decoded before unit 0's answer finished
+    assert "prepare 1" in events[:first_end]  # unit 1 was decoded while unit 0's ViT ran
     assert events.count("prepare 1") == 1 and len(results_of(env, "ahead")) == 3
 
 

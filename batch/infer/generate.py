@@ -26,6 +26,7 @@ class Timings:
     decode_ms: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (all but the first)
     prompt_tokens: int = 0
+    decode_rows: float = 1.0  # answers that shared its decode steps, on average over them (batching.py)
 
     @property
     def tokens_per_s(self) -> float:

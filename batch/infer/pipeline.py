@@ -133,6 +133,11 @@ class Pipeline:
     def steps(self, request: Request, settings: GenerationSettings, timings: Timings) -> Iterator[Step]:
         """Run the ViT, embed the prompt with image features in place, then yield tokens as they come."""
         started = time.perf_counter()
+        embeds = self.prompt_embeds(request, timings)
+        return generate_steps(self.backend, self.embeddings, embeds, settings, self.stop_ids, timings, started)
+
+    def prompt_embeds(self, request: Request, timings: Timings) -> np.ndarray:
+        """The prompt's (S, hidden) embeddings with the ViT's features in the image slots (ViT time in `timings`)."""
         timings.preprocess_ms = request.preprocess_ms
         embeds = np.asarray(self.embeddings[request.ids], dtype=np.float32)  # (S, hidden)
         if request.pixels is not None:
@@ -145,7 +150,7 @@ class Pipeline:
             timings.vit_ms = (time.perf_counter() - t) * 1e3
             slots = request.ids == self.image_token
             embeds[slots] = features.reshape(-1, features.shape[-1])
-        return generate_steps(self.backend, self.embeddings, embeds, settings, self.stop_ids, timings, started)
+        return embeds
 
     def ask(
         self,
@@ -167,34 +172,53 @@ class Pipeline:
         """Generate the answer to a prepared request (see prepare(), which a caller may run ahead)."""
         settings = settings or GenerationSettings()
         timings = Timings()
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        tokens: list[int] = []
-        finish = "length"
+        answer = AnswerText(self, settings, on_text)
         for step in self.steps(request, settings, timings):
-            if step.token in self.stop_ids and not settings.ignore_eos:
-                finish = "stop"
+            if answer.add(step.token):
                 break
-            tokens.append(step.token)
-            piece = detok.add(step.token)
-            if piece and on_text:
-                on_text(piece)
-        rest = detok.flush()
-        if rest and on_text:
-            on_text(rest)
-        n_tiles = 0 if request.pixels is None else int(request.pixels.shape[0])
-        return GenerationResult(
-            text=detok.text,
-            token_ids=tokens,
-            prompt_tokens=len(request.ids),
-            image_tokens=int((request.ids == self.image_token).sum()),
-            finish_reason=finish,
-            timings=timings,
-            tiles=n_tiles,
-        )
+        return answer.result(request, timings)
 
     def close(self) -> None:
         self.decoder.close()
         self.backend.close()
+
+
+class AnswerText:
+    """One answer's tokens as they come: the stop test, the streamed text and the finished GenerationResult."""
+
+    def __init__(
+        self, pipeline: Pipeline, settings: GenerationSettings, on_text: Callable[[str], None] | None = None
+    ) -> None:
+        self.pipeline, self.settings, self.on_text = pipeline, settings, on_text
+        self.detok = IncrementalDetokenizer(pipeline.tokenizer, skip_special_tokens=True)
+        self.tokens: list[int] = []
+        self.finish = "length"
+
+    def add(self, token: int) -> bool:
+        """Take the next token; True when it ends the answer (an end-of-turn token, unless ignore_eos)."""
+        if token in self.pipeline.stop_ids and not self.settings.ignore_eos:
+            self.finish = "stop"
+            return True
+        self.tokens.append(token)
+        piece = self.detok.add(token)
+        if piece and self.on_text:
+            self.on_text(piece)
+        return False
+
+    def result(self, request: Request, timings: Timings) -> GenerationResult:
+        rest = self.detok.flush()
+        if rest and self.on_text:
+            self.on_text(rest)
+        n_tiles = 0 if request.pixels is None else int(request.pixels.shape[0])
+        return GenerationResult(
+            text=self.detok.text,
+            token_ids=self.tokens,
+            prompt_tokens=len(request.ids),
+            image_tokens=int((request.ids == self.pipeline.image_token).sum()),
+            finish_reason=self.finish,
+            timings=timings,
+            tiles=n_tiles,
+        )
 
 
 def load_tokenizer(folder: Path):

@@ -49,6 +49,7 @@ def answer_row(result: GenerationResult, backend: str) -> dict[str, Any]:
         "ttft_ms": timings.ttft_ms,
         "decode_ms": timings.decode_ms,
         "tokens_per_s": timings.tokens_per_s,
+        "decode_rows": timings.decode_rows,
         "backend": backend,
     }
 

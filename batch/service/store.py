@@ -299,6 +299,13 @@ def m007_workers_control_and_links(db: sqlite_utils.Database) -> None:
         db.execute(sql.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
 
 
+@migrations()
+def m008_decode_rows(db: sqlite_utils.Database) -> None:
+    """How many answers shared an answer's decode steps (their mean over its steps; 1: decoded alone), which its
+    `decode_ms` and `tokens_per_s` are read against."""
+    db["results"].add_column("decode_rows", float)
+
+
 class ClaimLost(Exception):
     """Another worker took this job over (its fence moved on): nothing more is written for the stale holder."""
 
@@ -471,19 +478,38 @@ class Store:
                     f"UPDATE {table} SET attempts = max(attempts - 1, 0) WHERE id = ? AND state = ?",
                     [row_id, JobState.RUNNING.value],
                 )
+            # the worker lives: no unit in flight killed it
+            self.db.execute("UPDATE jobs SET inflight = NULL, inflight_deaths = 0 WHERE id = ?", [job_id])
 
     def _run_id(self, job_id: str) -> int | None:
         row = self.db.execute("SELECT run_id FROM jobs WHERE id = ?", [job_id]).fetchone()
         return row[0] if row else None
 
-    def begin_unit(self, job_id: str, unit: str) -> int:
-        """Record that the worker starts answering `unit`; returns how often a worker already died in it."""
+    def begin_unit(self, job_id: str, unit: str, died_in_batch: bool = False) -> int:
+        """Record that the worker starts answering `unit`; returns how often a worker already died in it
+        (`died_in_batch`: the unit was in the batch in flight when the job's last worker died, one death)."""
         with self.atomic():
             self.check_fence(job_id)
             row = self.db.execute("SELECT inflight, inflight_deaths FROM jobs WHERE id = ?", [job_id]).fetchone()
-            deaths = (row[1] or 0) + 1 if row and row[0] == unit else 0
+            deaths = (row[1] or 0) + 1 if row and row[0] == unit else int(died_in_batch)
             self.db.execute("UPDATE jobs SET inflight = ?, inflight_deaths = ? WHERE id = ?", [unit, deaths, job_id])
         return deaths
+
+    def mark_inflight(self, job_id: str, paths: list[str]) -> None:
+        """Record the units a batched decode has in flight (their stored paths, one JSON list; none: NULL). Unlike
+        begin_unit, nothing is counted: a worker that dies with a batch in flight has its next attempt of the job
+        answer one unit at a time, where begin_unit finds the unit that kills it."""
+        with self.atomic():
+            self.check_fence(job_id)
+            self.db.execute(
+                "UPDATE jobs SET inflight = ?, inflight_deaths = 0 WHERE id = ?",
+                [json.dumps(paths, ensure_ascii=False) if paths else None, job_id],
+            )
+
+    def inflight(self, job_id: str) -> str | None:
+        """The unit (or batch) a worker recorded in flight for the job: set when one died while answering."""
+        row = self.db.execute("SELECT inflight FROM jobs WHERE id = ?", [job_id]).fetchone()
+        return row[0] if row else None
 
     def end_unit(self, job_id: str) -> None:
         with self.atomic():
@@ -813,7 +839,9 @@ class Store:
 
     def throughput(self, since_utc: str) -> dict[str, float]:
         row = self.db.execute(
-            "SELECT count(*), coalesce(sum(output_tokens), 0), coalesce(sum(decode_ms), 0), "
+            # an answer decoded with others spent its share of each step: decode_ms / decode_rows of the worker's time
+            "SELECT count(*), coalesce(sum(output_tokens), 0), "
+            "coalesce(sum(decode_ms / max(coalesce(decode_rows, 1), 1)), 0), "
             "coalesce(avg(ttft_ms), 0) FROM results WHERE created_utc >= ? AND error IS NULL",
             [since_utc],
         ).fetchone()

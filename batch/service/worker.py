@@ -9,7 +9,9 @@ reconciled from the claim name recorded with the job.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 from batch.config import Config
 from batch.errors import MediaError, VlbatchError
+from batch.infer.batching import DecodeBatch, Finished, batch_limit
 from batch.infer.decode import IsolatedDecoder
 from batch.infer.generate import GenerationResult
 from batch.infer.pipeline import Pipeline, Request
@@ -118,6 +121,8 @@ class _UnitRun:
     resume: bool  # a later attempt of the same run: units it already holds are skipped
     units: list[tuple[Path, ...]]
     ahead: dict[int, Future[Request]] = field(default_factory=dict)
+    batch: DecodeBatch | None = None  # the answers being decoded together (a Ray head's units are at its actors)
+    died_with: frozenset[str] = frozenset()  # the stored paths in flight when the job's last worker died
     failures: list[str] = field(default_factory=list)
     new_failures: int = 0  # of those, the ones not met before (see Store.failed_before)
 
@@ -202,7 +207,11 @@ class Worker:
         if self._pipeline is None:
             started = time.perf_counter()
             self._pipeline = self._open_pipeline()
-            event(log, "model.loaded", model=self.model_id, ms=(time.perf_counter() - started) * 1e3)
+            backend = self._pipeline.backend
+            rows = min(self.config.model.batch, backend.max_rows)
+            event(log, "model.loaded", model=self.model_id, ms=(time.perf_counter() - started) * 1e3, batch=rows)
+            if rows < self.config.model.batch:
+                event(log, "model.one_at_a_time", logging.WARNING, model=self.model_id, reason=batch_limit(backend))
         return self._pipeline
 
     def close(self) -> None:
@@ -948,21 +957,70 @@ class Worker:
 
     # units --------------------------------------------------------------------------------------
     def _run_units(self, job: Job, run_id: int, resume: bool) -> _UnitRun:
-        """Answer each unit of the job; the run holds one line per media unit that failed."""
+        """Answer each unit of the job, up to model.batch at once; the run holds one line per media unit that failed.
+
+        Units join a DecodeBatch as their media is ready and leave as each answer ends (continuous batching). A job
+        whose previous attempt died with units in flight answers one unit at a time, so that the unit that kills
+        the worker is found (begin_unit counts its deaths) and skipped.
+        """
         unit_run = _UnitRun(job, run_id, resume, job.units())
+        inflight = self.store.inflight(job.id) if resume else None
+        suspect = inflight is not None
+        unit_run.died_with = frozenset(json.loads(inflight)) if inflight else frozenset()
+        rows = 1 if suspect else self.config.model.batch
+        unit_run.batch = batch = DecodeBatch(self.pipeline, rows)
+        if suspect and self.config.model.batch > 1:
+            event(log, "job.one_at_a_time", job=job.id, reason="its last attempt stopped while answering")
         bar = tqdm(unit_run.units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
         self._preempt_poll.restart()
-        for index, unit in enumerate(bar):
-            if self.abort_requested:
-                raise HandBack
-            self._between_units(job)
-            try:
-                self._answer_unit(unit_run, index, unit)
-            except (OSError, UnicodeError, ValueError) as exc:  # one file's problem (its name, its folder's rights)
-                if is_passing(exc) or isinstance(exc, DatabaseReplaced):
-                    raise  # the machine's: the job goes back and is retried after a pause
-                self._unit_error(unit_run, unit, exc)
+        try:
+            for index, unit in enumerate(bar):
+                if self.abort_requested:
+                    raise HandBack
+                try:
+                    self._between_units(job)
+                except PreEmpted:
+                    self._drain(unit_run)  # the answers in flight are finished and kept, then the job makes way
+                    raise
+                self._settle_unit(unit_run, unit, functools.partial(self._answer_unit, unit_run, index, unit))
+                while batch.full:
+                    self._decode_step(unit_run)
+            self._drain(unit_run)
+        except BaseException:
+            if len(batch) and batch.rows > 1:  # a live worker leaves no batch marker behind (it did not die)
+                with contextlib.suppress(Exception):
+                    self.store.mark_inflight(job.id, [])
+            raise
         return unit_run
+
+    def _settle_unit(self, run: _UnitRun, unit: tuple[Path, ...], work: Callable[[], object]) -> None:
+        """Run one unit's work; a problem of that unit's own files fails the unit, not the job."""
+        try:
+            work()
+        except (OSError, UnicodeError, ValueError) as exc:  # one file's problem (its name, its folder's rights)
+            if is_passing(exc) or isinstance(exc, DatabaseReplaced):
+                raise  # the machine's: the job goes back and is retried after a pause
+            self._unit_error(run, unit, exc)
+
+    def _drain(self, run: _UnitRun) -> None:
+        while len(run.batch):
+            self._decode_step(run)
+
+    def _decode_step(self, run: _UnitRun) -> None:
+        """One decode step of every answer in flight; those that ended are recorded. A second stop signal or a
+        cancel, checked after each step, drops the answers in flight."""
+        try:
+            finished = run.batch.step()
+        except VlbatchError as exc:  # the runtime failed the step: every answer it carried fails
+            finished = run.batch.fail_all(exc)
+        for item in finished:
+            self._settle_unit(run, item.tag[0], lambda item=item: self._answer_ended(run, item))
+        if finished and run.batch.rows > 1:
+            self._mark_batch(run)
+        self._check_abort("")
+
+    def _mark_batch(self, run: _UnitRun) -> None:
+        self.store.mark_inflight(run.job.id, [p for unit, _ in run.batch.tags for p in json.loads(paths_json(unit))])
 
     def _unit_error(self, run: _UnitRun, unit: tuple[Path, ...], exc: Exception) -> None:
         """A unit that raised where no unit should (a strange name, a folder it may not touch): a failed unit with
@@ -976,7 +1034,8 @@ class Worker:
         self._unit_failed(run, row, f"{names}: {describe(exc)}", type(exc).__name__)
 
     def _answer_unit(self, run: _UnitRun, index: int, unit: tuple[Path, ...]) -> None:
-        """One unit: hash, reuse a stored answer if one fits, else decode (read ahead), generate and record."""
+        """One unit: hash, reuse a stored answer if one fits, else decode (read ahead), run its ViT and prefill and
+        let it join the batch of answers being decoded (recorded when its answer ends)."""
         job = run.job
         base = self._needs_answer(run, unit)
         if base is None:
@@ -986,19 +1045,44 @@ class Worker:
             request = self._prepared(run, index)
         except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
             return self._unit_failed(run, base, str(exc), failure_class(exc))
-        # recorded before the model runs: a worker that dies in this unit twice skips it the next time
-        deaths = self.store.begin_unit(job.id, paths)
-        self.heartbeat.on_file(job.id, ", ".join(encode_path(p.name) for p in unit))  # any name, as stored
-        if self.policy.skip_unit(deaths):
-            names = ", ".join(str(p) for p in unit)
-            return self._unit_failed(
-                run, base, f"{names}: the worker process died {deaths} times while answering it; skipped", "worker_died"
+        batch = run.batch
+        if batch.rows > 1:
+            # the units in flight, recorded before the model runs: a worker that dies here has the job's next
+            # attempt answer one unit at a time
+            self.store.mark_inflight(
+                job.id, [p for u, _ in batch.tags for p in json.loads(paths_json(u))] + json.loads(paths)
             )
+        else:
+            # recorded before the model runs: a worker that dies in this unit twice skips it the next time
+            died_in_batch = bool(run.died_with) and run.died_with.issuperset(json.loads(paths))
+            deaths = self.store.begin_unit(job.id, paths, died_in_batch)
+            if self.policy.skip_unit(deaths):
+                names = ", ".join(str(p) for p in unit)
+                return self._unit_failed(
+                    run,
+                    base,
+                    f"{names}: the worker process died {deaths} times while answering it; skipped",
+                    "worker_died",
+                )
+        self.heartbeat.on_file(job.id, ", ".join(encode_path(p.name) for p in unit))  # any name, as stored
         try:
-            result = self.pipeline.answer(request, job.generation, on_text=self._check_abort)
+            finished = batch.add(request, job.generation, (unit, base))
         except VlbatchError as exc:
-            return self._unit_failed(run, base, str(exc), failure_class(exc))
-        self._record_answer(run, unit, base, result, self.pipeline.backend.name, NODE)
+            self._unit_failed(run, base, str(exc), failure_class(exc))
+            if batch.rows > 1:
+                self._mark_batch(run)
+            return
+        for item in finished:
+            self._answer_ended(run, item)
+        if finished and batch.rows > 1:
+            self._mark_batch(run)
+
+    def _answer_ended(self, run: _UnitRun, item: Finished) -> None:
+        unit, base = item.tag
+        if item.error is not None:
+            return self._unit_failed(run, base, str(item.error), failure_class(item.error))
+        assert item.result is not None
+        self._record_answer(run, unit, base, item.result, self.pipeline.backend.name, NODE)
 
     def _needs_answer(self, run: _UnitRun, unit: tuple[Path, ...]) -> dict[str, Any] | None:
         """The unit's results row so far, when the model must answer it; None when it is settled here (linked to
@@ -1047,7 +1131,8 @@ class Worker:
         """Commit a generated answer (with the host that made it), then write its sidecar."""
         job = run.job
         result_id = self.store.add_result(job.id, run.run_id, {**base, **answer_row(result, backend), "node": node})
-        self.store.end_unit(job.id)
+        if run.batch is None or run.batch.rows == 1:  # a batch's units in flight are kept by _mark_batch
+            self.store.end_unit(job.id)
         t = result.timings
         event(
             log,
@@ -1079,7 +1164,8 @@ class Worker:
         unit never failed that way before."""
         new = not self.store.failed_before(row.get("cache_key"), row["media_paths"], error_class)
         self.store.add_result(run.job.id, run.run_id, {**row, "error": reason, "error_class": error_class})
-        self.store.end_unit(run.job.id)
+        if run.batch is None or run.batch.rows == 1:  # a batch's units in flight are kept by _mark_batch
+            self.store.end_unit(run.job.id)
         run.failures.append(reason)
         run.new_failures += new
         event(log, "answer.failed", logging.WARNING, job=run.job.id, reason=reason, error_class=error_class, new=new)

@@ -27,8 +27,9 @@ _RESULT_COLUMNS = {  # in the table's own order: the file and its answer first
     "vit_ms": "The InternViT vision encoder",
     "prefill_ms": "Prefill of the prompt in 128-token chunks",
     "ttft_ms": "Time to first token: vision encoder plus prefill",
-    "decode_ms": "Token-by-token decode after the first token",
-    "tokens_per_s": "Decode speed: output tokens per second of decode (tokens/s)",
+    "decode_ms": "Token-by-token decode after the first token (steps shared with the answers decoded with it)",
+    "tokens_per_s": "Decode speed of this answer: output tokens per second of decode (tokens/s)",
+    "decode_rows": "Answers decoded together with this one, on average over its steps (1: alone)",
     "backend": "onnxruntime or axengine",
     "model_id": "The model folder's identity (name and a hash of its files)",
     "settings": "Every setting that shapes the answer (JSON)",
@@ -130,10 +131,12 @@ QUERIES: dict[str, dict[str, Any]] = {
     },
     "throughput_per_hour": {
         "title": "Throughput per hour",
-        "description": "Answers generated per UTC hour, tokens out, decode speed and mean TTFT.",
+        "description": "Answers generated per UTC hour, tokens out, decode speed (all answers decoded together: "
+        "their tokens over the worker's decode time) and mean TTFT.",
         "sql": (
             "SELECT substr(created_utc, 1, 13) || ':00' AS hour_utc, count(*) AS answers, "
-            "sum(output_tokens) AS output_tokens, round(sum(output_tokens) / (sum(decode_ms) / 1000.0), 2) "
+            "sum(output_tokens) AS output_tokens, "
+            "round(sum(output_tokens) / (sum(decode_ms / max(coalesce(decode_rows, 1), 1)) / 1000.0), 2) "
             "AS tokens_per_s, round(avg(ttft_ms)) AS mean_ttft_ms FROM results WHERE error IS NULL "
             "GROUP BY hour_utc ORDER BY hour_utc DESC"
         ),

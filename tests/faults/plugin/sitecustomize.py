@@ -52,7 +52,7 @@ def _install_image_faults() -> None:
 
 
 class _PatchPipeline(importlib.abc.MetaPathFinder):
-    """After batch.infer.pipeline is imported, make Pipeline.answer crash the process on a magenta image."""
+    """After batch.infer.pipeline is imported, make the model crash the process on a magenta image (its ViT)."""
 
     def find_spec(self, name, path, target=None):  # noqa: ANN001, ANN201
         if name != "batch.infer.pipeline":
@@ -63,17 +63,17 @@ class _PatchPipeline(importlib.abc.MetaPathFinder):
 
         def exec_module(module) -> None:  # noqa: ANN001
             run(module)
-            answer = module.Pipeline.answer
+            embeds = module.Pipeline.prompt_embeds
 
-            def crashing_answer(self, request, *args, **kwargs):  # noqa: ANN001, ANN202
+            def crashing_embeds(self, request, *args, **kwargs):  # noqa: ANN001, ANN202
                 pixels = request.pixels
                 # magenta (255, 0, 255) normalised with the ImageNet mean and std
                 if pixels is not None and abs(float(pixels[:, 0].mean()) - 2.2489) < 0.01:
                     if abs(float(pixels[:, 1].mean()) + 2.0357) < 0.01:
                         os.kill(os.getpid(), signal.SIGSEGV)
-                return answer(self, request, *args, **kwargs)
+                return embeds(self, request, *args, **kwargs)
 
-            module.Pipeline.answer = crashing_answer
+            module.Pipeline.prompt_embeds = crashing_embeds
 
         spec.loader.exec_module = exec_module
         return spec

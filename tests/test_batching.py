@@ -1,0 +1,219 @@
+"""Several answers decoded together: the same answers as alone, rows that join and leave, packed caches, and the
+worker answering a folder job with model.batch rows in flight."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from spool_env import SpoolEnv
+
+from batch.errors import ModelFolderError
+from batch.infer.batching import DecodeBatch, answer_all, batch_limit
+from batch.infer.generate import Timings, decode_one_token, prefill
+from batch.infer.kvcache import KVCache, RowCache
+from batch.infer.pipeline import Pipeline, Request
+from batch.infer.runtime.onnx_backend import OnnxBackend
+from batch.infer.settings import GenerationSettings
+from batch.model.export.manifest import MANIFEST
+from batch.service.worker import Worker
+
+QUESTIONS = [
+    "Hi",
+    "Describe the sea, the mountains and the long road between them, slowly and in detail. " * 4,  # > one chunk
+    "What?",
+    "Tell me about this photo.",
+    "A",
+    "Write a short poem about rain.",
+    "ok " * 60,
+    "Why is the sky blue?",
+    "Count to ten.",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_onnx):
+    p = Pipeline.open(tiny_onnx)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def requests(pipeline, media_dir) -> list[Request]:
+    images = sorted(media_dir.glob("*.png"))[:3]
+    out = [pipeline.prepare(q) for q in QUESTIONS]
+    out[3] = pipeline.prepare(QUESTIONS[3], images[:1])  # rows with image tokens, of other lengths
+    out[5] = pipeline.prepare(QUESTIONS[5], images[1:3])
+    return out
+
+
+def settings_for(i: int, **kw) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=3 + 5 * i, **kw)  # rows that end at different steps
+
+
+@pytest.fixture(scope="module")
+def stopping(pipeline, requests):
+    """A stop token that ends two of the answers early (one a free-running answer's 4th token)."""
+    free = pipeline.answer(requests[6], GenerationSettings(max_new_tokens=8, ignore_eos=True)).token_ids
+    return frozenset(pipeline.stop_ids | {free[3]})
+
+
+def rows_seen(monkeypatch, backend) -> list[int]:
+    """Records how many rows each batched decode step of layer 0 carried."""
+    seen: list[int] = []
+    original = backend.decode_rows
+
+    def spy(layer, hidden, positions, mask, cache):
+        if layer == 0:
+            seen.append(hidden.shape[0])
+        return original(layer, hidden, positions, mask, cache)
+
+    monkeypatch.setattr(backend, "decode_rows", spy)
+    return seen
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_greedy_answers_in_a_batch_equal_the_same_answers_alone(pipeline, requests, stopping, monkeypatch, rows):
+    monkeypatch.setattr(pipeline, "stop_ids", stopping)
+    work = [(r, settings_for(i)) for i, r in enumerate(requests)]
+    alone = [pipeline.answer(r, s) for r, s in work]
+    assert {a.finish_reason for a in alone} == {"stop", "length"}
+    assert len({len(a.token_ids) for a in alone}) >= 5
+    seen = rows_seen(monkeypatch, pipeline.backend)
+    together = answer_all(pipeline, work, rows)
+    for a, b in zip(alone, together, strict=True):
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        assert b.prompt_tokens == a.prompt_tokens and b.tiles == a.tiles
+        assert b.timings.decode_tokens == a.timings.decode_tokens
+    if rows == 1:
+        assert seen == []  # one row decodes in the answer's own cache, as Pipeline.answer does
+    else:
+        joined = sum(a.timings.decode_tokens > 0 for a in alone)  # the others end at their first token
+        assert max(seen) == min(rows, joined)  # the batch really was full
+        assert len(seen) < sum(a.timings.decode_tokens for a in alone)  # fewer steps than tokens
+
+
+def test_sampled_answers_keep_their_own_seed_and_settings(pipeline, requests):
+    work = [
+        (r, settings_for(i, temperature=0.9 - 0.1 * i, top_k=20 * (i % 3), top_p=0.8 + 0.02 * i, seed=i))
+        for i, r in enumerate(requests[:6])
+    ]
+    alone = [pipeline.answer(r, s).token_ids for r, s in work]
+    assert [a.token_ids for a in answer_all(pipeline, work, 4)] == alone
+
+
+def test_batched_logits_match_each_row_alone(pipeline, requests):
+    backend = pipeline.backend
+    cache = backend.new_row_cache(4)
+    own, tokens = [], []
+    for request in requests[:4]:
+        embeds = pipeline.prompt_embeds(request, Timings())
+        single = backend.new_cache()
+        token = int(np.argmax(backend.logits(prefill(backend, embeds, single))))
+        alone_cache = backend.new_cache()
+        prefill(backend, embeds, alone_cache)
+        cache.add(single)
+        own.append(alone_cache)
+        tokens.append(token)
+    for _ in range(3):
+        x = np.asarray(pipeline.embeddings[tokens], dtype=np.float32)[:, None]
+        positions, mask = cache.prepare_step()
+        for layer in range(backend.num_layers):
+            x = backend.decode_rows(layer, x, positions, mask, cache)
+        cache.advance()
+        together = backend.logits_rows(x)
+        for row, (token, c) in enumerate(zip(tokens, own, strict=True)):
+            alone = decode_one_token(backend, pipeline.embeddings[token][None, None].astype(np.float32), c)
+            np.testing.assert_allclose(together[row], alone, rtol=1e-4, atol=1e-4)
+        tokens = [int(np.argmax(row)) for row in together]
+
+
+def test_a_row_cache_packs_rows_and_grows_by_steps():
+    cache = RowCache(num_layers=2, rows=3, kv_dim=4, capacity=200)
+    for n, fill in ((5, 1.0), (70, 2.0), (3, 3.0)):
+        single = KVCache(2, 200, 4)
+        single.k[1][0, :n] = fill
+        single.length = n
+        cache.add(single)
+    assert cache.count == 3 and cache.width == 128  # the longest row's 70 + 1, in steps of 64
+    assert cache.lengths.tolist() == [5, 70, 3]
+    cache.remove(0)  # the last row moves into the freed one
+    assert cache.count == 2 and cache.lengths[:2].tolist() == [3, 70]
+    assert (cache.k[1][0, :3] == 3.0).all() and (cache.k[1][1, :70] == 2.0).all()
+    positions, mask = cache.prepare_step()
+    assert positions.tolist() == [3, 70] and mask.shape == (2, 1, 129)
+    assert (mask[0, 0, :3] == 0).all() and (mask[0, 0, 3:128] < 0).all() and mask[0, 0, 128] == 0
+    assert (mask[1, 0, :70] == 0).all() and (mask[1, 0, 70:128] < 0).all()
+    full = KVCache(2, 200, 4)
+    full.length = 199
+    cache.add(full)
+    assert cache.width == 200  # capped at the capacity
+    with pytest.raises(IndexError, match="all 3 rows"):
+        cache.add(full)
+
+
+def test_an_export_of_format_1_still_loads_and_decodes_one_answer_at_a_time(tiny_onnx, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in tiny_onnx.iterdir():
+        (old / f.name).symlink_to(f)
+    manifest = json.loads((tiny_onnx / MANIFEST).read_text())
+    (old / MANIFEST).unlink()
+    (old / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+    p = Pipeline.open(old)
+    try:
+        assert p.backend.max_rows == 1 and DecodeBatch(p, 4).rows == 1
+        assert "format 1" in batch_limit(p.backend) and "vlbatch export HF_DIR OUT_DIR" in batch_limit(p.backend)
+        request = p.prepare("Hi")
+        assert answer_all(p, [(request, GenerationSettings(max_new_tokens=4))], 4)[0].token_ids
+    finally:
+        p.close()
+    (old / MANIFEST).unlink()
+    (old / MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ModelFolderError, match="format 99, newer than this vlbatch reads.*upgrade vlbatch"):
+        OnnxBackend(old)
+
+
+def test_the_worker_answers_a_folder_job_with_rows_in_flight_as_it_would_one_by_one(tiny_onnx, tmp_path, monkeypatch):
+    answers = {}
+    for rows in (1, 3):
+        (tmp_path / f"rows{rows}").mkdir()
+        env = SpoolEnv(tmp_path / f"rows{rows}", tiny_onnx)
+        env.write_config()
+        for i in range(7):
+            env.image(f"p/{i}.png", seed=i, size=(160 + 40 * i, 120))
+        env.image("p/broken.png", seed=9).write_bytes(b"not an image")
+        env.drop("caps.yaml", "prompt: Caption.\ninputs: ../../media/p/\nmax_new_tokens: 20\n")
+        config = env.config()
+        w = Worker.from_config(replace(config, model=replace(config.model, batch=rows)))
+        seen = rows_seen(monkeypatch, w.pipeline.backend)
+        try:
+            (outcome,) = w.drain()
+        finally:
+            w.close()
+        assert outcome.state == "failed"  # the broken file, alone
+        got = {
+            Path(json.loads(r["media_paths"])[0]).name: (
+                r["answer"],
+                r["error"] and r["error"].replace(str(env.root), "ROOT"),
+                r["output_tokens"],
+            )
+            for r in env.db().query("select * from results")
+        }
+        assert len(got) == 8 and got["broken.png"][0] is None and "broken.png" in got["broken.png"][1]
+        answers[rows] = got
+        job = env.job("caps")
+        assert job["inflight"] is None and (job["answered"], job["failed_media"]) == (7, 1)
+        timing = (
+            env.db()
+            .execute("select min(decode_ms), min(ttft_ms), min(tokens_per_s) from results where answer is not null")
+            .fetchone()
+        )
+        assert all(v > 0 for v in timing)
+        shared = env.db().execute("select max(decode_rows) from results where answer is not null").fetchone()[0]
+        assert shared == 1.0 if rows == 1 else 1.0 < shared <= rows  # answers that really shared their steps
+        assert (max(seen) if seen else 1) == rows
+    assert answers[1] == answers[3]
