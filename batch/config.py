@@ -47,7 +47,7 @@ class ConfigError(VlbatchError):
 # answers decoded together by default: on a 2-core Zen 4 with the int4 export, 4 rows gave the most photos per hour
 # (README, "Performance"); more rows add latency per answer for little more throughput
 DEFAULT_BATCH = 4
-MAX_BATCH = 64
+MAX_BATCH = 64  # onnx_backend.MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class ClusterConfig:
     media: str = "shared"  # shared: actors read the head's paths (through path_map) | bytes: the head sends the files
     bytes_nodes: tuple[str, ...] = ()  # nodes (host name or IP) that get bytes whatever `media` says
     path_map: tuple[str, ...] = ()  # HEAD_PREFIX=NODE_PREFIX: where nodes see the head's media and model folders
-    in_flight_per_actor: int = 2  # units queued at each actor: enough to keep it busy, never a flood
+    in_flight_per_actor: int = 2  # units at each actor at least (it holds model.batch + 1): busy, never a flood
     actor_start_seconds: float = 300.0  # an actor not ready this long after it was asked for (model load) is given up
 
     def __post_init__(self) -> None:

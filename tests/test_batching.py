@@ -217,3 +217,44 @@ def test_the_worker_answers_a_folder_job_with_rows_in_flight_as_it_would_one_by_
         assert shared == 1.0 if rows == 1 else 1.0 < shared <= rows  # answers that really shared their steps
         assert (max(seen) if seen else 1) == rows
     assert answers[1] == answers[3]
+
+
+def test_a_scheduler_answers_callers_in_many_threads_together(pipeline, requests, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batch.infer.batching import BatchScheduler
+
+    work = [(r, settings_for(i)) for i, r in enumerate(requests)]
+    alone = [pipeline.answer(r, s).token_ids for r, s in work]
+    seen = rows_seen(monkeypatch, pipeline.backend)
+    scheduler = BatchScheduler(pipeline, 4)
+    with ThreadPoolExecutor(len(work)) as pool:
+        together = list(pool.map(lambda w: scheduler.answer(*w).token_ids, work))
+    assert together == alone and max(seen) == 4
+    # an alone request waits for the batch to empty and runs with nothing beside it; later ones wait for it
+    steps: list[tuple[bool, int]] = []
+    step = scheduler.batch.step
+
+    def spy_step():
+        steps.append((scheduler._alone, len(scheduler.batch)))
+        return step()
+
+    monkeypatch.setattr(scheduler.batch, "step", spy_step)
+    lone = 2
+    with ThreadPoolExecutor(len(work)) as pool:
+        futures = [pool.submit(scheduler.answer, r, s, i == lone) for i, (r, s) in enumerate(work)]
+        results = [f.result() for f in futures]
+    assert [r.token_ids for r in results] == alone
+    assert [n for is_alone, n in steps if is_alone] == [1] * results[lone].timings.decode_tokens
+    assert max(n for is_alone, n in steps if not is_alone) > 1
+
+
+def test_a_failed_request_fails_alone_and_the_scheduler_goes_on(pipeline, requests):
+    from batch.infer.batching import BatchScheduler
+
+    scheduler = BatchScheduler(pipeline, 3)
+    bad = Request(np.array([10**9]), None, None, 0.0)  # a token id past the embedding table
+    with pytest.raises(Exception, match="model failed|index"):
+        scheduler.answer(bad, GenerationSettings(max_new_tokens=4))
+    good = scheduler.answer(requests[0], GenerationSettings(max_new_tokens=4))
+    assert good.token_ids == pipeline.answer(requests[0], GenerationSettings(max_new_tokens=4)).token_ids

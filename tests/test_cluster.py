@@ -10,6 +10,7 @@ production. One cluster serves the whole module; each test has its own spool and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ import signal
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from spool_env import SpoolEnv, wait_for
 from synthetic import write_media
 
@@ -37,6 +40,7 @@ from batch.service.worker import Worker
 pytestmark = pytest.mark.slow
 
 RESOURCE = "vlbatch_test"
+PLUGIN = Path(__file__).parent / "faults" / "plugin"  # sitecustomize: FAULT_SUITE_CRASH_ON_MAGENTA
 HOST = socket.gethostname()
 PHOTOS = [("beach.jpg", (320, 240), 1), ("street.png", (240, 320), 2), ("harbor.png", (448, 448), 4)]
 CAPTION = "Write a one-sentence caption for this photo."
@@ -178,10 +182,12 @@ class Head:
 def cluster():
     """Head + one node, shut down at the module's end; then every process it started must be gone."""
     head_args = {"num_cpus": 1, "resources": {RESOURCE: 1}, "include_dashboard": False}
-    c = Cluster(initialize_head=True, head_node_args=head_args)
+    with _crashing_on_magenta():
+        c = Cluster(initialize_head=True, head_node_args=head_args)
     started: set[int] = set()
     try:
-        c.add_node(num_cpus=1, resources={RESOURCE: 1})
+        with _crashing_on_magenta():
+            c.add_node(num_cpus=1, resources={RESOURCE: 1})
         c.wait_for_nodes()
         yield c
     finally:
@@ -191,6 +197,23 @@ def cluster():
         wait_for(lambda: not [pid for pid in started if _alive(pid)], timeout=30, interval=0.2)
     except AssertionError:
         raise AssertionError(f"Ray processes outlived the cluster: {[p for p in started if _alive(p)]}") from None
+
+
+@contextlib.contextmanager
+def _crashing_on_magenta() -> Iterator[None]:
+    """Nodes started inside run actors that crash (SIGSEGV) when they answer a solid magenta photo: a model runtime
+    that dies on one input (tests/faults/plugin, through the environment the node's processes inherit)."""
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "FAULT_SUITE_CRASH_ON_MAGENTA")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN), saved["PYTHONPATH"]]))
+    os.environ["FAULT_SUITE_CRASH_ON_MAGENTA"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _descendants(root: int) -> set[int]:
@@ -342,6 +365,27 @@ def test_a_killed_actor_is_replaced_and_every_file_is_answered_once(answered, cl
     assert env.ppids[new["id"]] == env.ppids[victim["id"]]
     assert sum(a["answers"] for a in actors.values()) == 40
     assert "event=cluster.unit_resent" in head.text()
+
+
+def test_a_unit_that_kills_its_actor_twice_is_skipped_and_its_batch_is_answered(cluster, heads, tmp_path, tiny_onnx):
+    """The magenta photo crashes any actor that answers it. The first death blames the units that actor was
+    decoding together; each goes again alone, so the second death is the magenta photo's own: it is skipped,
+    every other photo is answered once."""
+    env = Env(tmp_path, tiny_onnx).configure(cluster={})
+    for i in range(7):
+        env.image(f"k/{i}.png", 200 + i, size=(64, 48))
+    Image.new("RGB", (64, 48), (255, 0, 255)).save(env.media / "k" / "3-magenta.png")
+    env.drop("killer.yaml", "prompt: Caption.\ninputs: ../../media/k/\nmax_new_tokens: 24\n")
+    head = heads(env, cluster.address)
+    assert head.wait() == 1, head.text()[-3000:]  # a file failed
+    job = env.job("killer")
+    assert (job["state"], job["answered"], job["failed_media"]) == ("failed", 7, 1)
+    failed = env.rows("select media_paths, error from results where error is not null")
+    assert len(failed) == 1 and "3-magenta.png" in failed[0]["media_paths"]
+    assert "died 2 times" in failed[0]["error"]
+    linked = env.rows("select media_paths from job_results where job_id = 'killer'")
+    assert len(linked) == 8 and len({r["media_paths"] for r in linked}) == 8
+    assert sum(a["state"] == "gone" for a in env.actors()) == 2  # two deaths, both the magenta photo's
 
 
 def test_a_killed_head_recovers_as_a_single_worker_does(answered, cluster, heads, tmp_path, tiny_onnx):

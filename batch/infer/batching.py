@@ -13,8 +13,11 @@ the rate its own stream saw and the batch's aggregate rate is the sum over its r
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,3 +194,71 @@ def answer_all(
     while len(batch):
         take(batch.step())
     return [item for item in out if item is not None]
+
+
+class BatchScheduler:
+    """One model's DecodeBatch driven by a thread of its own, for callers in many threads (a Ray actor's): each
+    answer() waits for its own result while the batch decodes every request in flight together.
+
+    An `alone` request waits until nothing else is in flight and runs with nothing beside it (a unit suspected of
+    killing its process is judged on its own).
+    """
+
+    def __init__(self, pipeline: Pipeline, rows: int) -> None:
+        self.batch = DecodeBatch(pipeline, rows)
+        self._waiting: deque[tuple[Request, GenerationSettings, bool, Future]] = deque()
+        self._ready = threading.Condition()
+        self._alone = False  # an alone request is in flight
+        threading.Thread(target=self._run, name="decode-batch", daemon=True).start()
+
+    def answer(self, request: Request, settings: GenerationSettings, alone: bool = False) -> GenerationResult:
+        """The request's answer; its VlbatchError (or the step's that carried it) is raised here."""
+        done: Future = Future()
+        with self._ready:
+            self._waiting.append((request, settings, alone, done))
+            self._ready.notify()
+        return done.result()
+
+    def _admit(self) -> list[tuple[Request, GenerationSettings, bool, Future]]:
+        """The waiting requests that may join now (FIFO: an alone request at the head joins an empty batch only)."""
+        with self._ready:
+            while not self._waiting and not len(self.batch):
+                self._ready.wait()
+            taken: list[tuple[Request, GenerationSettings, bool, Future]] = []
+            while self._waiting and not self._alone and len(self.batch) + len(taken) < self.batch.rows:
+                alone = self._waiting[0][2]
+                if alone and (taken or len(self.batch)):
+                    break
+                taken.append(self._waiting.popleft())
+                if alone:
+                    self._alone = True
+                    break
+            return taken
+
+    def _run(self) -> None:
+        while True:
+            for request, settings, _, done in self._admit():
+                try:
+                    self._deliver(self.batch.add(request, settings, done))
+                except Exception as exc:  # this request's own failure: the others go on
+                    done.set_exception(exc if isinstance(exc, VlbatchError) else _model_failed(exc))
+            if len(self.batch):
+                try:
+                    self._deliver(self.batch.step())
+                except Exception as exc:  # the step failed every answer it carried
+                    error = exc if isinstance(exc, VlbatchError) else _model_failed(exc)
+                    self._deliver(self.batch.fail_all(error))
+            if not len(self.batch):
+                self._alone = False
+
+    @staticmethod
+    def _deliver(finished: list[Finished]) -> None:
+        for item in finished:
+            if item.result is not None:
+                item.tag.set_result(item.result)
+            else:
+                item.tag.set_exception(item.error)
+
+
+def _model_failed(exc: Exception) -> VlbatchError:
+    return VlbatchError(f"the model failed: {type(exc).__name__}: {exc}")

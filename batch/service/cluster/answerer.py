@@ -12,6 +12,7 @@ from pathlib import Path
 
 from batch.config import ClusterConfig, ModelConfig
 from batch.errors import VlbatchError
+from batch.infer.batching import BatchScheduler
 from batch.infer.decode import IsolatedDecoder
 from batch.infer.generate import GenerationResult
 from batch.infer.pipeline import Pipeline
@@ -30,6 +31,7 @@ class UnitTask:
     files: tuple[tuple[str, bytes], ...] | None  # set when the node does not mount the media
     generation: GenerationSettings
     media: MediaSettings
+    alone: bool = False  # answered with no other unit beside it (its actor died while it was in flight)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class NodeInfo:
     pid: int
     backend: str
     error: str | None = None  # the model could not be loaded here: the actor is of no use, and says why
+    rows: int = 1  # answers its model decodes together (model.batch, as far as its runtime decodes several)
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ class UnitAnswer:
 
 
 class UnitAnswerer:
-    """Loads the model once (paths through cluster.path_map), then answers one unit at a time. Media are decoded
-    in a child process with the configured limits, as in a local worker."""
+    """Loads the model once (paths through cluster.path_map), then answers the units the head sends, up to
+    model.batch decoded together (a threaded actor: one call per unit, one BatchScheduler). Media are decoded in
+    a child process with the configured limits, as in a local worker."""
 
     def __init__(self, model: ModelConfig, media: MediaSettings, cluster: ClusterConfig, threads: int) -> None:
         self.node = socket.gethostname()
@@ -78,7 +82,10 @@ class UnitAnswerer:
         except Exception as exc:
             self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), model.backend, f"{type(exc).__name__}: {exc}")
         else:
-            self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), self.pipeline.backend.name)
+            # the units the head sends at once run in Ray's threads: each decodes its media, then joins the batch
+            self.scheduler = BatchScheduler(self.pipeline, model.batch)
+            rows = self.scheduler.batch.rows
+            self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), self.pipeline.backend.name, rows=rows)
 
     def info(self) -> NodeInfo:
         return self.info_
@@ -108,7 +115,8 @@ class UnitAnswerer:
             raise VlbatchError(f"no model loaded on {self.node}: {self.info_.error}")
         try:
             request = self.pipeline.prepare(task.prompt, paths, task.media)
-            return UnitAnswer(self.pipeline.answer(request, task.generation), None, self.node, self.info_.backend)
+            result = self.scheduler.answer(request, task.generation, task.alone)
+            return UnitAnswer(result, None, self.node, self.info_.backend)
         except VlbatchError as exc:
             return UnitAnswer(None, str(exc), self.node, self.info_.backend)
 

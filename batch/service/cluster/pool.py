@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,7 +44,8 @@ class _Actor:
     ready_ref: Any = None
     asked_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
-    running_seq: int = -1  # once dead: the unit it was answering (the others only waited in its queue)
+    alone: bool = False  # it holds a unit that runs with nothing beside it: nothing else is sent to it
+    running: frozenset[int] = frozenset()  # once dead: the units it was answering (the others only waited)
     last_sent: int = 0  # the send order of its latest unit
 
 
@@ -51,7 +53,7 @@ class _Actor:
 class _Sent:
     tag: Any  # what the caller needs back with the answer
     task: UnitTask
-    actor: _Actor
+    actor: _Actor | None  # None while it waits for an actor
     deaths: int = 0
     seq: int = 0  # send order: an actor answers its units in this order
 
@@ -61,6 +63,12 @@ class Done:
     tag: Any  # what the caller needs back with the answer
     answer: UnitAnswer
     actor: str  # the actor's name (the `actors` table id)
+
+
+def units_per_actor(config: Config) -> int:
+    """Units the head keeps at each actor: its batch (model.batch) and one more decoding its media, or
+    cluster.in_flight_per_actor if that is more."""
+    return max(config.cluster.in_flight_per_actor, config.model.batch + 1)
 
 
 class ActorPool:
@@ -81,6 +89,7 @@ class ActorPool:
         self._started_ray = False
         self.actors: list[_Actor] = []
         self.sent: dict[Any, _Sent] = {}  # object ref of answer() -> what was sent
+        self.waiting: deque[_Sent] = deque()  # submitted, no actor free for it yet (an alone unit waits for one idle)
         self._serial = 0
         self._seq = 0
         if not ray.is_initialized():
@@ -92,8 +101,13 @@ class ActorPool:
             raise
         remote = ray.remote(UnitAnswerer)
         resources = {self.cluster.resource: 1} if self.cluster.resource else None
+        # a threaded actor: each unit it holds runs in a thread of its own (media decoding), all joining its batch
         self._remote = remote.options(
-            num_cpus=self.cluster.cpus_per_actor, resources=resources, max_restarts=0, max_task_retries=0
+            num_cpus=self.cluster.cpus_per_actor,
+            resources=resources,
+            max_restarts=0,
+            max_task_retries=0,
+            max_concurrency=units_per_actor(config),
         )
         for _ in range(self.wanted):
             self._start_actor()
@@ -201,18 +215,41 @@ class ActorPool:
             self._settle_starting(timeout=1.0)
 
     # units --------------------------------------------------------------------------------------
+    def _capacity(self, actor: _Actor) -> int:
+        """Units an actor holds at once: its batch and one more being decoded, or cluster.in_flight_per_actor."""
+        rows = actor.info.rows if actor.info is not None else 1
+        return max(self.cluster.in_flight_per_actor, rows + 1)
+
     def full(self) -> bool:
-        return len(self.sent) >= max(1, len(self.ready)) * self.cluster.in_flight_per_actor
+        capacity = sum(self._capacity(a) for a in self.ready) or self.cluster.in_flight_per_actor
+        return len(self.sent) + len(self.waiting) >= capacity
 
     def busy(self) -> bool:
-        return bool(self.sent)
+        return bool(self.sent or self.waiting)
 
     def submit(self, tag: Any, task: UnitTask) -> None:
         self.wait_ready()
-        self._send(_Sent(tag, task, self._least_busy()))
+        self.waiting.append(_Sent(tag, task, None))
+        self._dispatch()
 
-    def _least_busy(self) -> _Actor:
-        return min(self.ready, key=lambda a: (a.in_flight, a.last_sent))  # ties: the one idle longest
+    def _dispatch(self) -> None:
+        """Send waiting units in order while an actor can take them: an alone unit to an idle actor only, and
+        nothing else to an actor that holds one; while an alone unit waits, the actors drain for it."""
+        while self.waiting:
+            sent = self.waiting[0]
+            if sent.task.alone:
+                idle = [a for a in self.ready if a.in_flight == 0]
+                if not idle:
+                    return
+                actor = min(idle, key=lambda a: a.last_sent)
+            else:
+                free = [a for a in self.ready if not a.alone and a.in_flight < self._capacity(a)]
+                if not free:
+                    return
+                actor = min(free, key=lambda a: (a.in_flight, a.last_sent))  # ties: the one idle longest
+            self.waiting.popleft()
+            sent.actor = actor
+            self._send(sent)
 
     def _send(self, sent: _Sent) -> None:
         actor = sent.actor
@@ -226,6 +263,7 @@ class ActorPool:
         self._seq += 1
         sent.seq = actor.last_sent = self._seq
         actor.in_flight += 1
+        actor.alone = actor.alone or task.alone
         self.sent[ref] = sent
 
     def _wants_bytes(self, actor: _Actor) -> bool:
@@ -237,6 +275,9 @@ class ActorPool:
         """One finished unit (in completion order), or None after `timeout`; an actor found dead is replaced and
         its units sent again (a unit that took two actors down fails)."""
         self._settle_starting(timeout=0)
+        if self.waiting and not self.sent:
+            self.wait_ready()
+        self._dispatch()
         if not self.sent:
             return None
         ready, _ = self.ray.wait(list(self.sent), num_returns=1, timeout=timeout)
@@ -244,7 +285,7 @@ class ActorPool:
             return None
         ref = ready[0]
         sent = self.sent.pop(ref)
-        sent.actor.in_flight -= 1
+        self._returned(sent)
         try:
             return Done(sent.tag, self.ray.get(ref), sent.actor.name)
         except self.ray.exceptions.RayActorError as exc:
@@ -253,33 +294,46 @@ class ActorPool:
             failed = UnitAnswer(None, f"the actor failed: {_reason(exc)}", _node(sent.actor), "")
             return Done(sent.tag, failed, sent.actor.name)
 
+    def _returned(self, sent: _Sent) -> None:
+        actor = sent.actor
+        actor.in_flight -= 1
+        if sent.task.alone:
+            actor.alone = False
+
     def _actor_died(self, sent: _Sent, exc: Exception) -> Done | None:
         actor = sent.actor
         if actor in self.actors:
-            # an actor answers one unit at a time: the oldest unit it held was the one running when it died
-            held = [s.seq for s in self.sent.values() if s.actor is actor] + [sent.seq]
-            actor.running_seq = min(held)
+            # an actor answers its oldest units together (its batch), or an alone unit with nothing beside it: those
+            # were running when it died
+            held = [s for s in self.sent.values() if s.actor is actor] + [sent]
+            alone = [s.seq for s in held if s.task.alone]
+            rows = actor.info.rows if actor.info is not None else 1
+            actor.running = frozenset(alone[:1] or sorted(s.seq for s in held)[:rows])
             self._drop(actor, f"died: {_reason(exc)}")
             self._start_actor()  # Ray places the replacement wherever the resources are
-        if sent.seq == actor.running_seq:  # the units only queued behind it are sent again without blame
+        if sent.seq in actor.running:  # the units only queued behind them are sent again without blame
             sent.deaths += 1
         names = ", ".join(sent.task.paths)
         if sent.deaths >= DEATHS_PER_UNIT:
             error = f"{names}: the actor process died {sent.deaths} times while answering it; skipped"
             return Done(sent.tag, UnitAnswer(None, error, _node(actor), ""), actor.name)
         event(log, "cluster.unit_resent", logging.WARNING, file=names, reason="its actor died")
-        # the other units the dead actor held come back the same way, each from its own failed ref
+        # the other units the dead actor held come back the same way, each from its own failed ref; one it was
+        # answering goes again alone, so that a second death is its own
+        if sent.deaths:
+            sent.task = replace(sent.task, alone=True)
+        self.waiting.appendleft(sent)
         self.wait_ready()
-        sent.actor = self._least_busy()
-        self._send(sent)
+        self._dispatch()
         return None
 
     def cancel(self, which: Callable[[Any], bool] = lambda tag: True) -> None:
         """Forget the units in flight whose tag `which` picks (a hand-back): nothing of theirs is committed."""
+        self.waiting = deque(sent for sent in self.waiting if not which(sent.tag))
         for ref, sent in list(self.sent.items()):
             if not which(sent.tag):
                 continue
-            sent.actor.in_flight -= 1
+            self._returned(sent)
             del self.sent[ref]
             try:
                 self.ray.cancel(ref)

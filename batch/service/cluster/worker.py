@@ -2,7 +2,8 @@
 each unit the model must answer sent to the Ray actor pool instead of a local model.
 
 The head runs several jobs at once, one per lane (a thread with its own database connection), as many lanes as
-the pool holds units (actors x `cluster.in_flight_per_actor`), so that one-image jobs keep every actor busy too.
+the pool holds units (actors x `units_per_actor`: each actor's batch and one more), so that one-image jobs keep
+every actor busy too.
 Each job's units are sent in order and committed as they come back; a second stop signal hands every running
 job back with whatever is in flight dropped (nothing of it was committed), and a later attempt of a run skips
 every unit already recorded.
@@ -24,7 +25,7 @@ from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.runtime.select import model_identity
 from batch.service.cluster.answerer import UnitTask
-from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane
+from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane, units_per_actor
 from batch.service.folder_watch import FolderWatch
 from batch.service.logs import event
 from batch.service.records import failure_class
@@ -96,7 +97,7 @@ class RayWorker(Worker):
     def _lane_limit(self) -> int:
         """How many jobs may run at once: as many as the pool holds units; one while no actor can start."""
         try:
-            return max(1, self.pool.wanted * self.config.cluster.in_flight_per_actor)
+            return max(1, self.pool.wanted * units_per_actor(self.config))
         except NoActors as exc:  # the first job asks again, and is handed back if there is still none
             event(log, "cluster.no_actors", logging.WARNING, reason=exc.strerror)
             return 1
