@@ -492,7 +492,8 @@ def test_the_time_is_the_rates_cost_model_by_hand():
     assert npu.unit(0, 300, 1).decode_ms == 0
 
 
-def test_each_job_sums_its_units_at_the_rates(env, hand_cpu_rates):
+def test_each_job_sums_its_units_at_the_rates(env, hand_cpu_rates, monkeypatch):
+    monkeypatch.setenv("VLBATCH_MODEL_BATCH", "1")  # one answer at a time: decode is the plain sum
     photos(env)
     job_file = plan(env, "photos.yaml", "prompt: Describe it.\ninputs: ../media/photos/\nmax_new_tokens: 21\n")
     result = estimate(env.config(), [job_file])
@@ -503,6 +504,37 @@ def test_each_job_sums_its_units_at_the_rates(env, hand_cpu_rates):
     assert figures["seconds"]["total"] == pytest.approx(expected_ms / 1e3)
     assert figures["seconds_per_unit"] == pytest.approx(expected_ms / 1e3 / len(units))
     assert figures["units_per_hour"] == pytest.approx(3600 / (expected_ms / 1e3 / len(units)))
+
+
+@pytest.mark.parametrize(("batch", "speedup"), [("1", 1.0), ("2", 1.5), ("3", 2.0), ("8", 2.5)])
+def test_answers_decoded_together_cost_one_step_for_all(env, tiny_shape_is_reference, monkeypatch, batch, speedup):
+    rates = Rates(100.0, 200.0, 20.0, 50.0, "hand", measured=False, batch_speedup=((2, 1.5), (4, 2.5)))
+    monkeypatch.setattr(planning, "CPU_REFERENCE_RATES", {"fp32": rates})
+    monkeypatch.setenv("VLBATCH_MODEL_BATCH", batch)
+    photos(env)
+    job_file = plan(env, "photos.yaml", "prompt: Describe it.\ninputs: ../media/photos/\nmax_new_tokens: 21\n")
+    result = estimate(env.config(), [job_file])
+    units = units_of(result)
+    assert result.model.batch == int(batch) and result.jobs[0].rows == min(int(batch), len(units))
+    assert result.jobs[0].time.decode_ms == pytest.approx(
+        len(units) * 50.0 * 20 / speedup
+    )  # batch 8 over 7 photos: 7 rows, flat past 4
+    assert result.jobs[0].time.vit_ms == sum(u.tiles * 100.0 for u in units)  # each answer's own ViT and prompt
+    text = cli("--config", env.config_path, "estimate", job_file).stdout
+    assert ("decode of up to" in text) == (batch != "1")
+
+
+def test_stored_answers_decoded_together_are_read_as_one_answers_speed():
+    alone = planning.single_stream_ms(1000.0, 1.0)
+    assert alone == 1000.0 and planning.single_stream_ms(1000.0, None) == 1000.0
+    four = planning.speedup_at(planning.BATCH_SPEEDUP, 4)
+    assert planning.single_stream_ms(1000.0, 4.0) == pytest.approx(1000.0 * four / 4)
+    rows = [
+        {"tiles": 1, "vit_ms": 10.0, "prompt_tokens": 300, "prefill_ms": 30.0, "output_tokens": 11,
+         "decode_ms": 1000.0, "decode_rows": 4.0},
+    ] * 3  # fmt: skip
+    rates = planning.rates_from_results(rows, "stored")
+    assert rates.decode_ms_per_token == pytest.approx(100.0 * four / 4)
 
 
 @pytest.mark.parametrize(
@@ -532,6 +564,7 @@ def test_json_holds_each_job_the_totals_and_the_rates(env, hand_cpu_rates):
         "prefill_capacity_from",
         "shape",
         "reference_shape",
+        "batch",
     }
     assert "@" in result["model"]["id"] and result["model"]["backend"] == "onnxruntime"
     assert result["model"]["vit_weights"] == "fp32" and result["model"]["prefill_weights"] == "same"

@@ -31,6 +31,7 @@ from batch.infer.pipeline import load_tokenizer
 from batch.infer.prompt import PromptMedia
 from batch.infer.prompt_budget import PromptBudget
 from batch.infer.runtime.select import (
+    decode_rows,
     metadata_dir,
     model_identity,
     prefill_capacity,
@@ -52,6 +53,7 @@ from batch.service.planning import (
     rates_from_bench,
     rates_from_results,
     reference_rates,
+    single_stream_ms,
 )
 from batch.service.records import cache_key
 from batch.service.store import StoredAnswers, file_sha256
@@ -97,6 +99,7 @@ class ModelFacts:
     prompts: PromptBudget
     capacity_note: str | None = None  # how the prefill capacity was found, when not from the folder itself
     shape: dict[str, int] = field(default_factory=dict)  # architecture(): what the model's cost grows with
+    batch: int = 1  # answers a worker decodes together: model.batch, as far as the runtime decodes several
 
     @property
     def reference_shape(self) -> bool:
@@ -125,6 +128,7 @@ def read_model(model: ModelConfig) -> ModelFacts:
         prompts,
         note,
         architecture(spec),
+        min(model.batch, decode_rows(model.dir)),
     )
 
 
@@ -193,6 +197,7 @@ class JobEstimate:
     output_tokens: int  # per answer
     output_answers: int  # stored answers the output figure is the mean of; 0: max_new_tokens, an upper bound
     time: UnitTime | None  # None: no figures to price it with
+    rows: int = 1  # answers decoded together (model.batch, at most the answers to make)
 
     def count(self, status: Status) -> int:
         return sum(1 for unit in self.units if unit.status == status)
@@ -297,7 +302,10 @@ class _Counter:
         output = min(limit, max(1, round(mean))) if answers >= MIN_ANSWERS else limit
         answered = [u for u in units if u.status == "answer"]
         total = None if rates is None else UnitTime.sum(rates.unit(u.tiles, u.prompt_tokens, output) for u in answered)
-        return JobEstimate(path, job, units, output, answers if answers >= MIN_ANSWERS else 0, total)
+        rows = max(1, min(self.model.batch, len(answered)))
+        if total is not None and rows > 1:  # answers decoded together: the steps of one serve them all
+            total = replace(total, decode_ms=total.decode_ms / rates.decode_speedup(rows))
+        return JobEstimate(path, job, units, output, answers if answers >= MIN_ANSWERS else 0, total, rows)
 
     def unit(self, job: Job, files: tuple[Path, ...]) -> UnitCount:
         kind: Literal["image", "video"] | None = None
@@ -460,7 +468,8 @@ def _history_decode(rows: Sequence[dict[str, Any]]) -> DecodeFit | None:
     for row in rows:
         steps = (row.get("output_tokens") or 0) - 1
         if steps > 0 and (row.get("decode_ms") or 0) > 0 and row.get("prompt_tokens"):
-            samples.append((row["prompt_tokens"] + (steps - 1) / 2, row["decode_ms"] / steps, steps))
+            alone_ms = single_stream_ms(row["decode_ms"], row.get("decode_rows"))
+            samples.append((row["prompt_tokens"] + (steps - 1) / 2, alone_ms / steps, steps))
     return fit_decode(samples, "the stored answers")
 
 
@@ -581,6 +590,7 @@ def estimate_dict(result: Estimate) -> dict[str, Any]:
             "prefill_capacity_from": model.capacity_note or "the model folder",
             "shape": model.shape,
             "reference_shape": model.reference_shape,
+            "batch": model.batch,
         },
         "rates": None if result.rates is None else asdict(result.rates),
         "no_figures": result.missing,
@@ -637,6 +647,12 @@ def _rates_lines(result: Estimate) -> list[str]:
     ]
     if rates.decode_note:
         lines.append(f"        decode {rates.decode_note}")
+    batch = result.model.batch
+    if batch > 1:
+        lines.append(
+            f"        decode of up to {batch} answers at once (model.batch): x{rates.decode_speedup(batch):.2f} "
+            f"the speed of one" + ("" if rates.batch_speedup else " (the built-in CPU figures)")
+        )
     return lines
 
 

@@ -56,6 +56,14 @@ class Rates:
     measured: bool = True
     chunk_tokens: int = CHUNK_TOKENS
     whole_chunks: bool = False  # the NPU's prefill graphs always run a full chunk; onnxruntime runs what is there
+    # aggregate decode speed of N answers decoded together over one answer's, as (N, factor) points; none: the
+    # built-in CPU curve (BATCH_SPEEDUP)
+    batch_speedup: tuple[tuple[int, float], ...] = ()
+
+    def decode_speedup(self, rows: int) -> float:
+        """How much faster N answers decode together than one after another (linear between measured points,
+        flat past the last)."""
+        return speedup_at(self.batch_speedup or BATCH_SPEEDUP, rows)
 
     def chunks(self, prompt_tokens: int) -> float:
         x = prompt_tokens / self.chunk_tokens
@@ -72,6 +80,26 @@ class Rates:
             self.prefill_ms(prompt_tokens),
             self.decode_ms_per_token * max(0, output_tokens - 1),
         )
+
+
+# bench/batched_decode.py on the real-shape int4+int8 export (2-core AMD EPYC Zen 4, 2 threads, 408-token prompts,
+# median of 3 rounds, 2026-12-05): tokens/s of N rows decoded together over one row's
+BATCH_SPEEDUP: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0))
+
+
+def speedup_at(points: tuple[tuple[int, float], ...], rows: float) -> float:
+    """The factor at `rows` on a curve of (rows, factor) points: linear between them, flat past the last."""
+    if rows <= 1:
+        return 1.0
+    xs, ys = zip(*sorted({(1, 1.0), *points}), strict=True)  # rows may be a mean (stored decode_rows)
+    return float(np.interp(rows, xs, ys))
+
+
+def single_stream_ms(decode_ms: float, rows: float | None) -> float:
+    """An answer's decode time as if it had been decoded alone: `rows` answers that shared its steps each step took
+    rows / speedup(rows) times one answer's step (the built-in curve)."""
+    rows = rows or 1.0
+    return decode_ms if rows <= 1 else decode_ms * speedup_at(BATCH_SPEEDUP, rows) / rows
 
 
 def fit_prefill(samples: Iterable[tuple[float, float]]) -> tuple[float, float]:
@@ -98,7 +126,7 @@ def rates_from_results(rows: Iterable[Mapping[str, Any]], source: str, whole_chu
     rows = list(rows)
     vit = [(r["vit_ms"], r["tiles"]) for r in rows if (r.get("tiles") or 0) > 0 and (r.get("vit_ms") or 0) > 0]
     decode = [
-        (r["decode_ms"], r["output_tokens"] - 1)
+        (single_stream_ms(r["decode_ms"], r.get("decode_rows")), r["output_tokens"] - 1)
         for r in rows
         if (r.get("output_tokens") or 0) > 1 and (r.get("decode_ms") or 0) > 0
     ]

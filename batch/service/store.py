@@ -910,9 +910,12 @@ class StoredAnswers:
         return bool(self._rows("SELECT 1 FROM results WHERE model_id = ? AND error IS NULL LIMIT 1", [model_id]))
 
     def timings(self, model_id: str, backend: str, limit: int = 500) -> list[dict[str, Any]]:
-        """The newest successful answers of this model on this runtime: sizes and stage timings."""
+        """The newest successful answers of this model on this runtime: sizes, stage timings and how many answers
+        shared their decode steps (1 in a database from before batched decode)."""
+        columns = {row[1] for row in self._rows("PRAGMA table_info(results)", [])}
+        rows_column = "decode_rows" if "decode_rows" in columns else "1 AS decode_rows"
         rows = self._rows(
-            "SELECT tiles, vit_ms, prompt_tokens, prefill_ms, output_tokens, decode_ms FROM results "
+            f"SELECT tiles, vit_ms, prompt_tokens, prefill_ms, output_tokens, decode_ms, {rows_column} FROM results "
             "WHERE model_id = ? AND backend = ? AND error IS NULL ORDER BY id DESC LIMIT ?",
             [model_id, backend, limit],
         )

@@ -15,6 +15,8 @@ from batch.model.export.manifest import FIRST_ROWS_VERSION, FORMAT, FORMAT_VERSI
 from batch.model.modelspec import ModelSpec
 from batch.model.ort_options import session_options
 
+MAX_ROWS = 64  # the most answers one decode step carries (config: model.batch)
+
 
 def is_onnx_folder(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
@@ -48,6 +50,11 @@ def embeddings_file(folder: Path) -> Path:
 def prefill_capacity(manifest: dict[str, Any]) -> int:
     """The longest prompt an export prefills: one cache position stays free for the answer's first decode step."""
     return int(manifest["kv_capacity"]) - 1
+
+
+def max_rows(manifest: dict[str, Any]) -> int:
+    """Answers one decode step may carry: exports before FIRST_ROWS_VERSION have decoder graphs of one row."""
+    return MAX_ROWS if int(manifest["version"]) >= FIRST_ROWS_VERSION else 1
 
 
 def weights(folder: Path) -> tuple[str, str, str]:
@@ -97,8 +104,7 @@ class OnnxBackend(Backend):
         self.kv_capacity = int(manifest["kv_capacity"])
         self.prefill_capacity = prefill_capacity(manifest)
         self._kv_dim = self.spec.text.kv_dim
-        # exports before FIRST_ROWS_VERSION have decoder graphs of one row: they decode one answer at a time
-        self.max_rows = 64 if int(manifest["version"]) >= FIRST_ROWS_VERSION else 1
+        self.max_rows = max_rows(manifest)
         self.format_version = int(manifest["version"])
 
     def vit(self, pixels: np.ndarray) -> np.ndarray:

@@ -85,6 +85,14 @@ def prefill_capacity(
     return onnx_backend.prefill_capacity(onnx_backend.read_manifest(Path(model_dir)))
 
 
+def decode_rows(model_dir: Path) -> int:
+    """How many answers the folder's runtime decodes per step: an export of format 2 or later, many; an older
+    export, or an axmodel folder (its graphs are compiled for one row), one."""
+    if folder_kind(model_dir) == "axengine":
+        return 1
+    return onnx_backend.max_rows(onnx_backend.read_manifest(Path(model_dir)))
+
+
 def weights_formats(model_dir: Path) -> tuple[str | None, str | None, str | None]:
     """An export's weight formats: the language model's (fp32, int8, int4), the ViT's (fp32, int8) and the
     prompt layers' (same, int8); all None for an axmodel folder, whose weights are compiled in."""
