@@ -60,23 +60,27 @@ def vit_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
     x = g.op("Concat", [cls, patches], axis=1)
     x = g.op("Add", [x, g.weight(e + "pos", w(e + "position_embedding"))])  # (N, T, C)
 
+    def gelu(value: str) -> str:  # onnxruntime's exact (erf) GELU as one kernel; the decomposed form stays unfused
+        return g.op("Gelu", [value], domain=CONTRIB_DOMAIN)
+
     for i in range(v.num_layers):
         p = f"vision_model.encoder.layers.{i}."
         h = _norm(g, x, p + "norm1", w, v.norm_type, v.layer_norm_eps)
-        qkv_b = w(p + "attn.qkv.bias") if v.qkv_bias else None
-        qkv = g.linear(h, p + "attn.qkv", w(p + "attn.qkv.weight"), qkv_b)
-        qkv = g.transpose(g.reshape(qkv, [0, 0, 3, heads, d]), [2, 0, 3, 1, 4])  # (3, N, heads, T, d)
-        q, k, val = (g.op("Squeeze", [t, g.const([0])]) for t in g.ops("Split", [qkv], 3, axis=0))
-        scores = g.op("MatMul", [q, g.transpose(k, [0, 1, 3, 2])])
-        scores = g.op("Mul", [scores, g.const(d**-0.5, np.float32)])
-        attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), val])  # (N, heads, T, d)
-        attn = g.reshape(g.transpose(attn, [0, 2, 1, 3]), [0, 0, c])
-        attn = g.linear(attn, p + "attn.proj", w(p + "attn.proj.weight"), w(p + "attn.proj.bias"))
-        x = g.op("Add", [x, g.op("Mul", [attn, g.weight(p + "ls1", w(p + "ls1"))])])
+        # q, k and v as three products of h (no Split to copy), each quantizable by the int8 ViT's quantizer, into
+        # onnxruntime's MultiHeadAttention: (N, T, C) in and out, no layout changes in the graph, and on the CPU a
+        # tiled (flash) kernel that never writes the (N, heads, T, T) scores out
+        weights = np.split(w(p + "attn.qkv.weight"), 3)
+        biases = np.split(w(p + "attn.qkv.bias"), 3) if v.qkv_bias else [None] * 3
+        q, k, val = (g.linear(h, f"{p}attn.{n}", wt, b) for n, wt, b in zip("qkv", weights, biases, strict=True))
+        attn = g.op("MultiHeadAttention", [q, k, val], domain=CONTRIB_DOMAIN, num_heads=heads, scale=d**-0.5)
+        # the layer scales ls1/ls2 folded into the output rows of proj and fc2 (per-channel int8 scales absorb them)
+        ls1, ls2 = w(p + "ls1")[:, None], w(p + "ls2")[:, None]
+        attn = g.linear(attn, p + "attn.proj", w(p + "attn.proj.weight") * ls1, w(p + "attn.proj.bias") * ls1[:, 0])
+        x = g.op("Add", [x, attn])
         h = _norm(g, x, p + "norm2", w, v.norm_type, v.layer_norm_eps)
-        h = g.gelu(g.linear(h, p + "mlp.fc1", w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias")))
-        h = g.linear(h, p + "mlp.fc2", w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"))
-        x = g.op("Add", [x, g.op("Mul", [h, g.weight(p + "ls2", w(p + "ls2"))])])
+        h = gelu(g.linear(h, p + "mlp.fc1", w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias")))
+        h = g.linear(h, p + "mlp.fc2", w(p + "mlp.fc2.weight") * ls2, w(p + "mlp.fc2.bias") * ls2[:, 0])
+        x = g.op("Add", [x, h])
 
     # drop the class token, then pixel-shuffle 2x2 neighbours into channels (InternVL ps_version v2)
     grid, r = v.grid, int(round(1 / spec.downsample_ratio))
@@ -88,7 +92,7 @@ def vit_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
     x = g.reshape(x, [-1, (grid // r) ** 2, c * r * r])  # (N, tokens_per_tile, C*r*r)
 
     x = g.layer_norm(x, "mlp1.0", w("mlp1.0.weight"), w("mlp1.0.bias"), 1e-5)  # nn.LayerNorm default eps
-    x = g.gelu(g.linear(x, "mlp1.1", w("mlp1.1.weight"), w("mlp1.1.bias")))
+    x = gelu(g.linear(x, "mlp1.1", w("mlp1.1.weight"), w("mlp1.1.bias")))
     x = g.linear(x, "mlp1.3", w("mlp1.3.weight"), w("mlp1.3.bias"))
     g.output(x, "features", np.float32, ["tiles", spec.image_tokens_per_tile, spec.text.hidden_size])
     return g.build()

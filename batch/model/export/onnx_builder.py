@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import onnx
@@ -99,17 +98,6 @@ class GraphBuilder:
         mean_sq = self.op("ReduceMean", [self.op("Pow", [x, self.const(2.0, np.float32)])], axes=[-1], keepdims=1)
         rms = self.op("Sqrt", [self.op("Add", [mean_sq, self.const(eps, np.float32)])])
         return self.op("Mul", [self.op("Div", [x, rms]), self.weight(prefix + ".weight", weight)])
-
-    def gelu(self, x: str) -> str:
-        """Exact (erf) GELU, as torch.nn.GELU()."""
-        erf = self.op("Erf", [self.op("Mul", [x, self.const(1 / math.sqrt(2), np.float32)])])
-        return self.op(
-            "Mul",
-            [
-                self.op("Mul", [x, self.const(0.5, np.float32)]),
-                self.op("Add", [erf, self.const(1.0, np.float32)]),
-            ],
-        )
 
     def silu(self, x: str) -> str:
         return self.op("Mul", [x, self.op("Sigmoid", [x])])
