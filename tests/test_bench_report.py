@@ -1,5 +1,7 @@
 """The benchmark cannot hide a failed peer: it shows FAILED with the cause in words, prints no ratio against
-it and exits 1 unless --allow-missing-peers; causes come from real processes (signals, exits, time-outs)."""
+it and exits 1 unless --allow-missing-peers; causes come from real processes (signals, exits, time-outs).
+The llama.cpp peers' inputs fit every preset: prompt ids within the vocabulary, the GGUF vocabulary the model's
+own tokenizer (so mtmd's <img> and </img> are its special tokens)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from peers import failure_cause, run_peer  # noqa: E402
+from peer_llamacpp import decode_token, gguf_vocabulary, prompt_tokens  # noqa: E402
+from peers import PeerOutcome, failure_cause, run_peer  # noqa: E402
+from run_bench import photo_table  # noqa: E402
+
+from batch.model.tiny_tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402
 
 
 def _script(tmp_path: Path, body: str) -> list[str]:
@@ -75,6 +81,50 @@ def test_a_signal_without_a_known_cause_is_still_named() -> None:
     assert failure_cause(2, "") == "exit status 2: no message"
 
 
+def test_the_llama_cpp_prompt_stays_within_a_small_vocabulary_and_is_unchanged_on_a_real_one() -> None:
+    small = prompt_tokens(400, 1024) + [decode_token(i, 1024) for i in range(200)]
+    assert min(small) >= 0 and max(small) < 1024 - len(SPECIAL_TOKENS)  # below the special tokens at the top
+    assert prompt_tokens(3) == [1000, 1007, 1014]  # the ids of the published real-shape figures
+    assert prompt_tokens(400, 151_674) == [1000 + (i * 7) % 5000 for i in range(400)]
+    assert [decode_token(i) for i in range(3)] == [2000, 2001, 2002]
+
+
+def test_the_gguf_vocabulary_is_the_tokenizer_s_own_with_its_special_tokens_at_their_ids(tmp_path: Path) -> None:
+    build_tokenizer(tmp_path, vocab_size=300)
+    tokenizer = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens, types, merges, pre, specials = gguf_vocabulary(tmp_path, vocab_size=304)  # 4 rows past it, as real
+    assert len(tokens) == len(types) == 304 and pre == "gpt-2"
+    for added in tokenizer["added_tokens"]:
+        assert tokens[added["id"]] == added["content"] and types[added["id"]] == 3  # control
+    assert {"<img>", "</img>", "<IMG_CONTEXT>", "<|im_end|>"} <= set(specials)
+    assert tokens[300:] == ["[PAD300]", "[PAD301]", "[PAD302]", "[PAD303]"] and set(types[300:]) == {5}
+    assert all(tokens[i] == t for t, i in tokenizer["model"]["vocab"].items())
+    assert merges and all(len(m.split(" ")) == 2 for m in merges)
+    with pytest.raises(ValueError, match="past the embedding"):
+        gguf_vocabulary(tmp_path, vocab_size=200)
+
+
+def _photos(per_hour: float, tiles: int) -> dict[str, object]:
+    stages = {"preparation_s": 0.1, "vit_s": 1.0, "prefill_s": 0.5, "decode_s": 2.0}
+    return {"photos_per_hour": per_hour, "seconds_per_photo": 3600 / per_hour, "tiles_per_photo": [tiles] * 2, **stages}
+
+
+def test_the_photo_case_shows_both_sides_every_round_and_the_median_ratio() -> None:
+    ours, theirs = [_photos(1000, 1), _photos(1100, 1), _photos(900, 1)], [_photos(500, 1)] * 3
+    ratios = [2.0, 2.2, 1.8]
+    case = {"photos": 2, "max_tiles": 1, "caption_tokens": 64, "weights": "int4", "vlbatch": ours, "mtmd": theirs}
+    case |= {"ratios": ratios, "median_ratio": 2.0}
+    outcome = PeerOutcome("mtmd", {**theirs[-1], "quant": "Q4_0", "cpu_variant": "zen4"})
+    lines = photo_table(case, outcome)
+    assert any(line.startswith("vlbatch int4 (worker)") and line.endswith("1000") for line in lines)
+    assert any(line.startswith("llama.cpp mtmd Q4_0 (zen4)") and line.endswith("500") for line in lines)
+    assert "round 2: vlbatch 1100 photos/h, llama.cpp mtmd 500 photos/h, x2.20" in lines
+    assert lines[-1] == "vlbatch int4 / llama.cpp mtmd photos/h: median x2.00 (rounds from x1.80 to x2.20)"
+    failed = photo_table({**case, "vlbatch": ours[:1], "mtmd": {"failed": "SIGILL"}}, PeerOutcome("mtmd", None, "x"))
+    assert failed[-1].split() == ["llama.cpp", "mtmd", "FAILED", "x"]
+    assert not any("median" in line for line in failed)
+
+
 @pytest.fixture(scope="module")
 def crashing_llama_cpp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A llama_cpp package that dies of SIGILL on import, as a build for a CPU feature this machine lacks does."""
@@ -93,8 +143,9 @@ def _run_bench(models: Path, shim: Path, out: Path, *extra: str) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLBATCH_")}
     env["PYTHONPATH"] = str(shim)
     command = [sys.executable, str(REPO / "bench" / "run_bench.py"), "--preset", "tiny", "--models", str(models)]
-    command += ["--weights", "fp32", "--peers", "llamacpp", "--threads", "1", "--decode-tokens", "2"]
-    command += ["--caption-tokens", "4", "--photo-tiles", "6", "1", "--json", str(out), *extra]
+    command += ["--weights", "fp32", "--peers", "llamacpp", "mtmd", "--threads", "1", "--decode-tokens", "2"]
+    command += ["--caption-tokens", "4", "--photo-tiles", "6", "1", "--photos", "2", "--photo-rounds", "1"]
+    command += ["--json", str(out), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -109,9 +160,14 @@ def test_run_bench_shows_a_crashed_peer_as_failed_and_exits_1(
     assert failed_rows and cause in failed_rows[0]
     assert not re.search(r"vs llama\.cpp.* x[0-9]", proc.stdout)  # no ratio against a side that gave no figures
     assert "vlbatch fp32 vs llama.cpp: no ratio, the peer FAILED" in proc.stdout
-    assert "FAILED peers: llamacpp" in proc.stdout
+    assert "vlbatch fp32 vs llama.cpp mtmd: no ratio, the peer FAILED" in proc.stdout
+    assert "FAILED peers: llamacpp, mtmd" in proc.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["peers"] == {"llamacpp": {"failed": cause}}
+    assert report["peers"] == {"llamacpp": {"failed": cause}, "mtmd": {"failed": cause}}
+    # the photo case's vlbatch side ran through the worker (max_tiles 1: one tile a photo, 4 tokens each)
+    worker = report["photo_case"]["vlbatch"]
+    assert len(worker) == 1 and worker[0]["tiles_per_photo"] == [1, 1] and worker[0]["output_tokens"] == 8
+    assert report["photo_case"]["mtmd"] == {"failed": cause}
     # the planning cases ran, measured and computed
     assert set(report["fp32"]["photos"]) == {"photo max_tiles 6", "photo max_tiles 1"}
     assert report["fp32"]["photos"]["photo max_tiles 6"]["tiles"] == 7  # 4:3 at max 6: a 3x2 grid and the thumbnail

@@ -384,7 +384,7 @@ def test_results_table_describes_columns_facets_and_previews(datasette, results_
     assert page.status_code == 200
     text = html.unescape(page.text)
     assert "Time to first token: vision encoder plus prefill" in text
-    assert "Decode speed: output tokens per second of decode (tokens/s)" in text
+    assert "Decode speed of this answer: output tokens per second of decode (tokens/s)" in text
     about = re.search(
         r'<details class="vb-about-columns">\s*<summary>About these columns</summary>(.*?)</details>', text, re.S
     )

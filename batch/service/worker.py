@@ -121,6 +121,7 @@ class _UnitRun:
     resume: bool  # a later attempt of the same run: units it already holds are skipped
     units: list[tuple[Path, ...]]
     ahead: dict[int, Future[Request]] = field(default_factory=dict)
+    rows: int = 1  # answers to decode together (model.batch; 1 after a death with a batch in flight)
     batch: DecodeBatch | None = None  # the answers being decoded together (a Ray head's units are at its actors)
     died_with: frozenset[str] = frozenset()  # the stored paths in flight when the job's last worker died
     failures: list[str] = field(default_factory=list)
@@ -967,8 +968,7 @@ class Worker:
         inflight = self.store.inflight(job.id) if resume else None
         suspect = inflight is not None
         unit_run.died_with = frozenset(json.loads(inflight)) if inflight else frozenset()
-        rows = 1 if suspect else self.config.model.batch
-        unit_run.batch = batch = DecodeBatch(self.pipeline, rows)
+        unit_run.rows = 1 if suspect else self.config.model.batch
         if suspect and self.config.model.batch > 1:
             event(log, "job.one_at_a_time", job=job.id, reason="its last attempt stopped while answering")
         bar = tqdm(unit_run.units, desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -983,11 +983,12 @@ class Worker:
                     self._drain(unit_run)  # the answers in flight are finished and kept, then the job makes way
                     raise
                 self._settle_unit(unit_run, unit, functools.partial(self._answer_unit, unit_run, index, unit))
-                while batch.full:
+                while unit_run.batch is not None and unit_run.batch.full:
                     self._decode_step(unit_run)
             self._drain(unit_run)
         except BaseException:
-            if len(batch) and batch.rows > 1:  # a live worker leaves no batch marker behind (it did not die)
+            batch = unit_run.batch
+            if batch is not None and len(batch) and batch.rows > 1:  # a live worker leaves no batch marker behind
                 with contextlib.suppress(Exception):
                     self.store.mark_inflight(job.id, [])
             raise
@@ -1003,12 +1004,13 @@ class Worker:
             self._unit_error(run, unit, exc)
 
     def _drain(self, run: _UnitRun) -> None:
-        while len(run.batch):
+        while run.batch is not None and len(run.batch):
             self._decode_step(run)
 
     def _decode_step(self, run: _UnitRun) -> None:
         """One decode step of every answer in flight; those that ended are recorded. A second stop signal or a
         cancel, checked after each step, drops the answers in flight."""
+        assert run.batch is not None
         try:
             finished = run.batch.step()
         except VlbatchError as exc:  # the runtime failed the step: every answer it carried fails
@@ -1020,6 +1022,7 @@ class Worker:
         self._check_abort("")
 
     def _mark_batch(self, run: _UnitRun) -> None:
+        assert run.batch is not None
         self.store.mark_inflight(run.job.id, [p for unit, _ in run.batch.tags for p in json.loads(paths_json(unit))])
 
     def _unit_error(self, run: _UnitRun, unit: tuple[Path, ...], exc: Exception) -> None:
@@ -1045,6 +1048,8 @@ class Worker:
             request = self._prepared(run, index)
         except VlbatchError as exc:  # unreadable media, a decoder that crashed or hung, too long a prompt
             return self._unit_failed(run, base, str(exc), failure_class(exc))
+        if run.batch is None:  # made at the first unit the model answers: a pass with none never loads the model
+            run.batch = DecodeBatch(self.pipeline, run.rows)
         batch = run.batch
         if batch.rows > 1:
             # the units in flight, recorded before the model runs: a worker that dies here has the job's next
