@@ -44,9 +44,10 @@ class ConfigError(VlbatchError):
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
-# answers decoded together by default: on a 2-core Zen 4 with the int4 export, 4 rows gave the most photos per hour
-# (README, "Performance"); more rows add latency per answer for little more throughput
-DEFAULT_BATCH = 4
+# answers decoded together by default: on a 2-core Zen 4 with the int4+int8 export (bench/photos_per_hour.py, 20
+# one-tile photos), 8 gave 1,655 photos per hour, 4 gave 1,530-1,564 and 1 gave 1,152; more rows slow each answer's
+# own stream (15.6 tokens/s at 8 against 41 alone) for little more throughput
+DEFAULT_BATCH = 8
 MAX_BATCH = 64  # onnx_backend.MAX_ROWS
 
 
