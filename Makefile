@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install install-size test lint demo ask-demo screenshots bench-peers bench clean
+.PHONY: install install-size test lint demo ask-demo screenshots llama-cpp bench-peers bench clean
 
 $(BIN)/vlbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,20 +52,37 @@ screenshots: install  ## the README's screenshots of serve and gallery, in headl
 # headers) go into the package's own folder, llama_cpp/lib, not site-packages/bin.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
 	-DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DCMAKE_INSTALL_INCLUDEDIR=llama_cpp/include \
-	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=ON
 
-# pip keeps an installed llama-cpp-python whatever CMAKE_ARGS say: rebuild it when the flags differ from its build's
-bench-peers: install  ## the benchmark's peers: transformers, and llama-cpp-python compiled with LLAMA_CMAKE_ARGS (~20 min once)
+# The pinned llama-cpp-python sdist, unpacked under .venv/llama-src: its vendored llama.cpp is what the build
+# compiles, and its converter (convert_hf_to_gguf.py --mmproj, with the vendored gguf-py) writes the image
+# projector for bench/peer_mtmd.py.
+LLAMA_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+LLAMA_SRC := $(VENV)/llama-src/llama_cpp_python-$(lastword $(subst ==, ,$(LLAMA_PIN)))
+LLAMA_JOBS ?= 2
+
+$(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py: pyproject.toml | install
+	mkdir -p $(VENV)/llama-src
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: "$(LLAMA_PIN)" -d $(VENV)/llama-src
+	tar xzf $(LLAMA_SRC).tar.gz -C $(VENV)/llama-src
+	touch $@
+
+# llama-cpp-python from that sdist with its mtmd library (libmtmd, the image pipeline: LLAVA_BUILD=ON) next to
+# libllama in llama_cpp/lib; pip keeps an installed llama-cpp-python whatever CMAKE_ARGS say, so it rebuilds
+# when the flags differ from its build's (nice, $(LLAMA_JOBS) jobs: ~25 min on 2 cores)
+llama-cpp: $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py  ## llama-cpp-python (text and mtmd) from the vendored llama.cpp
 	@if [ "$$(cat $(VENV)/llama-cmake-args 2>/dev/null)" != "$(LLAMA_CMAKE_ARGS)" ]; then \
 		echo "building llama-cpp-python with: $(LLAMA_CMAKE_ARGS)"; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --force-reinstall --no-deps --no-cache-dir \
-			"$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)" && \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMA_JOBS) nice -n 10 \
+			$(BIN)/pip install --quiet --force-reinstall --no-deps --no-cache-dir $(LLAMA_SRC).tar.gz && \
 		echo "$(LLAMA_CMAKE_ARGS)" > $(VENV)/llama-cmake-args; \
 	fi
+
+bench-peers: install llama-cpp  ## the benchmark's peers: transformers, and llama-cpp-python with mtmd (LLAMA_CMAKE_ARGS)
 	$(BIN)/pip install --quiet -e '.[bench]'
 
 bench: bench-peers  ## real-shape speed table with the transformers and llama.cpp peers (~40 min); exits 1 if a peer fails
-	$(BIN)/python bench/run_bench.py --weights int4+int8 int4 fp32 --peers transformers llamacpp --json bench.json
+	$(BIN)/python bench/run_bench.py --weights int4+int8 int4 fp32 --peers transformers llamacpp mtmd --json bench.json
 
 clean:
 	rm -rf models .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected jobs/gallery vlbatch.db*

@@ -3,9 +3,14 @@
     python bench/peer_llamacpp.py HF_DIR GGUF_DIR --threads 2 --prompt-tokens 128 400 --decode-tokens 32
                                   [--quants Q4_0 Q8_0] [--cpu-variant NAME [--force-variant]] [--allow-amx]
 
-Writes GGUF_DIR/model-f16.gguf from the InternVL folder's language model (the `gguf` package; a byte-level
-vocabulary of the model's size), quantizes it with `llama_model_quantize`, and prints one JSON object with
-prefill tokens/s per prompt length and decode tokens/s for each quantization, and the CPU variant it ran.
+Writes GGUF_DIR/model-f16.gguf from the InternVL folder's language model (the `gguf` package's writer; the
+folder's own tokenizer.json: its byte-level BPE vocabulary, merges and special tokens at their ids, padded to
+the embedding's rows), quantizes it with `llama_model_quantize`, and prints one JSON object with prefill
+tokens/s per prompt length and decode tokens/s for each quantization, and the CPU variant it ran. llama.cpp's
+own converter refuses a made-up tokenizer ("BPE pre-tokenizer was not recognized"), hence this writer; with the
+real vocabulary llama.cpp tokenizes text, and the <img> and </img> that its mtmd library puts around an image,
+as vlbatch does (bench/peer_mtmd.py uses the same file). The prompt's token ids are drawn within the vocabulary,
+so every preset runs (tiny included).
 
 `make bench` builds llama.cpp with every CPU variant as its own library (GGML_BACKEND_DL with
 GGML_CPU_ALL_VARIANTS): AVX2-only, AVX-512 with and without VNNI and BF16, AVX-VNNI, AMX on x86-64; armv8.x
@@ -30,15 +35,36 @@ import numpy as np
 
 from batch.model.checkpoint import Checkpoint
 
+# general.name of the GGUF files this writer makes: a cached file with another name is rewritten (older ones
+# had a made-up vocabulary without the image tokens)
+GGUF_NAME = "vlbatch-language-model (tokenizer.json vocabulary)"
+# llama.cpp token types
+_NORMAL, _CONTROL, _UNUSED = 1, 3, 5
 
-def _byte_symbols() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    symbols, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in range(256)]
+
+def _pre_tokenizer(tokenizer: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: GPT-2's regex (ByteLevel) or Qwen2's (a Split)."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    return "gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "qwen2"
+
+
+def gguf_vocabulary(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str], str, dict[str, int]]:
+    """(tokens, token types, merges, pre-tokenizer, special ids) from the folder's tokenizer.json.
+
+    Ids are the tokenizer's: the BPE vocabulary, then its added (special) tokens as control tokens, padded
+    with unused `[PADn]` tokens up to the embedding's row count, as llama.cpp's converter pads.
+    """
+    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    by_id: dict[int, tuple[str, int]] = {i: (t, _NORMAL) for t, i in tokenizer["model"]["vocab"].items()}
+    for added in tokenizer.get("added_tokens", []):
+        by_id[int(added["id"])] = (added["content"], _CONTROL if added.get("special", True) else _NORMAL)
+    if max(by_id) >= vocab_size:
+        raise ValueError(f"{hf_dir}: tokenizer id {max(by_id)} is past the embedding's {vocab_size} rows")
+    tokens = [by_id.get(i, (f"[PAD{i}]", _UNUSED))[0] for i in range(vocab_size)]
+    types = [by_id.get(i, ("", _UNUSED))[1] for i in range(vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    specials = {t: i for i, (t, kind) in by_id.items() if kind == _CONTROL}
+    return tokens, types, merges, _pre_tokenizer(tokenizer), specials
 
 
 def write_gguf(hf_dir: Path, path: Path) -> None:
@@ -47,7 +73,7 @@ def write_gguf(hf_dir: Path, path: Path) -> None:
     ckpt = Checkpoint(hf_dir)
     t = ckpt.spec.text
     w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_name("vlbatch-language-model")
+    w.add_name(GGUF_NAME)
     w.add_context_length(t.max_position_embeddings)
     w.add_embedding_length(t.hidden_size)
     w.add_block_count(t.num_layers)
@@ -57,15 +83,16 @@ def write_gguf(hf_dir: Path, path: Path) -> None:
     w.add_rope_freq_base(t.rope_theta)
     w.add_layer_norm_rms_eps(t.rms_norm_eps)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    symbols = _byte_symbols()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = symbols + [f"tok{i}" for i in range(t.vocab_size - len(symbols) - len(specials))] + specials
+    tokens, types, merges, pre, specials = gguf_vocabulary(hf_dir, t.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 3) + [3, 3, 3])
-    w.add_token_merges([f"{symbols[0]} {symbols[1]}"])
-    w.add_eos_token_id(len(tokens) - 1)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_add_bos_token(False)
+    w.add_eos_token_id(specials.get("<|im_end|>", len(tokens) - 1))
+    if "<|endoftext|>" in specials:
+        w.add_pad_token_id(specials["<|endoftext|>"])
 
     def put(name: str, canonical: str, half: bool = True) -> None:
         array = ckpt.tensor(canonical)
@@ -84,7 +111,8 @@ def write_gguf(hf_dir: Path, path: Path) -> None:
         for x in ("gate", "up", "down"):
             put(p + f"ffn_{x}.weight", q + f"mlp.{x}_proj.weight")
     put("output_norm.weight", m + "norm.weight")
-    put("output.weight", "language_model.lm_head.weight")
+    if not t.tie_word_embeddings:  # tied: llama.cpp takes the logits from token_embd
+        put("output.weight", "language_model.lm_head.weight")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -175,9 +203,54 @@ def load_cpu_backend(wanted: str | None, allow_amx: bool, force: bool) -> tuple[
     return wanted, scores
 
 
-def prompt_tokens(n: int) -> list[int]:
-    """The fixed prompt of n tokens this peer prefills (bench/decode_rounds.py prefills it too)."""
-    return [1000 + (i * 7) % 5000 for i in range(n)]
+def prompt_tokens(n: int, vocab_size: int = 151_674) -> list[int]:
+    """The fixed prompt of n tokens this peer prefills (bench/decode_rounds.py prefills it too).
+
+    Ids 1000-5999 on a real vocabulary; on a small one (the tiny preset's 1024) the same walk within its first
+    rows, below the special tokens at the top.
+    """
+    low = min(1000, vocab_size // 8)
+    span = min(5000, vocab_size - 16 - low)
+    return [low + (i * 7) % span for i in range(n)]
+
+
+def decode_token(i: int, vocab_size: int = 151_674) -> int:
+    """The i-th token fed while timing decode: 2000 + i on a real vocabulary, within a small one likewise."""
+    low = min(2000, vocab_size // 4)
+    return low + i % (vocab_size - 16 - low)
+
+
+def cached_gguf(hf_dir: Path, gguf_dir: Path, quant: str, threads: int) -> Path:
+    """GGUF_DIR/model-QUANT.gguf, written (f16 from the folder, then quantized) unless a current one is there."""
+    import llama_cpp
+
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    f16 = gguf_dir / "model-f16.gguf"
+    if f16.exists() and gguf_name(f16) != GGUF_NAME:  # an older writer's file: rewrite it and its quantizations
+        for stale in gguf_dir.glob("model-*.gguf"):
+            stale.unlink()
+    if not f16.exists():
+        partial = f16.with_suffix(".partial")
+        write_gguf(hf_dir, partial)
+        partial.replace(f16)
+    path = gguf_dir / f"model-{quant}.gguf"
+    if not path.exists():
+        ftypes = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftypes[quant], threads
+        partial = path.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(partial).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize failed for {path}")
+        partial.replace(path)
+    return path
+
+
+def gguf_name(path: Path) -> str:
+    """general.name of a GGUF file ('' if it has none)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field("general.name")
+    return "" if field is None else bytes(field.parts[-1]).decode()
 
 
 def main() -> None:
@@ -196,19 +269,9 @@ def main() -> None:
 
     import llama_cpp
 
-    args.gguf_dir.mkdir(parents=True, exist_ok=True)
-    f16 = args.gguf_dir / "model-f16.gguf"
-    if not f16.exists():
-        write_gguf(args.hf_dir, f16)
     result: dict[str, object] = {"cpu_variant": variant, "cpu_variant_scores": scores}
-    ftypes = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
     for name in args.quants:
-        ftype = ftypes[name]
-        path = args.gguf_dir / f"model-{name}.gguf"
-        if not path.exists():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread = ftype, args.threads
-            assert llama_cpp.llama_model_quantize(str(f16).encode(), str(path).encode(), params) == 0
+        path = cached_gguf(args.hf_dir, args.gguf_dir, name, args.threads)
         started = time.perf_counter()
         llm = llama_cpp.Llama(
             model_path=str(path),
@@ -219,15 +282,16 @@ def main() -> None:
             verbose=False,
         )
         figures: dict[str, float] = {"load_s": time.perf_counter() - started}
+        vocab_size = llm.n_vocab()
         for n in args.prompt_tokens:
-            tokens = prompt_tokens(n)
+            tokens = prompt_tokens(n, vocab_size)
             llm.reset()
             t = time.perf_counter()
             llm.eval(tokens)
             figures[f"prefill_{n}_tok_s"] = n / (time.perf_counter() - t)
         t = time.perf_counter()
         for i in range(args.decode_tokens):
-            llm.eval([2000 + i])
+            llm.eval([decode_token(i, vocab_size)])
         seconds = time.perf_counter() - t
         figures["decode_ms_per_token"] = seconds / args.decode_tokens * 1e3
         figures["decode_tok_s"] = args.decode_tokens / seconds

@@ -12,6 +12,13 @@ and photos per hour, next to the same arithmetic from the published AX650N figur
 peers run afterwards, one subprocess each, on the same weights, prompts and thread count: transformers (torch
 fp32) and llama.cpp (Q4_0, Q8_0); the ratios close the report.
 
+The photo case (--peers mtmd) captions the same --photos synthetic 4:3 photos with the same prompt and
+--caption-tokens new tokens (end-of-turn ignored) at --photo-max-tiles, through vlbatch's worker (one `vlbatch
+run` of the first --weights export, bench/photos_per_hour.py) and through llama.cpp's own image pipeline (libmtmd
+with the InternVL projector, Q4_0, its own tiling: bench/peer_mtmd.py), in --photo-rounds paired rounds
+(vlbatch first, then llama.cpp first, ...; each a fresh process, photos per hour counted after the model's
+load): the tiles per photo, the stages and photos per hour side by side, and the median of the per-round ratios.
+
 A peer that gives no figures (a crash, a signal, a missing package, a time-out) is shown as FAILED with its
 cause, no ratio is printed against it, and the run exits 1 unless --allow-missing-peers is given.
 A benchmark, not a test: nothing checks these numbers.
@@ -37,6 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from peers import PeerOutcome, run_peer  # noqa: E402
+from photos_per_hour import worker_photos, write_photos  # noqa: E402
 from synthetic import synthetic_image, write_demo_media  # noqa: E402
 
 from batch.infer.generate import Timings  # noqa: E402
@@ -266,6 +274,13 @@ def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list
                 rows.append((who, "prefill tok/s", figures["prefill_400_tok_s"]))
     elif llama is not None:
         failed.append(("llama.cpp", llama.failure or "no figures"))
+    mtmd = outcomes.get("mtmd")
+    if mtmd is not None and mtmd.figures is not None:
+        ours = [r["photos_per_hour"] for r in report["photo_case"]["vlbatch"]]
+        rows.append((f"vlbatch {report['weights'][0]}", "photos/h", float(np.median(ours))))
+        rows.append((f"llama.cpp mtmd {mtmd.figures['quant']}", "photos/h", mtmd.figures["median_photos_per_hour"]))
+    elif mtmd is not None:
+        failed.append(("llama.cpp mtmd", mtmd.failure or "no figures"))
     lines = [f"{'who':<28} {'metric':<16} {'value':>10}"]
     lines += [f"{who:<28} {metric:<16} {value:>10.2f}" for who, metric, value in rows]
     lines += [f"{who:<28} {'FAILED':<16} {cause}" for who, cause in failed]
@@ -273,10 +288,97 @@ def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list
     for who, metric, value in rows:
         if who.startswith("vlbatch") or metric not in best or not value:
             continue
-        higher_is_better = metric.endswith("tok/s")
+        higher_is_better = metric.endswith(("tok/s", "photos/h"))
         ratio = best[metric] / value if higher_is_better else value / best[metric]
+        if metric == "photos/h":  # paired rounds: the median of the rounds' ratios, not the ratio of medians
+            ratio = report["photo_case"]["median_ratio"]
         lines.append(f"vlbatch {report['weights'][0]} vs {who}: {metric} x{ratio:.2f}")
     lines += [f"vlbatch {report['weights'][0]} vs {who}: no ratio, the peer FAILED" for who, _ in failed]
+    return lines
+
+
+def photo_case(
+    export_dir: Path, hf: Path, gguf_dir: Path, photos: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], PeerOutcome]:
+    """vlbatch's worker and llama.cpp mtmd captioning the same photos in paired rounds (the order alternating).
+
+    Returns the rounds' figures and the peer's outcome: its last round's figures with the median photos per
+    hour over the rounds, or its failure (the first round it failed in ends the case).
+    """
+    command = [sys.executable, str(REPO / "bench" / "peer_mtmd.py"), str(hf), str(gguf_dir), str(photos)]
+    command += ["--max-tiles", str(args.photo_max_tiles), "--max-new-tokens", str(args.caption_tokens)]
+    command += ["--threads", str(args.threads)]
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    failure: str | None = None
+    for i in range(args.photo_rounds):
+        for side in ("vlbatch", "mtmd") if i % 2 == 0 else ("mtmd", "vlbatch"):
+            if side == "vlbatch":
+                r = worker_photos(
+                    export_dir, photos, args.photo_max_tiles, args.caption_tokens, args.threads, ignore_eos=True
+                )
+                ours.append(r)
+            else:
+                outcome = run_peer("mtmd", command, args.peer_timeout, install_hint=PEER_INSTALL)
+                if outcome.figures is None:
+                    failure = outcome.failure or "no figures"
+                    break
+                theirs.append(r := outcome.figures)
+            print(f"  round {i + 1} {side}: {r['photos_per_hour']:.0f} photos/h", flush=True)
+        if failure:
+            break
+    ratios = [a["photos_per_hour"] / b["photos_per_hour"] for a, b in zip(ours, theirs, strict=False)]
+    case: dict[str, Any] = {
+        "photos": args.photos,
+        "max_tiles": args.photo_max_tiles,
+        "caption_tokens": args.caption_tokens,
+        "weights": args.weights[0],
+        "vlbatch": ours,
+        "mtmd": theirs if failure is None else {"failed": failure},
+        "ratios": ratios,
+    }
+    if failure is not None:
+        return case, PeerOutcome("mtmd", None, failure)
+    case["median_ratio"] = float(np.median(ratios))
+    figures = {**theirs[-1], "median_photos_per_hour": float(np.median([r["photos_per_hour"] for r in theirs]))}
+    return case, PeerOutcome("mtmd", figures)
+
+
+def _tiles(per_photo: list[int]) -> str:
+    return str(per_photo[0]) if len(set(per_photo)) == 1 else f"{min(per_photo)}-{max(per_photo)}"
+
+
+def photo_table(case: dict[str, Any], outcome: PeerOutcome) -> list[str]:
+    """The photo case side by side: per side the median round's stages, then every round and the median ratio."""
+    lines = [
+        f"photo case: {case['photos']} photos, max_tiles {case['max_tiles']}, {case['caption_tokens']} new tokens",
+        f"{'who':<34} {'tiles':>5} {'prep s':>7} {'ViT s':>7} {'prefill s':>9} {'decode s':>8} {'s/photo':>8} "
+        f"{'photos/h':>8}",
+    ]
+    sides = [(f"vlbatch {case['weights']} (worker)", case["vlbatch"])]
+    if outcome.figures is not None:
+        variant = outcome.figures.get("cpu_variant")
+        sides.append((f"llama.cpp mtmd {outcome.figures.get('quant', '')} ({variant})", case["mtmd"]))
+    for who, rounds in sides:
+        r = sorted(rounds, key=lambda x: x["photos_per_hour"])[len(rounds) // 2]  # the median round
+        lines.append(
+            f"{who:<34} {_tiles(r['tiles_per_photo']):>5} {r['preparation_s']:>7.2f} {r['vit_s']:>7.2f} "
+            f"{r['prefill_s']:>9.2f} {r['decode_s']:>8.2f} {r['seconds_per_photo']:>8.2f} "
+            f"{r['photos_per_hour']:>8.0f}"
+        )
+    if outcome.figures is None:
+        lines.append(f"{'llama.cpp mtmd':<34} FAILED {outcome.failure}")
+        return lines
+    for i, (a, b, ratio) in enumerate(zip(case["vlbatch"], case["mtmd"], case["ratios"], strict=True), 1):
+        lines.append(
+            f"round {i}: vlbatch {a['photos_per_hour']:.0f} photos/h, llama.cpp mtmd {b['photos_per_hour']:.0f} "
+            f"photos/h, x{ratio:.2f}"
+        )
+    ratios = case["ratios"]
+    lines.append(
+        f"vlbatch {case['weights']} / llama.cpp mtmd photos/h: median x{case['median_ratio']:.2f} "
+        f"(rounds from x{min(ratios):.2f} to x{max(ratios):.2f})"
+    )
     return lines
 
 
@@ -289,11 +391,14 @@ def main() -> int:
     parser.add_argument(
         "--weights", nargs="+", default=[INT8_ARITHMETIC, "int4", "fp32"], choices=list(EXPORTS), help="exports"
     )
-    parser.add_argument("--peers", nargs="*", default=[], choices=["transformers", "llamacpp"])
+    parser.add_argument("--peers", nargs="*", default=[], choices=["transformers", "llamacpp", "mtmd"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--caption-tokens", type=int, default=64, help="answer length of the planning cases")
     parser.add_argument("--photo-tiles", type=int, nargs="*", default=[12, 6, 1], help="max_tiles of the photo cases")
+    parser.add_argument("--photos", type=int, default=20, help="photos of the photo case (--peers mtmd)")
+    parser.add_argument("--photo-max-tiles", type=int, default=1, help="max_tiles of the photo case, both sides")
+    parser.add_argument("--photo-rounds", type=int, default=3, help="paired rounds of the photo case")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--allow-missing-peers", action="store_true", help="exit 0 even when a peer failed (it is still shown)"
@@ -329,8 +434,21 @@ def main() -> int:
         outcomes = peers(
             args.peers, args.models, args.preset, args.threads, args.decode_tokens, cases, args.peer_timeout
         )
+        if "mtmd" in args.peers:
+            print(f"photo case: {args.photos} photos, max_tiles {args.photo_max_tiles}, {args.photo_rounds} rounds")
+            photos = media / "photos"
+            write_photos(photos, args.photos)
+            report["photo_case"], outcomes["mtmd"] = photo_case(
+                cached_export(args.models, args.preset, args.weights[0]),
+                args.models / f"{args.preset}-hf",
+                args.models / f"{args.preset}-gguf",
+                photos,
+                args,
+            )
     report["peers"] = {name: o.figures if o.ok else {"failed": o.failure} for name, o in outcomes.items()}
     print("\n".join(planning_table(report)))
+    if "photo_case" in report:
+        print("\n".join(photo_table(report["photo_case"], outcomes["mtmd"])))
     print("\n".join(comparison(report, outcomes)))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
