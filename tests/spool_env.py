@@ -52,13 +52,15 @@ class SpoolEnv:
         media: dict | None = None,
         database: Path | str = "vlbatch.db",
         spool_dir: Path | str = "jobs",
+        model: dict | None = None,
         **spool: object,
     ) -> None:
-        """config.yaml for this folder; `media` and `**spool` add settings to those sections."""
+        """config.yaml for this folder; `media`, `model` and `**spool` add settings to those sections."""
         extra_spool = "".join(f"  {key}: {value}\n" for key, value in spool.items())
         media_lines = "".join(f"  {key}: {value}\n" for key, value in (media or {}).items())
+        model_lines = "".join(f"  {key}: {value}\n" for key, value in (model or {}).items())
         self.config_path.write_text(
-            f"model:\n  dir: {self.model}\n"
+            f"model:\n  dir: {self.model}\n{model_lines}"
             "generation:\n  max_new_tokens: 12\n"
             + (f"media:\n{media_lines}" if media_lines else "")
             + f"spool:\n  dir: {spool_dir}\n  database: {database}\n  media_roots: [media]\n"

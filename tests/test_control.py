@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from spool_env import SpoolEnv, wait_for
 
 from batch.cli import main
+from batch.infer.batching import DecodeBatch
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.service.control import CANCEL_POLL_SECONDS, JobCancelled
 from batch.service.jobfile import JobRejected, parse_job
@@ -249,7 +251,34 @@ def test_a_cancel_is_seen_within_a_long_answer_at_most_every_half_second(env):
 
 
 # pause and resume ---------------------------------------------------------------------------------
+def test_a_pause_holds_the_answers_in_flight_between_two_decode_steps(env, monkeypatch):
+    env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 4})
+    env.drop("long.yaml", long_job(env, n=8))
+    worker = Worker.from_config(env.config())
+    steps: list[bool] = []
+    step = DecodeBatch.step
+
+    def paused_after_the_third(batch):
+        steps.append(worker.control.paused)
+        if len(steps) == 3:  # `vlbatch pause`, then a stop signal while the worker holds
+            worker.control.on_request("pause")
+            threading.Timer(0.5, lambda: setattr(worker, "stop_requested", True)).start()
+        return step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", paused_after_the_third)
+    try:
+        (outcome,) = worker.drain()
+    finally:
+        worker.close()
+    assert outcome.state == "handed_back" and len(steps) == 3  # held after its step: no step taken while paused
+    assert links(env, "long") == 0 and (env.inbox / "long.yaml").exists()  # the answers in flight were dropped
+    assert env.job("long")["inflight"] is None  # a live worker: no unit in flight is blamed
+
+
+
 def test_pause_holds_a_running_watch_with_its_model_and_claim_then_resume_finishes(env):
+    # one answer at a time: the tiny model answers a batch of the job's files faster than a pause reaches the worker
+    env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 1})
     env.drop("long.yaml", long_job(env, n=12), when=time.time() - 5)
     log = env.root / "watch.log"
     proc = env.spawn("watch", log=log)
@@ -285,6 +314,7 @@ def test_pause_holds_a_running_watch_with_its_model_and_claim_then_resume_finish
 
 
 def test_a_stop_signal_while_paused_hands_the_job_back(env):
+    env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 1})  # as above
     env.drop("long.yaml", long_job(env, n=12), when=time.time() - 5)
     proc = env.spawn("watch")
     try:

@@ -341,7 +341,8 @@ def test_size_and_vacuum_of_a_damaged_database_exit_4(history):
 @pytest.mark.slow
 def test_backup_while_watch_answers_jobs_holds_every_answer_committed_before_it(tmp_path, tiny_onnx):
     env = SpoolEnv(tmp_path, tiny_onnx)
-    env.write_config(lease=3.0, settle=0.2, rescan=1.0)
+    # one answer at a time: answers land one by one, so some land while the backup copies (a batch lands at once)
+    env.write_config(lease=3.0, settle=0.2, rescan=1.0, model={"batch": 1})
     for i in range(24):
         env.image(f"batch/{i:02d}.png", seed=200 + i, size=(900, 600))
     proc = env.spawn("watch", log=tmp_path / "watch.log")

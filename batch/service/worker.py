@@ -1008,8 +1008,8 @@ class Worker:
             self._decode_step(run)
 
     def _decode_step(self, run: _UnitRun) -> None:
-        """One decode step of every answer in flight; those that ended are recorded. A second stop signal or a
-        cancel, checked after each step, drops the answers in flight."""
+        """One decode step of every answer in flight; those that ended are recorded. A pause holds the answers in
+        flight after the step; a second stop signal or a cancel, checked after each step, drops them."""
         assert run.batch is not None
         try:
             finished = run.batch.step()
@@ -1019,6 +1019,8 @@ class Worker:
             self._settle_unit(run, item.tag[0], lambda item=item: self._answer_ended(run, item))
         if finished and run.batch.rows > 1:
             self._mark_batch(run)
+        if len(run.batch):
+            self._hold_while_paused(run.job.id)
         self._check_abort("")
 
     def _mark_batch(self, run: _UnitRun) -> None:
