@@ -275,7 +275,6 @@ def test_a_pause_holds_the_answers_in_flight_between_two_decode_steps(env, monke
     assert env.job("long")["inflight"] is None  # a live worker: no unit in flight is blamed
 
 
-
 def test_pause_holds_a_running_watch_with_its_model_and_claim_then_resume_finishes(env):
     # one answer at a time: the tiny model answers a batch of the job's files faster than a pause reaches the worker
     env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 1})
