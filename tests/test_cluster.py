@@ -75,8 +75,8 @@ class Env(SpoolEnv):
     def db_path(self) -> Path:
         return self.root / f"{self.name}.db"
 
-    def configure(self, cluster: dict | None = None, **spool: object) -> Env:
-        self.write_config(lease=10.0, database=f"{self.name}.db", spool_dir=f"jobs-{self.name}", **spool)
+    def configure(self, cluster: dict | None = None, model: dict | None = None, **spool: object) -> Env:
+        self.write_config(lease=10.0, database=f"{self.name}.db", spool_dir=f"jobs-{self.name}", model=model, **spool)
         if cluster is not None:
             settings = {"resource": RESOURCE, **cluster}
             with self.config_path.open("a") as out:
@@ -432,9 +432,10 @@ def test_one_image_jobs_run_side_by_side_on_both_actors(cluster, heads, tmp_path
 
 
 def _stop_signal_mid_job(cluster, heads, tmp_path, tiny_onnx):
-    """A head running the 16-file job, sent one SIGTERM once 3 answers are committed: (env, head)."""
+    """A head running the 16-file job, sent one SIGTERM once 3 answers are committed: (env, head). The actors answer
+    one unit at a time: batches of the tiny model would end the job before a second signal could reach it."""
     _media(tmp_path, many=16)
-    env = Env(tmp_path, tiny_onnx).configure(cluster={})
+    env = Env(tmp_path, tiny_onnx).configure(cluster={}, model={"batch": 1})
     env.drop("many.yaml", JOBS["many.yaml"])
     head = heads(env, cluster.address)
     head.until(lambda: env.committed("many") >= 3)

@@ -21,7 +21,9 @@ FILES = 10
 @pytest.fixture
 def env(tmp_path: Path, tiny_onnx: Path) -> SpoolEnv:
     e = SpoolEnv(tmp_path, tiny_onnx)
-    e.write_config(lease=2.0, settle=0.2, rescan=0.5, max_workers=2)
+    # one answer at a time: a batch's answers are committed back to back, and a worker suspended while it holds
+    # SQLite's write lock (one writer at a time) holds every other worker's writes until it resumes
+    e.write_config(lease=2.0, settle=0.2, rescan=0.5, max_workers=2, model={"batch": 1})
     for i in range(FILES):
         e.image(f"many/{i:02d}.png", seed=100 + i, size=(900, 600))
     return e
