@@ -19,7 +19,7 @@ from spool_env import SpoolEnv, wait_for
 from batch.cli import main
 from batch.infer.batching import DecodeBatch
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.control import CANCEL_POLL_SECONDS, JobCancelled
+from batch.service.control import CANCEL_POLL_SECONDS, JobCancelled, PreEmpted
 from batch.service.jobfile import JobRejected, parse_job
 from batch.service.spool import Spool, read_priority
 from batch.service.states import JobState
@@ -32,7 +32,9 @@ BEAT = 0.5
 @pytest.fixture
 def env(tmp_path, tiny_onnx) -> SpoolEnv:
     e = SpoolEnv(tmp_path, tiny_onnx)
-    e.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT)
+    # one answer at a time: these tests need a job that outlasts an operator's request on its way to the worker,
+    # and batches of the tiny model end the job first (the tests of a batch in flight set their own)
+    e.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 1})
     e.inbox.mkdir(parents=True)
     return e
 
@@ -276,8 +278,6 @@ def test_a_pause_holds_the_answers_in_flight_between_two_decode_steps(env, monke
 
 
 def test_pause_holds_a_running_watch_with_its_model_and_claim_then_resume_finishes(env):
-    # one answer at a time: the tiny model answers a batch of the job's files faster than a pause reaches the worker
-    env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 1})
     env.drop("long.yaml", long_job(env, n=12), when=time.time() - 5)
     log = env.root / "watch.log"
     proc = env.spawn("watch", log=log)
@@ -313,7 +313,6 @@ def test_pause_holds_a_running_watch_with_its_model_and_claim_then_resume_finish
 
 
 def test_a_stop_signal_while_paused_hands_the_job_back(env):
-    env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 1})  # as above
     env.drop("long.yaml", long_job(env, n=12), when=time.time() - 5)
     proc = env.spawn("watch")
     try:
@@ -351,6 +350,36 @@ def test_a_high_priority_job_pre_empts_a_long_low_one_which_resumes_without_redo
     rows = env.db().execute("select count(*), count(distinct cache_key) from results where job_id = 'long'")
     assert rows.fetchone() == (20, 20)
     assert "event=job.preempted job=long by=photo.yaml priority=10" in log.read_text()
+
+
+def test_a_pre_emption_finishes_the_answers_in_flight_then_makes_way(env, monkeypatch):
+    env.write_config(lease=2.0, settle=0.2, rescan=1.0, heartbeat_seconds=BEAT, model={"batch": 4})
+    env.drop("long.yaml", long_job(env, n=8))
+    worker = Worker.from_config(env.config())
+    looks: list[int] = []
+
+    def urgent_after_three(job):
+        looks.append(job.priority)
+        if len(looks) == 4:  # three files in flight when a job of priority 10 turns up
+            raise PreEmpted(job.id, env.inbox / "urgent.yaml", 10, job.priority)
+
+    handed_back_with: list[int] = []
+    hand_back = worker._hand_back
+
+    def counting_hand_back(claim, reason):
+        handed_back_with.append(links(env, "long"))
+        return hand_back(claim, reason)
+
+    monkeypatch.setattr(worker, "_check_preempt", urgent_after_three)
+    monkeypatch.setattr(worker, "_hand_back", counting_hand_back)
+    try:
+        (outcome,) = worker.drain()  # the job made way, went back to the inbox, and was taken again
+    finally:
+        worker.close()
+    assert handed_back_with == [3]  # the answers in flight were finished and kept before the job made way
+    assert outcome.state == "done" and env.job("long")["attempts"] == 1
+    rows = env.db().execute("select count(*), count(distinct cache_key) from results where job_id = 'long'")
+    assert rows.fetchone() == (8, 8)  # none answered twice
 
 
 def test_a_finished_claim_committed_cancelled_is_settled_to_cancelled(env):
