@@ -26,6 +26,7 @@ import yaml
 
 from batch.errors import VlbatchError
 from batch.infer.settings import GenerationSettings, MediaSettings
+from batch.model.export.manifest import MAX_ROWS
 from batch.service import strict_yaml
 
 ENV_VAR = "VLBATCH_CONFIG"
@@ -48,7 +49,7 @@ class ConfigError(VlbatchError):
 # one-tile photos), 8 gave 1,655 photos per hour, 4 gave 1,530-1,564 and 1 gave 1,152; more rows slow each answer's
 # own stream (15.6 tokens/s at 8 against 41 alone) for little more throughput
 DEFAULT_BATCH = 8
-MAX_BATCH = 64  # onnx_backend.MAX_ROWS
+MAX_BATCH = MAX_ROWS
 
 
 @dataclass(frozen=True)

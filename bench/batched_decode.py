@@ -27,8 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from batch.infer.batching import decode_rows_step  # noqa: E402
 from batch.infer.generate import decode_one_token, prefill  # noqa: E402
-from batch.infer.kvcache import KVCache, RowCache  # noqa: E402
+from batch.infer.kvcache import KVCache  # noqa: E402
 from batch.infer.runtime.onnx_backend import OnnxBackend  # noqa: E402
 
 
@@ -39,15 +40,6 @@ def copy_cache(cache: KVCache) -> KVCache:
         out.v[layer][:, : cache.length] = cache.v[layer][:, : cache.length]
     out.length = cache.length
     return out
-
-
-def batched_step(backend: OnnxBackend, embeddings: np.ndarray, tokens: list[int], cache: RowCache) -> np.ndarray:
-    x = np.asarray(embeddings[tokens], dtype=np.float32)[:, None]
-    positions, mask = cache.prepare_step()
-    for layer in range(backend.num_layers):
-        x = backend.decode_rows(layer, x, positions, mask, cache)
-    cache.advance()
-    return backend.logits_rows(x)
 
 
 def alone(backend: OnnxBackend, embeddings: np.ndarray, first: int, cache: KVCache, steps: int):
@@ -72,7 +64,7 @@ def timed_rows(backend, embeddings, firsts, caches, rows: int, steps: int) -> fl
     tokens = list(firsts[:rows])
     started = time.perf_counter()
     for _ in range(steps):
-        tokens = [int(t) for t in np.argmax(batched_step(backend, embeddings, tokens, cache), axis=1)]
+        tokens = [int(t) for t in np.argmax(decode_rows_step(backend, embeddings, tokens, cache), axis=1)]
     return time.perf_counter() - started
 
 
@@ -129,7 +121,7 @@ def main() -> None:
             cache.add(caches[i])
         agree = [True] * width
         for step in range(args.steps):
-            out = batched_step(backend, embeddings, [fed[step] for fed, _, _ in solo], cache)
+            out = decode_rows_step(backend, embeddings, [fed[step] for fed, _, _ in solo], cache)
             for row, (fed, logits, _) in enumerate(solo):
                 a, b = logits[step], out[row]
                 lowest = min(lowest, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))

@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from batch_throughput import vlbatch  # noqa: E402
 from synthetic import synthetic_image  # noqa: E402
 
+from batch.service.records import DECODE_SHARE_MS  # noqa: E402
+
 PROMPT = "Write a caption for this photo."
 PHOTO_SIZE = (2048, 1536)
 
@@ -79,7 +81,7 @@ def worker_photos(
         db = sqlite_utils.Database(root / "vlbatch.db")
         rows = list(
             db.query(
-                "select preprocess_ms, vit_ms, prefill_ms, decode_ms / max(coalesce(decode_rows, 1), 1) as decode_ms, "
+                f"select preprocess_ms, vit_ms, prefill_ms, {DECODE_SHARE_MS} as decode_ms, "
                 "decode_rows, output_tokens, tiles from results "
                 "where error is null"
             )

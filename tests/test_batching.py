@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from spool_env import SpoolEnv
 
-from batch.errors import ModelFolderError
-from batch.infer.batching import DecodeBatch, answer_all, batch_limit
+from batch.errors import ModelFolderError, VlbatchError
+from batch.infer.batching import DecodeBatch, Finished, batch_limit
 from batch.infer.generate import Timings, decode_one_token, prefill
 from batch.infer.kvcache import KVCache, RowCache
 from batch.infer.pipeline import Pipeline, Request
@@ -48,6 +48,27 @@ def requests(pipeline, media_dir) -> list[Request]:
     out[3] = pipeline.prepare(QUESTIONS[3], images[:1])  # rows with image tokens, of other lengths
     out[5] = pipeline.prepare(QUESTIONS[5], images[1:3])
     return out
+
+
+def answer_all(pipeline: Pipeline, requests: list[tuple[Request, GenerationSettings]], rows: int) -> list:
+    """Answer every request with up to `rows` in flight; results in the order of `requests`."""
+    batch = DecodeBatch(pipeline, rows)
+    out: list = [None] * len(requests)
+
+    def take(done: list[Finished]) -> None:
+        for item in done:
+            out[item.tag] = item.result if item.result is not None else item.error
+
+    for index, (request, settings) in enumerate(requests):
+        while batch.full:
+            take(batch.step())
+        try:
+            take(batch.add(request, settings, index))
+        except VlbatchError as exc:
+            out[index] = exc
+    while len(batch):
+        take(batch.step())
+    return [item for item in out if item is not None]
 
 
 def settings_for(i: int, **kw) -> GenerationSettings:

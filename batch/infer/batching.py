@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from batch.errors import VlbatchError
-from batch.infer.generate import GenerationResult, Timings, decode_one_token, prefill
-from batch.infer.kvcache import KVCache
+from batch.infer.generate import GenerationResult, Timings, decode_one_token, first_token
+from batch.infer.kvcache import KVCache, RowCache
 from batch.infer.pipeline import AnswerText, Pipeline, Request
 from batch.infer.runtime.base import Backend
-from batch.infer.sampling import make_sampler
 from batch.infer.settings import GenerationSettings
 
 
@@ -85,25 +84,17 @@ class DecodeBatch:
         it (returned as finished). A VlbatchError of this request propagates: the answers in flight are untouched."""
         if self.full:
             raise VlbatchError(f"all {self.rows} rows of the batch are in use")
-        pipeline, backend = self.pipeline, self.pipeline.backend
         started = time.perf_counter()
         timings = Timings()
-        embeds = pipeline.prompt_embeds(request, timings)
-        sample = make_sampler(settings.temperature, settings.top_k, settings.top_p, settings.seed)
-        cache = backend.new_cache()
-        t = time.perf_counter()
-        token = sample(backend.logits(prefill(backend, embeds, cache)))
-        now = time.perf_counter()
-        timings.prefill_ms = (now - t) * 1e3
-        timings.prompt_tokens = len(embeds)
-        timings.ttft_ms = timings.preprocess_ms + (now - started) * 1e3
-        answer = AnswerText(pipeline, settings)
-        budget = min(settings.max_new_tokens, backend.kv_capacity - len(embeds) + 1)
-        row = _Row(tag, request, answer, sample, timings, token, budget, cache if self.cache is None else None)
-        if answer.add(token) or budget <= 1:
+        embeds = self.pipeline.prompt_embeds(request, timings)
+        first = first_token(self.pipeline.backend, embeds, settings, timings, started)
+        answer = AnswerText(self.pipeline, settings)
+        own = first.cache if self.cache is None else None
+        row = _Row(tag, request, answer, first.sample, timings, first.token, first.budget, own)
+        if answer.add(first.token) or first.budget <= 1:
             return [self._finished(row)]
         if self.cache is not None:
-            self.cache.add(cache)
+            self.cache.add(first.cache)
         self._rows.append(row)
         return []
 
@@ -136,12 +127,7 @@ class DecodeBatch:
         if self.cache is None:
             (row,) = self._rows
             return decode_one_token(backend, embeddings[row.token][None, None].astype(np.float32), row.own_cache)[None]
-        x = np.asarray(embeddings[[row.token for row in self._rows]], dtype=np.float32)[:, None]
-        positions, mask = self.cache.prepare_step()
-        for layer in range(backend.num_layers):
-            x = backend.decode_rows(layer, x, positions, mask, self.cache)
-        self.cache.advance()
-        return backend.logits_rows(x)
+        return decode_rows_step(backend, embeddings, [row.token for row in self._rows], self.cache)
 
     def _remove(self, i: int) -> None:
         if self.cache is not None:
@@ -160,6 +146,16 @@ class DecodeBatch:
         return Finished(row.tag, result=row.answer.result(row.request, row.timings))
 
 
+def decode_rows_step(backend: Backend, embeddings: np.ndarray, tokens: list[int], cache: RowCache) -> np.ndarray:
+    """Feed each row in use its next token at its own position; returns the (rows, vocab) next-token logits."""
+    x = np.asarray(embeddings[tokens], dtype=np.float32)[:, None]
+    positions, mask = cache.prepare_step()
+    for layer in range(backend.num_layers):
+        x = backend.decode_rows(layer, x, positions, mask, cache)
+    cache.advance()
+    return backend.logits_rows(x)
+
+
 def batch_limit(backend: Backend) -> str:
     """Why a runtime decodes fewer answers per step than model.batch asks, and what to do about it."""
     version = getattr(backend, "format_version", None)
@@ -171,29 +167,6 @@ def batch_limit(backend: Backend) -> str:
     if backend.max_rows == 1:
         return f"{backend.name} decodes one answer at a time (its model files are compiled for one row)"
     return f"{backend.name} decodes at most {backend.max_rows} answers per step"
-
-
-def answer_all(
-    pipeline: Pipeline, requests: list[tuple[Request, GenerationSettings]], rows: int
-) -> list[GenerationResult | VlbatchError]:
-    """Answer every request with up to `rows` in flight; results in the order of `requests`."""
-    batch = DecodeBatch(pipeline, rows)
-    out: list[GenerationResult | VlbatchError | None] = [None] * len(requests)
-
-    def take(done: list[Finished]) -> None:
-        for item in done:
-            out[item.tag] = item.result if item.result is not None else item.error
-
-    for index, (request, settings) in enumerate(requests):
-        while batch.full:
-            take(batch.step())
-        try:
-            take(batch.add(request, settings, index))
-        except VlbatchError as exc:
-            out[index] = exc
-    while len(batch):
-        take(batch.step())
-    return [item for item in out if item is not None]
 
 
 class BatchScheduler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -87,6 +87,35 @@ def decode_one_token(backend: Backend, embed: np.ndarray, cache: KVCache) -> np.
     return backend.logits(x)
 
 
+@dataclass
+class FirstToken:
+    """An answer after its prefill: its cache, its sampler, the first token and how many tokens it may produce."""
+
+    cache: KVCache
+    sample: Callable[[np.ndarray], int]
+    logits: np.ndarray
+    token: int
+    budget: int  # max_new_tokens, or fewer where the cache would fill first
+
+
+def first_token(
+    backend: Backend, prompt_embeds: np.ndarray, settings: GenerationSettings, timings: Timings, started: float
+) -> FirstToken:
+    """Prefill the prompt's (S, hidden) embeddings into a new cache and sample the first token; fills the prefill
+    time, the prompt's tokens and TTFT (from `started`, the request's perf_counter() start) in `timings`."""
+    sample = make_sampler(settings.temperature, settings.top_k, settings.top_p, settings.seed)
+    cache = backend.new_cache()
+    t = time.perf_counter()
+    logits = backend.logits(prefill(backend, prompt_embeds, cache))
+    token = sample(logits)
+    now = time.perf_counter()
+    timings.prefill_ms = (now - t) * 1e3
+    timings.prompt_tokens = len(prompt_embeds)
+    timings.ttft_ms = timings.preprocess_ms + (now - started) * 1e3
+    budget = min(settings.max_new_tokens, backend.kv_capacity - len(prompt_embeds) + 1)
+    return FirstToken(cache, sample, logits, token, budget)
+
+
 def generate_steps(
     backend: Backend,
     embeddings: np.ndarray,
@@ -100,20 +129,12 @@ def generate_steps(
 
     `started` is the request's perf_counter() start (for TTFT); `timings` is filled in as steps run.
     """
-    sample = make_sampler(settings.temperature, settings.top_k, settings.top_p, settings.seed)
-    cache = backend.new_cache()
-    t = time.perf_counter()
-    logits = backend.logits(prefill(backend, prompt_embeds, cache))
-    token = sample(logits)
-    now = time.perf_counter()
-    timings.prefill_ms = (now - t) * 1e3
-    timings.prompt_tokens = len(prompt_embeds)
-    timings.ttft_ms = timings.preprocess_ms + (now - started) * 1e3
-    budget = min(settings.max_new_tokens, backend.kv_capacity - len(prompt_embeds) + 1)
+    first = first_token(backend, prompt_embeds, settings, timings, started)
+    cache, sample, logits, token = first.cache, first.sample, first.logits, first.token
     produced = 1
     while True:
         yield Step(token, logits)
-        if (token in stop_ids and not settings.ignore_eos) or produced >= budget:
+        if (token in stop_ids and not settings.ignore_eos) or produced >= first.budget:
             break
         t = time.perf_counter()
         logits = decode_one_token(backend, embeddings[token][None, None].astype(np.float32), cache)

@@ -12,6 +12,10 @@ from batch.infer.media import PREPROCESS_VERSION
 from batch.infer.prompt import DEFAULT_SYSTEM, TEMPLATE_VERSION, build_prompt
 from batch.infer.settings import GenerationSettings, MediaSettings, answer_settings
 
+# an answer's share of its worker's decode time: decode_ms counts every step it took part in, each shared by
+# decode_rows answers on average (NULL in rows from before batched decode: alone)
+DECODE_SHARE_MS = "decode_ms / max(coalesce(decode_rows, 1), 1)"
+
 
 def cache_key(
     media_sha256: Sequence[str],

@@ -32,6 +32,7 @@ from batch.errors import VlbatchError
 from batch.infer.safe_open import sha256_of
 from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
 from batch.service.paths import encode_path, storable_text
+from batch.service.records import DECODE_SHARE_MS
 from batch.service.result_filter import ResultFilter
 from batch.service.states import JobState
 
@@ -839,9 +840,7 @@ class Store:
 
     def throughput(self, since_utc: str) -> dict[str, float]:
         row = self.db.execute(
-            # an answer decoded with others spent its share of each step: decode_ms / decode_rows of the worker's time
-            "SELECT count(*), coalesce(sum(output_tokens), 0), "
-            "coalesce(sum(decode_ms / max(coalesce(decode_rows, 1), 1)), 0), "
+            f"SELECT count(*), coalesce(sum(output_tokens), 0), coalesce(sum({DECODE_SHARE_MS}), 0), "
             "coalesce(avg(ttft_ms), 0) FROM results WHERE created_utc >= ? AND error IS NULL",
             [since_utc],
         ).fetchone()

@@ -1023,9 +1023,11 @@ class Worker:
             self._hold_while_paused(run.job.id)
         self._check_abort("")
 
-    def _mark_batch(self, run: _UnitRun) -> None:
+    def _mark_batch(self, run: _UnitRun, joining: tuple[Path, ...] = ()) -> None:
+        """Record the units in flight (and one about to join), every path as stored."""
         assert run.batch is not None
-        self.store.mark_inflight(run.job.id, [p for unit, _ in run.batch.tags for p in json.loads(paths_json(unit))])
+        units = [unit for unit, _ in run.batch.tags] + [joining]
+        self.store.mark_inflight(run.job.id, [encode_path(p) for unit in units for p in unit])
 
     def _unit_error(self, run: _UnitRun, unit: tuple[Path, ...], exc: Exception) -> None:
         """A unit that raised where no unit should (a strange name, a folder it may not touch): a failed unit with
@@ -1056,12 +1058,10 @@ class Worker:
         if batch.rows > 1:
             # the units in flight, recorded before the model runs: a worker that dies here has the job's next
             # attempt answer one unit at a time
-            self.store.mark_inflight(
-                job.id, [p for u, _ in batch.tags for p in json.loads(paths_json(u))] + json.loads(paths)
-            )
+            self._mark_batch(run, joining=unit)
         else:
             # recorded before the model runs: a worker that dies in this unit twice skips it the next time
-            died_in_batch = bool(run.died_with) and run.died_with.issuperset(json.loads(paths))
+            died_in_batch = bool(run.died_with) and run.died_with.issuperset(encode_path(p) for p in unit)
             deaths = self.store.begin_unit(job.id, paths, died_in_batch)
             if self.policy.skip_unit(deaths):
                 names = ", ".join(str(p) for p in unit)

@@ -11,11 +11,9 @@ import numpy as np
 from batch.errors import BackendError, ModelFolderError
 from batch.infer.kvcache import KVCache, RowCache, decode_mask, prefill_mask
 from batch.infer.runtime.base import Backend
-from batch.model.export.manifest import FIRST_ROWS_VERSION, FORMAT, FORMAT_VERSION, MANIFEST
+from batch.model.export.manifest import FIRST_ROWS_VERSION, FORMAT, FORMAT_VERSION, MANIFEST, MAX_ROWS
 from batch.model.modelspec import ModelSpec
 from batch.model.ort_options import session_options
-
-MAX_ROWS = 64  # the most answers one decode step carries (config: model.batch)
 
 
 def is_onnx_folder(folder: Path) -> bool:

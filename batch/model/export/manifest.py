@@ -9,3 +9,4 @@ FORMAT_VERSION = 2
 # format 2: the decoder layers and the post graph take a leading rows dimension (several answers per decode step);
 # format 1 exports still load and decode one answer at a time
 FIRST_ROWS_VERSION = 2
+MAX_ROWS = 64  # the most answers one decode step of such an export carries (the bound of model.batch)

@@ -48,6 +48,11 @@ class _Actor:
     running: frozenset[int] = frozenset()  # once dead: the units it was answering (the others only waited)
     last_sent: int = 0  # the send order of its latest unit
 
+    @property
+    def rows(self) -> int:
+        """Answers its model decodes together (one until it has said)."""
+        return self.info.rows if self.info is not None else 1
+
 
 @dataclass
 class _Sent:
@@ -65,10 +70,10 @@ class Done:
     actor: str  # the actor's name (the `actors` table id)
 
 
-def units_per_actor(config: Config) -> int:
-    """Units the head keeps at each actor: its batch (model.batch) and one more decoding its media, or
-    cluster.in_flight_per_actor if that is more."""
-    return max(config.cluster.in_flight_per_actor, config.model.batch + 1)
+def units_per_actor(config: Config, rows: int | None = None) -> int:
+    """Units the head keeps at each actor: its batch (`rows`, by default model.batch) and one more decoding its
+    media, or cluster.in_flight_per_actor if that is more."""
+    return max(config.cluster.in_flight_per_actor, (config.model.batch if rows is None else rows) + 1)
 
 
 class ActorPool:
@@ -216,9 +221,8 @@ class ActorPool:
 
     # units --------------------------------------------------------------------------------------
     def _capacity(self, actor: _Actor) -> int:
-        """Units an actor holds at once: its batch and one more being decoded, or cluster.in_flight_per_actor."""
-        rows = actor.info.rows if actor.info is not None else 1
-        return max(self.cluster.in_flight_per_actor, rows + 1)
+        """Units an actor holds at once, by the batch it reported."""
+        return units_per_actor(self.config, actor.rows)
 
     def full(self) -> bool:
         capacity = sum(self._capacity(a) for a in self.ready) or self.cluster.in_flight_per_actor
@@ -307,8 +311,7 @@ class ActorPool:
             # were running when it died
             held = [s for s in self.sent.values() if s.actor is actor] + [sent]
             alone = [s.seq for s in held if s.task.alone]
-            rows = actor.info.rows if actor.info is not None else 1
-            actor.running = frozenset(alone[:1] or sorted(s.seq for s in held)[:rows])
+            actor.running = frozenset(alone[:1] or sorted(s.seq for s in held)[: actor.rows])
             self._drop(actor, f"died: {_reason(exc)}")
             self._start_actor()  # Ray places the replacement wherever the resources are
         if sent.seq in actor.running:  # the units only queued behind them are sent again without blame

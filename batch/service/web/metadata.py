@@ -6,6 +6,8 @@ from typing import Any
 
 from markupsafe import escape
 
+from batch.service.records import DECODE_SHARE_MS
+
 DATABASE = "vlbatch"  # the name (and URL) the results database is served under, whatever its file is called
 
 _RESULT_COLUMNS = {  # in the table's own order: the file and its answer first
@@ -136,7 +138,7 @@ QUERIES: dict[str, dict[str, Any]] = {
         "sql": (
             "SELECT substr(created_utc, 1, 13) || ':00' AS hour_utc, count(*) AS answers, "
             "sum(output_tokens) AS output_tokens, "
-            "round(sum(output_tokens) / (sum(decode_ms / max(coalesce(decode_rows, 1), 1)) / 1000.0), 2) "
+            f"round(sum(output_tokens) / (sum({DECODE_SHARE_MS}) / 1000.0), 2) "
             "AS tokens_per_s, round(avg(ttft_ms)) AS mean_ttft_ms FROM results WHERE error IS NULL "
             "GROUP BY hour_utc ORDER BY hour_utc DESC"
         ),
