@@ -21,7 +21,7 @@ from batch.config import Config, ConfigError, check_config, find_config, load_co
 from batch.errors import VlbatchError
 from batch.infer.generate import GenerationResult
 from batch.service import logs
-from batch.service.states import JobState
+from batch.service.spool.states import JobState
 
 _log = logging.getLogger("batch.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_CORRUPT_DATABASE = 0, 1, 2, 3, 4
@@ -356,7 +356,7 @@ def _open_worker(
     import sqlite3
 
     from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
-    from batch.service.worker import Worker
+    from batch.service.worker.worker import Worker
 
     config = _worker_config(ctx, dir=model_dir, threads=threads, providers=providers, device_id=device_id)
     try:
@@ -551,7 +551,7 @@ def estimate(
       vlbatch estimate --calibrate jobs/examples/*.yaml
       vlbatch estimate --rates bench.json --weights int4 --json holiday.yaml
     """
-    from batch.service import estimate as planner
+    from batch.service.reports import estimate as planner
 
     if calibrate and rates_file is not None:
         raise click.UsageError("--calibrate and --rates are two sources of figures: give one")
@@ -613,7 +613,7 @@ def submit(
     Relative media paths are resolved against each job file's own folder. A batch file is checked whole
     first: a bad line is reported with its number and nothing is submitted.
     """
-    from batch.service.submit import submit_job
+    from batch.service.spool.submit import submit_job
 
     if not job_files and batch_file is None:
         raise click.UsageError("give job files, or --openai-batch FILE")
@@ -628,7 +628,7 @@ def submit(
             if not as_json:
                 click.echo(f"submitted {path} as {'standing job ' if standing else ''}{target.name}")
         if batch_file is not None:
-            from batch.service.submit import submit_openai_batch
+            from batch.service.spool.submit import submit_openai_batch
 
             targets = submit_openai_batch(batch_file, config, priority=priority)
             done += [{"source": str(batch_file), "target": str(target), "standing": False} for target in targets]
@@ -648,7 +648,7 @@ def status(ctx: click.Context, job_id: str | None, as_json: bool) -> None:
 
     Reads the database of the configuration in use and never creates one.
     """
-    from batch.service import reports
+    from batch.service.reports import reports
 
     config = _config(ctx)
     if job_id is not None:
@@ -665,7 +665,7 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
         return None
     from datetime import datetime, timezone
 
-    from batch.service.timefilter import parse_when, to_utc_iso
+    from batch.service.store.timefilter import parse_when, to_utc_iso
 
     try:
         return to_utc_iso(parse_when(value, datetime.now(timezone.utc)))
@@ -679,7 +679,7 @@ def _stored_path(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     import os
 
-    from batch.service.paths import encode_path
+    from batch.service.store.paths import encode_path
 
     if not value.strip() or "\0" in value:
         raise click.BadParameter(f"{value!r} is not a path", ctx=ctx, param=param)
@@ -798,8 +798,8 @@ def results(ctx: click.Context, fmt: str | None, as_json: bool, limit: int | Non
       vlbatch results --failed --last-run              what failed in each job's latest run, and why
       vlbatch results --format csv > answers.csv       every matching answer, however many
     """
-    from batch.service import reports
-    from batch.service.result_filter import ResultFilter
+    from batch.service.reports import reports
+    from batch.service.store.result_filter import ResultFilter
 
     if as_json and fmt not in (None, "json"):
         raise click.UsageError(f"--json is --format json: it cannot go with --format {fmt}")

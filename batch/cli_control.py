@@ -1,4 +1,5 @@
-"""The operator's commands: `vlbatch cancel`, `vlbatch pause` and `vlbatch resume` (see batch/service/control.py).
+"""The operator's commands: `vlbatch cancel`, `vlbatch pause` and `vlbatch resume` (see
+batch/service/worker/control.py).
 
 Registered on the `vlbatch` group at the end of batch/cli.py; each reads the configuration as every command does.
 """
@@ -32,7 +33,7 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...], as_json: bool) -> None:
     current pass ends cancelled; the standing job stays (remove its file to stop it for good). Exit 1 when a
     job is unknown or already finished.
     """
-    from batch.service.control import cancel_jobs
+    from batch.service.worker.control import cancel_jobs
 
     done = cancel_jobs(_config(ctx), list(job_ids))
     if as_json:
@@ -68,7 +69,7 @@ def pause(ctx: click.Context, workers: tuple[str, ...], wait: bool, timeout: flo
     and its job's claim, so no other worker takes that job over. A stop signal to a paused worker hands its job
     back to the inbox and ends it.
     """
-    from batch.service.control import PAUSE, ask_workers, wait_until_paused
+    from batch.service.worker.control import PAUSE, ask_workers, wait_until_paused
 
     config = _config(ctx)
     asked = ask_workers(config, PAUSE, list(workers))
@@ -89,7 +90,7 @@ def resume(ctx: click.Context, workers: tuple[str, ...]) -> None:
 
     Each takes the request at its next heartbeat and goes on where it stopped, with the model it kept loaded.
     """
-    from batch.service.control import RESUME, ask_workers
+    from batch.service.worker.control import RESUME, ask_workers
 
     _echo_asked(RESUME, ask_workers(_config(ctx), RESUME, list(workers)))
 

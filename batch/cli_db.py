@@ -1,4 +1,5 @@
-"""`vlbatch db`: the database over years: backup, prune, vacuum, size (the work is in batch/service/maintenance.py).
+"""`vlbatch db`: the database over years: backup, prune, vacuum, size (the work is in
+batch/service/store/maintenance.py).
 
 Each subcommand reads spool.database from the configuration in use, as every command does, and never creates a
 database. Exit codes as everywhere: 0 done, 1 a problem (one line on stderr), 2 bad usage or config, 3 a fault of
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 
-from batch.service import maintenance
+from batch.service.store import maintenance
 
 
 def _cli() -> Any:
@@ -87,7 +88,7 @@ def backup(ctx: click.Context, out: Path, force: bool, step_pages: int, as_json:
 
 def _cutoff(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, str]:
     """--older-than: (the text given, the stored UTC time it names); never in the future."""
-    from batch.service.timefilter import parse_when, to_utc_iso
+    from batch.service.store.timefilter import parse_when, to_utc_iso
 
     now = datetime.now(timezone.utc)
     try:
@@ -146,7 +147,7 @@ def prune(ctx: click.Context, cutoff: tuple[str, str], yes: bool, as_json: bool)
 
 def _open_store(database: Path, timeout: float) -> Any:
     """The store over an existing database (migrated, as every command that writes it does)."""
-    from batch.service.store import Store
+    from batch.service.store.store import Store
 
     maintenance.require_file(database)
     try:

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
+from batch import strict_yaml
 from batch.errors import VlbatchError
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.model.export.manifest import MAX_ROWS
-from batch.service import strict_yaml
 
 ENV_VAR = "VLBATCH_CONFIG"
 ENV_PREFIX = "VLBATCH_"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from synthetic import synthetic_image  # noqa: E402
 
 from batch.config import load_config  # noqa: E402
-from batch.service.control import PAUSE, RESUME, ask_workers, cancel_jobs  # noqa: E402
+from batch.service.worker.control import PAUSE, RESUME, ask_workers, cancel_jobs  # noqa: E402
 
 VLBATCH = str(Path(sys.executable).parent / "vlbatch")
 

@@ -29,9 +29,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from batch.service import maintenance  # noqa: E402
-from batch.service.states import JobState  # noqa: E402
-from batch.service.store import Store, utc_now  # noqa: E402
+from batch.service.spool.states import JobState  # noqa: E402
+from batch.service.store import maintenance  # noqa: E402
+from batch.service.store.store import Store, utc_now  # noqa: E402
 
 PROMPT = "Describe this photo in one or two sentences for a photo archive."
 SETTINGS = json.dumps(

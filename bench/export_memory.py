@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from batch.service.store import Store
+from batch.service.store.store import Store
 
 FORMATS = ("json", "jsonl", "csv", "openai-batch")
 WORDS = "harbour boat morning light quay crane gull rope water cloud stone people bicycle market".split()

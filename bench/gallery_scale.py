@@ -44,12 +44,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-import batch.service.store as store_module
+import batch.service.store.store as store_module
 from batch.config import Config, load_config
 from batch.infer.settings import GenerationSettings, MediaSettings, answer_settings
-from batch.service.records import cache_key, to_json
-from batch.service.states import JobState
-from batch.service.store import Store, file_sha256
+from batch.service.spool.states import JobState
+from batch.service.store.records import cache_key, to_json
+from batch.service.store.store import Store, file_sha256
 from batch.service.web import static_gallery
 
 LIMIT_S = 2.0  # the requirement: every page opens in under 2 s

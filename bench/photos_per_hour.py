@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from batch_throughput import vlbatch  # noqa: E402
 from synthetic import synthetic_image  # noqa: E402
 
-from batch.service.records import DECODE_SHARE_MS  # noqa: E402
+from batch.service.store.records import DECODE_SHARE_MS  # noqa: E402
 
 PROMPT = "Write a caption for this photo."
 PHOTO_SIZE = (2048, 1536)

@@ -53,7 +53,7 @@ from batch.infer.pipeline import Pipeline, Request  # noqa: E402
 from batch.infer.settings import GenerationSettings, MediaSettings  # noqa: E402
 from batch.model.export.exporter import export  # noqa: E402
 from batch.model.tinymodel import convert_to_native, make_model  # noqa: E402
-from batch.service.planning import AX650N_PREFILL_CAPACITY, INT8_ARITHMETIC, ax650n_rates  # noqa: E402
+from batch.service.reports.planning import AX650N_PREFILL_CAPACITY, INT8_ARITHMETIC, ax650n_rates  # noqa: E402
 
 PHOTO = (2048, 1536)  # a 4:3 photo, as most cameras and phones take them
 CAPTION_PROMPT = "Write a caption for this photo."

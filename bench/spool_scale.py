@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.records import cache_key
-from batch.service.spool import Spool
-from batch.service.store import Store
+from batch.service.spool.spool import Spool
+from batch.service.store.records import cache_key
+from batch.service.store.store import Store
 
 
 def fill(store: Store, rows: int) -> list[str]:

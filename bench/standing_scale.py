@@ -30,9 +30,9 @@ def build(root: Path, files: int, folders: int, model: Path) -> Path:
     """The spool, config, folder tree and the standing job's index as a first night leaves them."""
     from batch.config import load_config
     from batch.infer.runtime.select import model_identity
-    from batch.service.jobfile import parse_job
-    from batch.service.records import cache_key
-    from batch.service.store import Store, utc_now
+    from batch.service.spool.jobfile import parse_job
+    from batch.service.store.records import cache_key
+    from batch.service.store.store import Store, utc_now
 
     photos = root / "photos"
     for i in range(folders):

@@ -219,7 +219,7 @@ def test_the_cli_passes_providers_and_device_id(command, tiny_onnx, tmp_path, mo
     from click.testing import CliRunner
 
     import batch.infer.pipeline as pipeline_module
-    import batch.service.worker as worker_module
+    import batch.service.worker.worker as worker_module
     from batch.cli import main
     from batch.errors import VlbatchError
 
@@ -246,7 +246,7 @@ def test_the_cli_passes_providers_and_device_id(command, tiny_onnx, tmp_path, mo
 
 def test_worker_from_config_opens_the_configured_device(axengine, ax_folder, tiny_hf, tmp_path, monkeypatch):
     from batch.config import Config, ModelConfig, SpoolConfig
-    from batch.service.worker import Worker
+    from batch.service.worker.worker import Worker
 
     monkeypatch.setattr(axengine, "AVAILABLE", ["AXCLRTExecutionProvider"])
     model = ModelConfig(dir=ax_folder, hf_dir=tiny_hf, providers=["AXCLRTExecutionProvider"], device_id=1)

@@ -19,7 +19,7 @@ from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.onnx_backend import OnnxBackend
 from batch.infer.settings import GenerationSettings
 from batch.model.export.manifest import MANIFEST
-from batch.service.worker import Worker
+from batch.service.worker.worker import Worker
 
 QUESTIONS = [
     "Hi",

@@ -31,8 +31,8 @@ if problem:
 from PIL import Image  # noqa: E402
 from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 
-from batch.service.result_filter import ResultFilter  # noqa: E402
-from batch.service.store import connect_read_only  # noqa: E402
+from batch.service.store.result_filter import ResultFilter  # noqa: E402
+from batch.service.store.store import connect_read_only  # noqa: E402
 from batch.service.web.cards import printable  # noqa: E402
 
 pytestmark = pytest.mark.slow

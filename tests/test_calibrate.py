@@ -14,9 +14,9 @@ from spool_env import SpoolEnv
 from batch.cli import main
 from batch.infer.runtime.select import model_identity
 from batch.model.ort_options import usable_cpus
-from batch.service import calibrate
-from batch.service.calibrate import Calibration
-from batch.service.worker import Worker
+from batch.service.reports import calibrate
+from batch.service.reports.calibrate import Calibration
+from batch.service.worker.worker import Worker
 
 
 @pytest.fixture(autouse=True)

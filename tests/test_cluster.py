@@ -35,7 +35,7 @@ except ImportError as exc:  # the `ray` extra is not installed
 
 from batch.cli import main
 from batch.config import load_config
-from batch.service.worker import Worker
+from batch.service.worker.worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -19,12 +19,12 @@ from spool_env import SpoolEnv, wait_for
 from batch.cli import main
 from batch.infer.batching import DecodeBatch
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.control import CANCEL_POLL_SECONDS, JobCancelled, PreEmpted
-from batch.service.jobfile import JobRejected, parse_job
-from batch.service.spool import Spool, read_priority
-from batch.service.states import JobState
-from batch.service.store import Store
-from batch.service.worker import Worker
+from batch.service.spool.jobfile import JobRejected, parse_job
+from batch.service.spool.spool import Spool, read_priority
+from batch.service.spool.states import JobState
+from batch.service.store.store import Store
+from batch.service.worker.control import CANCEL_POLL_SECONDS, JobCancelled, PreEmpted
+from batch.service.worker.worker import Worker
 
 BEAT = 0.5
 

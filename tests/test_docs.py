@@ -22,7 +22,7 @@ def test_every_command_is_in_the_readme_and_has_help():
 
 
 def test_every_database_column_is_documented(tmp_path):
-    from batch.service.store import Store
+    from batch.service.store.store import Store
 
     store = Store(tmp_path / "docs.db")
     for table in ("jobs", "runs", "results", "job_results", "sidecars", "actors", "workers", "standing_files"):
@@ -33,7 +33,7 @@ def test_every_database_column_is_documented(tmp_path):
 
 
 def test_every_database_column_is_described_to_datasette(tmp_path):
-    from batch.service.store import Store
+    from batch.service.store.store import Store
     from batch.service.web.metadata import DATABASE, metadata
 
     tables = metadata()["databases"][DATABASE]["tables"]

@@ -25,10 +25,10 @@ from batch.infer.pipeline import Pipeline
 from batch.model.checkpoint import read_config
 from batch.model.export.exporter import export
 from batch.model.tinymodel import PRESETS
-from batch.service import calibrate, planning
-from batch.service import estimate as planner
-from batch.service.calibrate import Calibration, DecodeSample, PrefillSample
-from batch.service.estimate import (
+from batch.service.reports import calibrate, planning
+from batch.service.reports import estimate as planner
+from batch.service.reports.calibrate import Calibration, DecodeSample, PrefillSample
+from batch.service.reports.estimate import (
     REFERENCE_SHAPE,
     ContextRates,
     architecture,
@@ -37,8 +37,8 @@ from batch.service.estimate import (
     estimate_dict,
     fit_decode,
 )
-from batch.service.jobfile import JobRejected, parse_job
-from batch.service.planning import Rates, rates_from_bench
+from batch.service.reports.planning import Rates, rates_from_bench
+from batch.service.spool.jobfile import JobRejected, parse_job
 
 DOUBLES = Path(__file__).parent / "doubles"
 sys.path.insert(0, str(DOUBLES))

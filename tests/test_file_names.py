@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from spool_env import SpoolEnv
 
-from batch.service.paths import decode_path, decode_paths_json, encode_path, paths_json, storable_text
+from batch.service.store.paths import decode_path, decode_paths_json, encode_path, paths_json, storable_text
 
 NAMES = [
     os.fsdecode(b"caf\xff-\xe9t\xe9.jpg"),  # Latin-1 bytes, not UTF-8

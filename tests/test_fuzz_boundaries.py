@@ -28,12 +28,12 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from batch import strict_yaml
 from batch.config import Config, ConfigError, check_config, env_variables, load_config
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service import strict_yaml
-from batch.service.jobfile import MAX_TOGETHER, Job, JobRejected, parse_job
-from batch.service.openai_batch import BatchFileRejected, requests_to_jobs
+from batch.service.spool.jobfile import MAX_TOGETHER, Job, JobRejected, parse_job
+from batch.service.spool.openai_batch import BatchFileRejected, requests_to_jobs
 
 GEN = GenerationSettings()
 MEDIA = MediaSettings()

@@ -23,8 +23,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from batch.service.spool import LEASE, REASON_SUFFIX, Claim, Spool, is_job_name
-from batch.service.states import JobState
+from batch.service.spool.spool import LEASE, REASON_SUFFIX, Claim, Spool, is_job_name
+from batch.service.spool.states import JobState
 
 FINISHED = [state for state in JobState if state.finished]  # done, failed, rejected, cancelled
 PLACES = ("inbox", "work", *(state.value for state in FINISHED))

@@ -7,10 +7,10 @@ import pytest
 
 from batch.errors import PromptTooLongError
 from batch.infer.generate import Timings, num_chunks
-from batch.infer.kvcache import MASKED, decode_mask, prefill_mask
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.infer.vit_cache import VitCache
+from batch.model.attention_mask import MASKED, decode_mask, prefill_mask
 from batch.model.export.exporter import export
 
 

@@ -1,4 +1,4 @@
-"""batch.service.jobfile: job files parsed, validated and resolved against real files, folders, globs and symlinks."""
+"""The job file format: job files parsed, validated and resolved against real files, folders, globs and symlinks."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from PIL import Image
 from batch.errors import VlbatchError
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service import jobfile
-from batch.service.jobfile import (
+from batch.service.spool import jobfile
+from batch.service.spool.jobfile import (
     MAX_INPUTS,
     MAX_JOB_BYTES,
     MAX_MEDIA_FILES,
@@ -28,7 +28,7 @@ from batch.service.jobfile import (
     load_job_text,
     parse_job,
 )
-from batch.service.spool import is_job_name
+from batch.service.spool.spool import is_job_name
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "jobs" / "examples"

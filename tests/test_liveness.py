@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from spool_env import SpoolEnv, wait_for
 
 from batch.cli import main
-from batch.service.reports import status_report
+from batch.service.reports.reports import status_report
 
 pytestmark = pytest.mark.slow
 BEAT = 0.5

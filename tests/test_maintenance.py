@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from spool_env import SpoolEnv, wait_for
 
 from batch.cli import main
-from batch.service import maintenance
-from batch.service.states import JobState
-from batch.service.store import Store
+from batch.service.spool.states import JobState
+from batch.service.store import maintenance
+from batch.service.store.store import Store
 
 NOW = datetime.now(timezone.utc)
 
@@ -80,7 +80,7 @@ def track(store: Store, job: str, run: int) -> None:
 def history(tmp_path, monkeypatch) -> dict:
     """A year of history (ages in days): what `db prune --older-than 90d` must delete and what it must keep."""
     clock = Clock()
-    monkeypatch.setattr("batch.service.store.utc_now", clock)
+    monkeypatch.setattr("batch.service.store.store.utc_now", clock)
     store = Store(tmp_path / "vlbatch.db")
     ids: dict = {}
 

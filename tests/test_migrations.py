@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from batch.service.store import Store
+from batch.service.store.store import Store
 
 RELEASE_DB = Path(__file__).resolve().parent / "data" / "vlbatch-0.1.0.db"
 

@@ -1,4 +1,4 @@
-"""batch.service.openai_batch: OpenAI Batch request files to job files, result rows to output lines; text-only jobs."""
+"""OpenAI Batch request files to job files, result rows to output lines; text-only jobs."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from PIL import Image
 
 from batch.config import Config, SpoolConfig
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.jobfile import MAX_TOGETHER, Job, JobRejected, parse_job
-from batch.service.openai_batch import (
+from batch.service.spool.jobfile import MAX_TOGETHER, Job, JobRejected, parse_job
+from batch.service.spool.openai_batch import (
     MAX_DATA_URI_BYTES,
     BatchFileRejected,
     requests_to_jobs,
     result_lines,
 )
-from batch.service.submit import submit_job
+from batch.service.spool.submit import submit_job
 
 MODEL = "OpenGVLab/InternVL3-1B"
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from spool_env import SpoolEnv
 
 from batch.cli import main
-from batch.service.reports import status_report
-from batch.service.store import Store
+from batch.service.reports.reports import status_report
+from batch.service.store.store import Store
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from batch.infer.decode import InProcessDecoder, IsolatedDecoder
 from batch.infer.media import RAW_MISSING, image_size, load_image, media_kind, normalize_tiles, tile_count
 from batch.infer.pipeline import Pipeline
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.jobfile import parse_job
+from batch.service.spool.jobfile import parse_job
 from batch.service.web.thumbnails import Thumbnails
 
 RED, GRAY = (255, 0, 0), (128, 128, 128)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from batch.service.planning import (
+from batch.service.reports.planning import (
     AX650N_PREFILL_MS,
     CPU_REFERENCE_RATES,
     Rates,

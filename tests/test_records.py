@@ -8,7 +8,7 @@ import pytest
 
 from batch.infer.generate import GenerationResult, Timings
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.records import answer_row, cache_key
+from batch.service.store.records import answer_row, cache_key
 
 MEDIA = ["a" * 64]
 
@@ -52,10 +52,10 @@ def test_the_key_follows_media_text_model_and_versions(monkeypatch):
     assert key(system="You are terse.") != key()
     assert key(generation=GenerationSettings(temperature=0)) == key(generation=GenerationSettings(temperature=0.0))
     before = key()
-    monkeypatch.setattr("batch.service.records.TEMPLATE_VERSION", 2)
+    monkeypatch.setattr("batch.service.store.records.TEMPLATE_VERSION", 2)
     assert key() != before
     monkeypatch.undo()
-    monkeypatch.setattr("batch.service.records.PREPROCESS_VERSION", 2)
+    monkeypatch.setattr("batch.service.store.records.PREPROCESS_VERSION", 2)
     assert key() != before
 
 

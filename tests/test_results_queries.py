@@ -20,8 +20,8 @@ from spool_env import SpoolEnv
 from web_env import cards_of
 
 from batch.cli import main
-from batch.service.paths import decode_path, encode_path
-from batch.service.worker import Worker
+from batch.service.store.paths import decode_path, encode_path
+from batch.service.worker.worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from batch.errors import MediaError, VlbatchError
 from batch.infer.safe_open import SYMLINK_REASON, fd_path, open_media, open_regular, sha256_of
 from batch.service import atomic_write
 from batch.service.atomic_write import SymlinkRefused, write_atomic
-from batch.service.spool import is_job_name
-from batch.service.store import file_sha256
-from batch.service.submit import SubmitError, submit_job
+from batch.service.spool.spool import is_job_name
+from batch.service.spool.submit import SubmitError, submit_job
+from batch.service.store.store import file_sha256
 
 TIMEOUT = 5.0
 

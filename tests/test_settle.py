@@ -1,4 +1,4 @@
-"""batch.service.settle and the spool's use of it: real writer processes, real open descriptors, real leases."""
+"""batch.service.spool.settle and the spool's use of it: real writer processes, real open descriptors, real leases."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from batch.service.settle import (
+from batch.service.spool.settle import (
     COMPLETE,
     WRITING,
     SettleTracker,
     is_partial_name,
     open_for_writing,
 )
-from batch.service.spool import Spool
-from batch.service.states import JobState
+from batch.service.spool.spool import Spool
+from batch.service.spool.states import JobState
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="leases are a Linux feature")
 
@@ -103,7 +103,7 @@ def test_a_file_of_another_user_cannot_be_asked_about():
     passwd = Path("/etc/passwd")
     if not passwd.exists():
         pytest.skip("no /etc/passwd, a file of another user that everyone can read")
-    code = f"from batch.service.settle import open_for_writing; print(open_for_writing({str(passwd)!r}))"
+    code = f"from batch.service.spool.settle import open_for_writing; print(open_for_writing({str(passwd)!r}))"
     if os.geteuid() != 0:
         if passwd.stat().st_uid == os.geteuid():
             pytest.skip("/etc/passwd is this user's own")
@@ -154,7 +154,7 @@ def test_a_writer_opening_while_the_lease_is_held_neither_waits_nor_kills_the_as
     )
     asker = (
         "import sys, time\n"
-        "from batch.service.settle import open_for_writing\n"
+        "from batch.service.spool.settle import open_for_writing\n"
         "seen, end = set(), time.monotonic() + 2\n"
         "while time.monotonic() < end:\n"
         "    seen.add(open_for_writing(sys.argv[1]))\n"

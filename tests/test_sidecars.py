@@ -16,8 +16,9 @@ from spool_env import SpoolEnv
 from synthetic import synthetic_image, write_heic
 
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.jobfile import JobRejected, parse_job
-from batch.service.sidecars import (
+from batch.service.spool.jobfile import JobRejected, parse_job
+from batch.service.store.store import Store
+from batch.service.worker.sidecars import (
     remove_gone,
     remove_sidecar,
     sidecar_bytes,
@@ -26,7 +27,6 @@ from batch.service.sidecars import (
     xml_text,
     xmp_document,
 )
-from batch.service.store import Store
 
 NS = {
     "x": "adobe:ns:meta/",

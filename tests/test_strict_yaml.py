@@ -1,4 +1,4 @@
-"""batch.service.strict_yaml: duplicate keys, deep nesting and alias bombs refused by line; else as safe_load."""
+"""batch.strict_yaml: duplicate keys, deep nesting and alias bombs refused by line; else as safe_load."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from batch import strict_yaml
 from batch.config import ConfigError, load_config
-from batch.service import strict_yaml
-from batch.service.strict_yaml import MAX_ALIAS_NODES, MAX_DEPTH, StrictYAMLError, load
+from batch.strict_yaml import MAX_ALIAS_NODES, MAX_DEPTH, StrictYAMLError, load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_config_refuses_deep_nesting_with_file_and_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["a\u2028b", "a\u0085b", "a\u2029b", "café ☕", "plain"])
 def test_dump_exact_loads_back_as_written(text: str) -> None:
     """PyYAML writes U+0085/U+2028/U+2029 raw with allow_unicode and reads them as line breaks: not here."""
-    from batch.service.strict_yaml import dump_exact
+    from batch.strict_yaml import dump_exact
 
     data = {"prompt": text, "inputs": [f"/m/{text}.jpg"]}
     dumped = dump_exact(data)

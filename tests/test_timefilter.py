@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batch.service.timefilter import parse_when, to_utc_iso
+from batch.service.store.timefilter import parse_when, to_utc_iso
 
 UTC = timezone.utc
 NOW = datetime(2026, 11, 25, 15, 24, 33, 765432, tzinfo=UTC)
@@ -96,7 +96,7 @@ def test_to_utc_iso_is_the_text_the_database_stores():
 
 
 def test_to_utc_iso_has_the_shape_of_the_stores_timestamps_and_sorts_like_time():
-    from batch.service.store import utc_now
+    from batch.service.store.store import utc_now
 
     shape = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
     stored = utc_now()

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from spool_env import SpoolEnv
 
 from batch.cli import main
-from batch.service.spool import Spool
-from batch.service.store import Store
-from batch.service.worker import Worker
+from batch.service.spool.spool import Spool
+from batch.service.store.store import Store
+from batch.service.worker.worker import Worker
 
 
 @pytest.fixture

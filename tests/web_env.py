@@ -12,7 +12,7 @@ from spool_env import SpoolEnv
 from synthetic import synthetic_image, write_video
 
 from batch.service.web.cards import printable
-from batch.service.worker import Worker
+from batch.service.worker.worker import Worker
 
 ROTATED = "portrait-exif.jpg"  # stored 160x100 landscape, EXIF orientation 6: shown upright it is 100x160
 

@@ -15,9 +15,9 @@ from faultkit import assert_sound, fault_env, fault_image, reason, run, settled,
 from PIL import Image
 from spool_env import SpoolEnv
 
-from batch.service.spool import Spool
-from batch.service.store import Store
-from batch.service.worker import Worker
+from batch.service.spool.spool import Spool
+from batch.service.store.store import Store
+from batch.service.worker.worker import Worker
 
 pytestmark = pytest.mark.slow
 

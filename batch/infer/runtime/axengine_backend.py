@@ -22,8 +22,9 @@ import ml_dtypes
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.infer.kvcache import KVCache, decode_mask, prefill_mask
+from batch.infer.kvcache import KVCache
 from batch.infer.runtime.base import Backend
+from batch.model.attention_mask import decode_mask, prefill_mask
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from batch.errors import BackendError, ModelFolderError
-from batch.infer.kvcache import KVCache, RowCache, decode_mask, prefill_mask
+from batch.infer.kvcache import KVCache, RowCache
 from batch.infer.runtime.base import Backend
+from batch.model.attention_mask import decode_mask, prefill_mask
 from batch.model.export.manifest import FIRST_ROWS_VERSION, FORMAT, FORMAT_VERSION, MANIFEST, MAX_ROWS
 from batch.model.modelspec import ModelSpec
 from batch.model.ort_options import session_options

@@ -250,7 +250,7 @@ class _PrefillCheck:
     layer's int8 prefill form if its update of the prompt stays within PREFILL_INT8_MIN_COSINE of fp32's."""
 
     def __init__(self, prompt: np.ndarray, kv_dim: int) -> None:
-        from batch.infer.kvcache import prefill_mask
+        from batch.model.attention_mask import prefill_mask
 
         n = prompt.shape[1]
         self.hidden = prompt

@@ -26,12 +26,12 @@ from batch.errors import VlbatchError
 from batch.infer.runtime.select import model_identity
 from batch.service.cluster.answerer import UnitTask
 from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane, units_per_actor
-from batch.service.folder_watch import FolderWatch
 from batch.service.logs import event
-from batch.service.records import failure_class
-from batch.service.spool import Spool
-from batch.service.store import Store
-from batch.service.worker import HandBack, Outcome, Worker, _UnitRun
+from batch.service.spool.folder_watch import FolderWatch
+from batch.service.spool.spool import Spool
+from batch.service.store.records import failure_class
+from batch.service.store.store import Store
+from batch.service.worker.worker import HandBack, Outcome, Worker, _UnitRun
 
 log = logging.getLogger("batch.service.cluster")
 MAX_LANES = 64  # jobs one head runs at once, whatever the cluster holds (each lane: a thread, a connection)

@@ -16,8 +16,8 @@ from datasette.database import Database
 from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.decode import IsolatedDecoder, MediaDecoder
-from batch.service.reports import require_current_database
-from batch.service.store import connect_read_only
+from batch.service.reports.reports import require_current_database
+from batch.service.store.store import connect_read_only
 from batch.service.web import plugin
 from batch.service.web.metadata import DATABASE, metadata
 from batch.service.web.thumbnails import Thumbnails

@@ -6,7 +6,7 @@ from typing import Any
 
 from markupsafe import escape
 
-from batch.service.records import DECODE_SHARE_MS
+from batch.service.store.records import DECODE_SHARE_MS
 
 DATABASE = "vlbatch"  # the name (and URL) the results database is served under, whatever its file is called
 

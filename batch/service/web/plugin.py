@@ -26,8 +26,8 @@ from datasette.utils.asgi import Base400
 from datasette.views.base import DatasetteError
 from markupsafe import Markup, escape
 
-from batch.service.result_filter import ResultFilter
-from batch.service.timefilter import parse_when, to_utc_iso
+from batch.service.store.result_filter import ResultFilter
+from batch.service.store.timefilter import parse_when, to_utc_iso
 from batch.service.web import charts
 from batch.service.web.cards import card
 from batch.service.web.metadata import DATABASE

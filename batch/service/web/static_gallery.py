@@ -39,9 +39,9 @@ from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.service.atomic_write import SymlinkRefused
-from batch.service.reports import require_current_database, require_named
-from batch.service.result_filter import ResultFilter
-from batch.service.store import connect_read_only
+from batch.service.reports.reports import require_current_database, require_named
+from batch.service.store.result_filter import ResultFilter
+from batch.service.store.store import connect_read_only
 from batch.service.web.cards import card
 from batch.service.web.thumbnails import (
     DEFAULT_EDGE,

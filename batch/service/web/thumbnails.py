@@ -34,7 +34,7 @@ from batch.infer.media import media_kind
 from batch.infer.settings import MediaSettings
 from batch.infer.thumbnail import THUMBNAIL_VERSION
 from batch.service.atomic_write import SymlinkRefused, write_fully
-from batch.service.paths import decode_path
+from batch.service.store.paths import decode_path
 
 DEFAULT_EDGE = 320
 DECODERS = min(2, os.cpu_count() or 1)  # previews made at once: one decoding child each
@@ -175,7 +175,7 @@ class Thumbnails:
     def allowed(self, path: str) -> Path | None:
         """The file's real path if a preview of it may be made, else None (decided without opening anything).
 
-        `path` is a path as the database stores it (batch.service.paths: any name, escaped)."""
+        `path` is a path as the database stores it (batch.service.store.paths: any name, escaped)."""
         path = decode_path(path) if path else path
         if not path or "\x00" in path or not os.path.isabs(path) or ".." in Path(path).parts:
             return None

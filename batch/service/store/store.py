@@ -31,10 +31,10 @@ import sqlite_utils
 from batch.errors import VlbatchError
 from batch.infer.safe_open import sha256_of
 from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
-from batch.service.paths import encode_path, storable_text
-from batch.service.records import DECODE_SHARE_MS
-from batch.service.result_filter import ResultFilter
-from batch.service.states import JobState
+from batch.service.spool.states import JobState
+from batch.service.store.paths import encode_path, storable_text
+from batch.service.store.records import DECODE_SHARE_MS
+from batch.service.store.result_filter import ResultFilter
 
 migrations = sqlite_utils.Migrations("vlbatch")
 
@@ -582,7 +582,7 @@ class Store:
                     pk="id",
                 )
 
-    # operator control (vlbatch cancel, pause, resume: batch/service/control.py) ------------------
+    # operator control (vlbatch cancel, pause, resume: batch/service/worker/control.py) ------------------
     def request_cancel(self, job_id: str, who: str) -> dict[str, Any] | None:
         """Ask the worker running the job (and its run) to cancel it; the first request's time and asker stand.
         None when the job is not running."""

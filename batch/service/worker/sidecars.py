@@ -35,15 +35,15 @@ from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from batch.infer.safe_open import BLOCK_SIZE, open_media, sha256_of
 from batch.service.atomic_write import SymlinkRefused, write_atomic
 from batch.service.faults import describe, is_passing
-from batch.service.jobfile import SIDECAR_FORMATS
 from batch.service.logs import event
-from batch.service.paths import encode_path
+from batch.service.spool.jobfile import SIDECAR_FORMATS
+from batch.service.store.paths import encode_path
 
 if TYPE_CHECKING:
-    from batch.service.jobfile import Job
-    from batch.service.store import Store
+    from batch.service.spool.jobfile import Job
+    from batch.service.store.store import Store
 
-log = logging.getLogger("batch.service.sidecars")
+log = logging.getLogger("batch.service.worker.sidecars")
 
 # XML 1.0 allows tab, LF, CR and everything from U+0020 up, but not surrogates, U+FFFE and U+FFFF
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

@@ -6,7 +6,7 @@ read it (`check_job`); each unit's files are hashed into the worker's cache key 
 pipeline's own functions (`choose_tile_cap`, `tile_count`) and prompt tokens counted by its `PromptBudget`. The
 units left are priced with `ContextRates`: ViT per tile, prefill by chunk, and decode per token as a function of
 the position it is decoded at. They come from the first that applies: a benchmark report (--rates), this model's
-stored answers, its calibration on this machine (`--calibrate`, kept by `batch.service.calibrate`), the built-in
+stored answers, its calibration on this machine (`--calibrate`, kept by `batch.service.reports.calibrate`), the built-in
 figures, which hold only for models of InternVL3-2B's shape. With none, the report says so and gives no times.
 The database is opened read-only; only --calibrate loads and runs the model.
 """
@@ -41,10 +41,9 @@ from batch.infer.runtime.select import (
 from batch.infer.safe_open import open_regular
 from batch.model.checkpoint import read_config
 from batch.model.modelspec import ModelSpec
-from batch.service import calibrate
-from batch.service.calibrate import Calibration
-from batch.service.jobfile import Job, JobRejected
-from batch.service.planning import (
+from batch.service.reports import calibrate
+from batch.service.reports.calibrate import Calibration
+from batch.service.reports.planning import (
     AX650N_PREFILL_CAPACITY,
     Rates,
     UnitTime,
@@ -55,9 +54,10 @@ from batch.service.planning import (
     reference_rates,
     single_stream_ms,
 )
-from batch.service.records import cache_key
-from batch.service.store import StoredAnswers, file_sha256
-from batch.service.submit import check_job
+from batch.service.spool.jobfile import Job, JobRejected
+from batch.service.spool.submit import check_job
+from batch.service.store.records import cache_key
+from batch.service.store.store import StoredAnswers, file_sha256
 
 STORED_ROWS = 500  # the newest answers whose timings make this model's rates
 MIN_ANSWERS = 3  # fewer stored answers than this are not figures to plan on

@@ -2,7 +2,7 @@
 waiting in the inbox.
 
 The database's `jobs.state = running` only says a worker started the job and has not finished it. Whether the
-job is really running comes from its worker's heartbeat (batch.service.heartbeat): a live worker on the job is
+job is really running comes from its worker's heartbeat (batch.service.worker.heartbeat): a live worker on the job is
 running it (or holding it paused: `vlbatch pause`); a worker that stopped beating has left it stalled until the
 spool takes it back (its lease expires, or at once when a worker on the same host sees the process gone); a job
 whose file is back in the inbox (handed back by a second stop signal, or taken back from a dead worker) waits
@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from batch.service.heartbeat import worker_gone
-from batch.service.spool import SEPARATOR, Claim, Spool
-from batch.service.standing import CLAIM_PREFIX
+from batch.service.spool.spool import SEPARATOR, Claim, Spool
+from batch.service.spool.standing import CLAIM_PREFIX
+from batch.service.worker.heartbeat import worker_gone
 
 RUNNING, PAUSED, STALLED, WAITING = "running", "paused", "stalled", "waiting"
 

@@ -2,7 +2,7 @@
 
 A job file is a small YAML mapping (``prompt``, ``inputs`` and optional overrides). Parsing never trusts it:
 the file is read with a size cap and without following a symlink, YAML is loaded with the strict safe loader of
-:mod:`batch.service.strict_yaml` only (no duplicate keys, bounded nesting and aliases), every key and type is
+:mod:`batch.strict_yaml` only (no duplicate keys, bounded nesting and aliases), every key and type is
 checked, and every input is resolved to real paths that must lie under an allowed media folder (or the job's own
 folder), within caps on the number of inputs and of media files. Media are recognised by suffix only; nothing is
 decoded here. Every problem, an unexpected error while parsing included, becomes a :class:`JobRejected` whose
@@ -27,11 +27,11 @@ from typing import Any
 
 import yaml
 
+from batch import strict_yaml
 from batch.errors import MediaError, VlbatchError
 from batch.infer.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service import strict_yaml
-from batch.service.spool import PRIORITY_LIMIT  # higher is taken first from the inbox: the spool orders by it
+from batch.service.spool.spool import PRIORITY_LIMIT  # higher is taken first from the inbox: the spool orders by it
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_TOGETHER = 4
@@ -39,7 +39,7 @@ MAX_INPUTS = 1_000  # entries in `inputs`
 MAX_MEDIA_FILES = 100_000  # media files matched by all the inputs of one job together
 MAX_YAML_DEPTH = strict_yaml.MAX_DEPTH  # levels of nested mappings and lists in a job file
 MODES = ("each", "together")
-SIDECAR_FORMATS = ("txt", "xmp")  # `sidecar: true` is txt; see batch/service/sidecars.py
+SIDECAR_FORMATS = ("txt", "xmp")  # `sidecar: true` is txt; see batch/service/worker/sidecars.py
 
 _GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 _MEDIA_KEYS = ("video_frames", "max_tiles")

@@ -3,7 +3,7 @@
 The model is loaded as the worker loads it (`Pipeline.open`); the pass runs its ViT on one synthetic tile,
 prefills a synthetic prompt of a few lengths and decodes a few dozen tokens at a few context lengths (a decode
 step costs the same whatever the cache's rows hold, so the cache is not filled first). Only the raw timings are
-kept; `batch.service.estimate` fits its rates from them. They are kept per model identity and machine (host, CPU
+kept; `batch.service.reports.estimate` fits its rates from them. They are kept per model identity and machine (host, CPU
 model, runtime, threads) as JSON in $XDG_CACHE_HOME/vlbatch/calibration (default ~/.cache/vlbatch/calibration),
 written atomically; a damaged or foreign entry counts as none.
 """

@@ -5,7 +5,7 @@ says which worker holds it and until when. A live worker renews its lease; a job
 whose worker process is gone from this host, goes back to the inbox. Every move is a rename within one
 filesystem, so a job file is always in exactly one place.
 
-A file in the inbox is claimed only once it is complete (batch.service.settle): no process holds it open for
+A file in the inbox is claimed only once it is complete (batch.service.spool.settle): no process holds it open for
 writing, where Linux can tell, and its size, mtime and inode have not changed for settle_seconds. A rejected file
 whose bytes change afterwards (the rest of a slow copy, a fix made in rejected/) goes back to the inbox.
 
@@ -33,10 +33,10 @@ from pathlib import Path
 
 from batch.service.atomic_write import write_atomic
 from batch.service.logs import event
-from batch.service.settle import SettleTracker, Verdict, is_partial_name
-from batch.service.states import JobState
+from batch.service.spool.settle import SettleTracker, Verdict, is_partial_name
+from batch.service.spool.states import JobState
 
-log = logging.getLogger("batch.service.spool")
+log = logging.getLogger("batch.service.spool.spool")
 
 JOB_SUFFIXES = (".yaml", ".yml")
 FOLDERS = ("inbox", "work", *(state.value for state in JobState if state.finished))
@@ -215,7 +215,7 @@ class Spool:
         """Job files ready to claim, highest priority first, then oldest first, and when (time.time()) a file not
         ready yet is worth another look.
 
-        Ready means complete (batch.service.settle): no process holds it open for writing, where Linux can tell,
+        Ready means complete (batch.service.spool.settle): no process holds it open for writing, where Linux can tell,
         and its size, mtime and inode have not changed for settle_seconds of this process's clock (or it was found
         with timestamps more than a minute old and no writer). A file a writer has held open for longer than
         lease_seconds no longer sets the next look (`vlbatch run` leaves it for the next run); it is still taken

@@ -20,12 +20,7 @@ from typing import Any, TextIO
 from batch.config import Config
 from batch.errors import VlbatchError
 from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database, is_passing
-from batch.service.heartbeat import is_gone
-from batch.service.result_filter import ResultFilter
-from batch.service.spool import Spool
-from batch.service.store import Store, pending_migrations
-from batch.service.timefilter import to_utc_iso
-from batch.service.worker_status import (
+from batch.service.reports.worker_status import (
     PAUSED,
     RUNNING,
     STALLED,
@@ -35,6 +30,11 @@ from batch.service.worker_status import (
     stalled_text,
     worker_view,
 )
+from batch.service.spool.spool import Spool
+from batch.service.store.result_filter import ResultFilter
+from batch.service.store.store import Store, pending_migrations
+from batch.service.store.timefilter import to_utc_iso
+from batch.service.worker.heartbeat import is_gone
 
 TABLE_COLUMNS = ("id", "job_id", "run_id", "media", "answer", "output_tokens", "ttft_ms", "tokens_per_s", "created_utc")
 # stored as JSON text, shown as values by json_row
@@ -410,7 +410,7 @@ def _write_table(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
 
 def _openai_lines(store: Store, flt: ResultFilter, rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     """OpenAI Batch output lines (`openai_batch.result_lines`), ids from the link, custom_ids from `CustomIds`."""
-    from batch.service.openai_batch import result_lines
+    from batch.service.spool.openai_batch import result_lines
 
     return result_lines(_openai_rows(store, flt, rows))
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import yaml
 
+from batch import strict_yaml
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.service import strict_yaml
 from batch.service.atomic_write import write_atomic
-from batch.service.jobfile import Job, JobRejected, parse_job
-from batch.service.spool import Spool, free_path
-from batch.service.standing import StandingFolder
+from batch.service.spool.jobfile import Job, JobRejected, parse_job
+from batch.service.spool.spool import Spool, free_path
+from batch.service.spool.standing import StandingFolder
 
 
 class SubmitError(VlbatchError):
@@ -85,7 +85,7 @@ def submit_openai_batch(path: Path, config: Config, priority: int | None = None)
     Image paths must lie under spool.media_roots; images sent as data: URIs are kept in the first media root,
     under `openai-batch/<file name>/`, where the worker may read them.
     """
-    from batch.service.openai_batch import requests_to_jobs
+    from batch.service.spool.openai_batch import requests_to_jobs
 
     path = Path(path)
     spool = _ensure_spool(config, path)

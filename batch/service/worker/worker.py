@@ -38,16 +38,6 @@ from batch.infer.generate import GenerationResult
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.select import model_identity
 from batch.infer.settings import answer_settings
-from batch.service import sidecars
-from batch.service.control import (
-    CANCEL_POLL_SECONDS,
-    PREEMPT_POLL_SECONDS,
-    PREEMPT_SHARE,
-    Every,
-    JobCancelled,
-    PauseSwitch,
-    PreEmpted,
-)
 from batch.service.faults import (
     Backoff,
     DatabaseCorrupt,
@@ -56,16 +46,12 @@ from batch.service.faults import (
     is_corrupt_database,
     is_passing,
 )
-from batch.service.folder_watch import FolderWatch
-from batch.service.heartbeat import BUSY, IDLE, PAUSED, STOPPING, WAITING, Heartbeat
-from batch.service.jobfile import Job, JobRejected, parse_job
 from batch.service.logs import event
-from batch.service.paths import decode_path, encode_path, paths_json
-from batch.service.records import answer_row, cache_key, failure_class, to_json
-from batch.service.settle import SettleTracker
-from batch.service.slots import WorkerSlots
-from batch.service.spool import Claim, Priorities, Spool
-from batch.service.standing import (
+from batch.service.spool.folder_watch import FolderWatch
+from batch.service.spool.jobfile import Job, JobRejected, parse_job
+from batch.service.spool.settle import SettleTracker
+from batch.service.spool.spool import Claim, Priorities, Spool
+from batch.service.spool.standing import (
     CLAIM_PREFIX,
     InputSpecs,
     PassPlan,
@@ -75,10 +61,24 @@ from batch.service.standing import (
     plan_pass,
     vanished_paths,
 )
-from batch.service.states import CLAIM_LOST, HANDED_BACK, JobState, RetryPolicy
-from batch.service.store import ClaimLost, DatabaseReplaced, JobIdBusy, Store, file_sha256, utc_now, worker_name
+from batch.service.spool.states import CLAIM_LOST, HANDED_BACK, JobState, RetryPolicy
+from batch.service.store.paths import decode_path, encode_path, paths_json
+from batch.service.store.records import answer_row, cache_key, failure_class, to_json
+from batch.service.store.store import ClaimLost, DatabaseReplaced, JobIdBusy, Store, file_sha256, utc_now, worker_name
+from batch.service.worker import sidecars
+from batch.service.worker.control import (
+    CANCEL_POLL_SECONDS,
+    PREEMPT_POLL_SECONDS,
+    PREEMPT_SHARE,
+    Every,
+    JobCancelled,
+    PauseSwitch,
+    PreEmpted,
+)
+from batch.service.worker.heartbeat import BUSY, IDLE, PAUSED, STOPPING, WAITING, Heartbeat
+from batch.service.worker.slots import WorkerSlots
 
-log = logging.getLogger("batch.service.worker")
+log = logging.getLogger("batch.service.worker.worker")
 NODE = os.uname().nodename  # recorded with each answer: several machines may answer one spool
 CRON_WAIT_SECONDS = 60.0  # `vlbatch run` waits this long at most for media files still being written
 
@@ -167,7 +167,7 @@ class Worker:
         # the `workers` row: started by drain() or watch(), stopped by close()
         self.heartbeat = Heartbeat(store.path, "run", model_id, beat, timeout, self.name)
         self._beating = False
-        # operator control (batch/service/control.py): pause/resume from the heartbeat, cancel and priority per unit
+        # operator control (control.py): pause/resume from the heartbeat, cancel and priority per unit
         self.control = PauseSwitch(self.wake, self.name)
         self.heartbeat.on_request = self.control.on_request
         self._cancel_poll = Every(CANCEL_POLL_SECONDS)
@@ -951,7 +951,7 @@ class Worker:
 
     def _remove_sidecar(self, job: Job, media: Path) -> None:
         """The sidecar vlbatch wrote beside a file that is gone, if the job asks (only vlbatch's own bytes)."""
-        from batch.service import sidecars
+        from batch.service.worker import sidecars
 
         if sidecars.remove_gone(job, media, self.store):
             event(log, "sidecar.removed", path=media, reason="its media file is gone")
@@ -1193,7 +1193,7 @@ class Worker:
             raise HandBack
         self._check_cancel(self._job_id, throttled=True)
 
-    # operator control (batch/service/control.py) -----------------------------------------------------
+    # operator control (batch/service/worker/control.py) -----------------------------------------------------
     def _between_units(self, job: Job) -> None:
         """Before each unit: wait out a pause, end a job an operator cancelled, make way for a job of higher
         priority."""
@@ -1241,5 +1241,5 @@ class Worker:
             raise PreEmpted(job.id, ready[0], self.spool.priorities.known(ready[0]), job.priority)
 
     def _write_sidecar(self, job: Job, unit: tuple[Path, ...], result_id: int) -> None:
-        """The job's sidecar (.txt or .xmp) beside a single media file: see batch/service/sidecars.py."""
+        """The job's sidecar (.txt or .xmp) beside a single media file: see batch/service/worker/sidecars.py."""
         sidecars.write_for_unit(self.store, job, unit, result_id)

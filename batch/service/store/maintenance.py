@@ -31,8 +31,8 @@ from typing import Any
 from batch.errors import VlbatchError
 from batch.service.atomic_write import fsync_folder_at
 from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
-from batch.service.states import JobState
-from batch.service.store import Store, connect_read_only
+from batch.service.spool.states import JobState
+from batch.service.store.store import Store, connect_read_only
 
 STEP_PAGES = 1024  # pages copied per backup step (4 MiB at SQLite's default page size)
 STEP_PAUSE_SECONDS = 0.005  # between backup steps

@@ -5,9 +5,9 @@ The operator's side writes requests and moves nothing a worker holds:
   claims it and moved to `cancelled/` with a reason file, with a run recorded as cancelled; a running job gets
   `cancel_requested_utc` and `cancelled_by` in the database, and its worker ends it (see below);
 - `ask_workers`: `pause` or `resume` left in `workers.request` for the named (or every live) worker, which takes it
-  at its next heartbeat (batch.service.heartbeat); `wait_until_paused` watches their rows say so.
+  at its next heartbeat (batch.service.worker.heartbeat); `wait_until_paused` watches their rows say so.
 
-The worker's side (batch.service.worker) uses the pieces here:
+The worker's side (batch.service.worker.worker) uses the pieces here:
 - `PauseSwitch` takes pause and resume from the heartbeat thread; the worker holds between units (and takes no
   job, unit or standing pass) while it is set, its model loaded and its claim's lease renewed;
 - `JobCancelled` ends a job whose cancel was asked: looked for before every unit and, throttled by `Every`, while a
@@ -29,15 +29,15 @@ from typing import Any
 
 from batch.config import Config
 from batch.errors import VlbatchError
-from batch.service.heartbeat import PAUSED, STOPPED, worker_gone
-from batch.service.jobfile import JobRejected, load_job_text
 from batch.service.logs import event
-from batch.service.spool import JOB_SUFFIXES, Spool, is_job_name
-from batch.service.standing import CLAIM_PREFIX
-from batch.service.states import JobState
-from batch.service.store import Store, utc_now
+from batch.service.spool.jobfile import JobRejected, load_job_text
+from batch.service.spool.spool import JOB_SUFFIXES, Spool, is_job_name
+from batch.service.spool.standing import CLAIM_PREFIX
+from batch.service.spool.states import JobState
+from batch.service.store.store import Store, utc_now
+from batch.service.worker.heartbeat import PAUSED, STOPPED, worker_gone
 
-log = logging.getLogger("batch.service.control")
+log = logging.getLogger("batch.service.worker.control")
 
 PAUSE, RESUME = "pause", "resume"
 REQUESTS = (PAUSE, RESUME)
@@ -250,7 +250,7 @@ def ask_workers(config: Config, request: str, names: list[str]) -> list[dict[str
 
     VlbatchError naming the worker for one that is unknown or gone, or when no worker is live at all."""
     assert request in REQUESTS, request
-    from batch.service.reports import require_database
+    from batch.service.reports.reports import require_database
 
     store = Store(require_database(config), config.spool.database_timeout_seconds)
     try:

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from batch.service.atomic_write import write_atomic
-from batch.service.jobfile import is_glob, is_media_name, literal_prefix
-from batch.service.paths import decode_path, encode_path
-from batch.service.spool import is_job_name
+from batch.service.spool.jobfile import is_glob, is_media_name, literal_prefix
+from batch.service.spool.spool import is_job_name
+from batch.service.store.paths import decode_path, encode_path
 
 FOLDER = "standing"
 LOCKS = ".locks"

@@ -38,19 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batch import strict_yaml
 from batch.errors import MediaError, VlbatchError
 from batch.infer.media import media_kind
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service import strict_yaml
 from batch.service.atomic_write import write_atomic
-from batch.service.jobfile import MAX_TOGETHER, JobRejected, parse_job
-from batch.service.spool import free_path
+from batch.service.spool.jobfile import MAX_TOGETHER, JobRejected, parse_job
+from batch.service.spool.spool import free_path
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 MAX_REQUESTS = 50_000  # lines per input file, as OpenAI's Batch API
 MAX_DATA_URI_BYTES = 20 * 1024 * 1024  # decoded size of one data: URI image
 MAX_LINE_BYTES = MAX_TOGETHER * (4 * MAX_DATA_URI_BYTES // 3 + 4) + 1024 * 1024  # room for the largest images
-MAX_CUSTOM_ID_CHARS = 128  # the job id limit of batch.service.jobfile
+MAX_CUSTOM_ID_CHARS = 128  # the job id limit of batch.service.spool.jobfile
 MAX_REPORTED = 50  # bad lines listed in one error message
 MEDIA_FOLDER = "media"  # default media folder for data: URI images, inside out_dir
 
@@ -139,7 +139,7 @@ def requests_to_jobs(
     ``allowed_media_roots`` (relative ones resolve against the request file's folder); data: URI images are saved
     in ``media_dir`` (default ``out_dir/media``), which must lie under them too. Each job's id is ``id_prefix``
     followed by the request's ``custom_id``; its tags name the custom_id and the request file. Every job written
-    is accepted by :func:`batch.service.jobfile.parse_job`; submit each with ``submit_job``.
+    is accepted by :func:`batch.service.spool.jobfile.parse_job`; submit each with ``submit_job``.
     """
     path, out_dir = Path(path), Path(out_dir)
     media = _MediaFolder(Path(media_dir) if media_dir is not None else out_dir / MEDIA_FOLDER)
@@ -278,7 +278,7 @@ class _RequestReader:
 
 
 def _check_custom_id(custom_id: Any, prefix: str) -> None:
-    """The rules of a job id (batch.service.jobfile), as the custom_id becomes the job's id."""
+    """The rules of a job id (batch.service.spool.jobfile), as the custom_id becomes the job's id."""
     if not isinstance(custom_id, str) or not custom_id:
         raise _Bad(f"custom_id must be a non-empty string, got {_show(custom_id)}")
     job_id = prefix + custom_id

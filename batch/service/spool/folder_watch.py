@@ -19,7 +19,7 @@ from typing import Any
 from batch.service.faults import describe
 from batch.service.logs import event
 
-log = logging.getLogger("batch.service.folder_watch")
+log = logging.getLogger("batch.service.spool.folder_watch")
 
 # what a file's bytes may have changed with; opened and closed-without-writing events are our own reads
 _CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from batch.service.logs import event
-from batch.service.store import utc_now
+from batch.service.store.store import utc_now
 
-log = logging.getLogger("batch.service.heartbeat")
+log = logging.getLogger("batch.service.worker.heartbeat")
 
 MISSED_BEATS = 2  # a worker silent for this many of its intervals is gone
 MIN_SPACING_SECONDS = 1.0  # a change (a job, a state) is written at once, but at most one beat a second

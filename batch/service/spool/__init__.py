@@ -1,0 +1,1 @@
+"""The spool and what enters it: job files, `submit`, the spool folder's states, standing jobs, OpenAI batch files."""
