@@ -19,8 +19,9 @@ Figures per run (wall clocks: the process's, the log's `ts`, the results' `creat
   (they started before the window), span / units; `conc` is how many units are answered at once (1 for the
   single worker; the number of actors for Ray, whose head runs several jobs at once).
   answers/hour (steady) = 3.6e6 / steady ms/unit.
-- own ms: what the answerer itself measured per unit: ttft_ms + decode_ms from the results (ttft_ms already
-  holds preprocess_ms: media decode in the decoding child, tiling, tokenizing, then ViT and prefill).
+- own ms: what the answerer itself measured per unit: ttft_ms + its share of decode_ms from the results (ttft_ms
+  already holds preprocess_ms: media decode in the decoding child, tiling, tokenizing, then ViT and prefill; a
+  decode step shared by answers decoded together counts once: decode_ms / decode_rows, batch/infer/timings.py).
 
 Per-unit overhead (method): each answerer (the single worker, or an actor) spends `own ms` per unit; a server
 that kept it busy with nothing else would commit one unit every own/conc ms. The rest,
@@ -344,6 +345,11 @@ def run_one(spec: Spec, images: list[Path], root: Path, args: argparse.Namespace
     return run
 
 
+def _own_ms(row: sqlite3.Row) -> float:
+    """An answer's own time: its TTFT (preparation, ViT, prefill) and its share of the decode steps it took part in."""
+    return row["ttft_ms"] + row["decode_ms"] / max(row["decode_rows"] or 1.0, 1.0)
+
+
 def measure(run: Run, spec: Spec, root: Path, log_path: Path, started_wall: float, args: argparse.Namespace) -> None:
     db_path = root / "vlbatch.db"
     if not db_path.exists():
@@ -386,7 +392,7 @@ def measure(run: Run, spec: Spec, root: Path, log_path: Path, started_wall: floa
         run.steady_units = len(window) - 1
         run.steady_ms_per_unit = span_ms / run.steady_units
         run.answers_per_hour_steady = 3.6e6 / run.steady_ms_per_unit
-        own = [r["ttft_ms"] + r["decode_ms"] for _, r in window[1:]]  # the units committed inside the span
+        own = [_own_ms(r) for _, r in window[1:]]  # the units committed inside the span
         run.own_ms_steady = statistics.fmean(own)
         run.gap_ms = run.conc * run.steady_ms_per_unit - run.own_ms_steady
     else:
@@ -395,7 +401,7 @@ def measure(run: Run, spec: Spec, root: Path, log_path: Path, started_wall: floa
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in answered)
 
-    run.own_ms_mean = statistics.fmean(r["ttft_ms"] + r["decode_ms"] for r in answered)
+    run.own_ms_mean = statistics.fmean(_own_ms(r) for r in answered)
     run.ttft_ms_mean, run.ttft_ms_median = mean("ttft_ms"), statistics.median(r["ttft_ms"] for r in answered)
     run.decode_ms_mean, run.decode_ms_median = mean("decode_ms"), statistics.median(r["decode_ms"] for r in answered)
     run.preprocess_ms_mean = mean("preprocess_ms")

@@ -31,6 +31,7 @@ if problem:
 from PIL import Image  # noqa: E402
 from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 
+from batch.infer.timings import TIMING_COLUMNS  # noqa: E402
 from batch.service.store.result_filter import ResultFilter  # noqa: E402
 from batch.service.store.store import connect_read_only  # noqa: E402
 from batch.service.web.cards import printable  # noqa: E402
@@ -421,7 +422,7 @@ def test_results_table_opens_on_the_file_and_its_answer_with_the_column_notes_fo
         described = about.locator("dt").all_text_contents()
         assert set(described) >= set(columns) - {"Link"}, set(columns) - set(described)
         notes = about.locator("dd")
-        assert "Time to first token: vision encoder plus prefill" in notes.all_text_contents()
+        assert TIMING_COLUMNS["ttft_ms"] in notes.all_text_contents()
         assert not notes.first.is_visible()
         assert [d.is_visible() for d in page.locator("dl.column-descriptions").all()] == [False, False]
         about.locator("summary").click()

@@ -25,7 +25,7 @@ def test_a_prompt_costs_each_chunk_plus_its_growing_history() -> None:
     assert rates.prefill_ms(384) == pytest.approx(180.0)
     unit = rates.unit(tiles=7, prompt_tokens=384, output_tokens=64)
     assert (unit.vit_ms, unit.prefill_ms, unit.decode_ms) == (700.0, pytest.approx(180.0), 63 * 20.0)
-    assert unit.ttft_ms == pytest.approx(880.0) and unit.total_ms == pytest.approx(880.0 + 1260.0)
+    assert unit.vit_prefill_ms == pytest.approx(880.0) and unit.total_ms == pytest.approx(880.0 + 1260.0)
 
 
 def test_the_npu_pays_whole_chunks_and_the_cpu_what_is_there() -> None:
@@ -53,7 +53,7 @@ def test_the_published_ax650n_timings_are_fitted_closely_and_marked_computed() -
     assert not rates.measured and "published" in rates.source
     for chunks, published in AX650N_PREFILL_MS.items():
         assert rates.prefill_ms(chunks * 128) == pytest.approx(published, rel=0.075)
-    assert rates.unit(1, 384, 1).ttft_ms == pytest.approx(364.87 + 862.29, rel=0.03)
+    assert rates.unit(1, 384, 1).vit_prefill_ms == pytest.approx(364.87 + 862.29, rel=0.03)
     assert reference_rates("axengine", None) == rates
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 
 import pytest
 
 from batch.infer.generate import GenerationResult, Timings
 from batch.infer.settings import GenerationSettings, MediaSettings
-from batch.service.store.records import answer_row, cache_key
+from batch.service.store.records import ANSWER_MS, DECODE_SHARE_MS, DECODE_TOKENS, answer_row, cache_key
 
 MEDIA = ["a" * 64]
 
@@ -65,6 +66,28 @@ def test_a_result_row_fills_every_answer_column():
     row = answer_row(result, "onnxruntime")
     assert row["answer"] == "Hi there" and row["output_tokens"] == 5 and row["tokens_per_s"] == 400.0
     assert row["backend"] == "onnxruntime" and row["ttft_ms"] == 6
+
+
+@pytest.mark.parametrize(
+    "timings, share_ms",
+    [
+        (Timings(preprocess_ms=40, vit_ms=200, prefill_ms=300, ttft_ms=545, decode_ms=600, decode_tokens=12), 600),
+        # 12 steps of 50 ms, each shared by 4 answers on average: the worker spent a quarter of them on this one
+        (Timings(5, 20, 30, 60, decode_ms=600, decode_tokens=12, decode_rows=4.0), 150),
+        (Timings(5, 20, 30, 60), 0),  # the first token ended it: no decode step
+    ],
+)
+def test_the_sql_over_a_stored_row_reads_its_timings_as_the_model_measured_them(timings, share_ms):
+    row = answer_row(GenerationResult("Hi", [1] * (timings.decode_tokens + 1), 40, 0, "length", timings), "cpu")
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"CREATE TABLE results ({', '.join(row)})")
+    conn.execute(f"INSERT INTO results VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    share, tokens, total = conn.execute(
+        f"SELECT {DECODE_SHARE_MS}, {DECODE_TOKENS}, {ANSWER_MS} FROM results"
+    ).fetchone()
+    assert share == pytest.approx(timings.decode_share_ms) == share_ms
+    assert tokens == pytest.approx(timings.decode_tokens)  # all but the first token, which the prefill made
+    assert total == timings.ttft_ms + timings.decode_ms  # ttft_ms holds the preparation: added once
 
 
 def test_only_faults_of_the_machine_are_waited_out():

@@ -34,6 +34,10 @@ from web_env import cards_of, latest_rows, search_word, shown
 from batch.cli import main
 from batch.config import load_config
 from batch.infer.decode import InProcessDecoder, IsolatedDecoder
+from batch.infer.generate import GenerationResult
+from batch.infer.timings import TIMING_COLUMNS, Timings
+from batch.service.store.records import answer_row
+from batch.service.store.store import Store
 from batch.service.web import app, plugin
 from batch.service.web.metadata import QUERIES
 
@@ -383,12 +387,12 @@ def test_results_table_describes_columns_facets_and_previews(datasette, results_
     (page,) = fetch(datasette, "/vlbatch/results")
     assert page.status_code == 200
     text = html.unescape(page.text)
-    assert "Time to first token: vision encoder plus prefill" in text
-    assert "Decode speed of this answer: output tokens per second of decode (tokens/s)" in text
+    for column in ("ttft_ms", "tokens_per_s"):  # each timing as batch/infer/timings.py defines it
+        assert TIMING_COLUMNS[column] in text, column
     about = re.search(
         r'<details class="vb-about-columns">\s*<summary>About these columns</summary>(.*?)</details>', text, re.S
     )
-    assert about and "Time to first token: vision encoder plus prefill" in about.group(1)  # folded, a click away
+    assert about and TIMING_COLUMNS["ttft_ms"] in about.group(1)  # folded, a click away
     for facet in ("job_id", "finish_reason", "model_id", "backend"):
         assert f'id="facet-{facet}"' in page.text, facet
     for name in ("beach.jpg", "street.png", "clip.mp4", "broken.jpg"):
@@ -436,6 +440,75 @@ def test_every_canned_query_runs(datasette, results_env: SpoolEnv) -> None:
     names = sorted(Path(json.loads(row["media_paths"])[0]).name for row in captions.json()["rows"])
     assert names == ["beach.jpg", "broken.jpg", "clip.mp4", "harbor.png", "portrait-exif.jpg", "street.png"]
     assert len(pair.json()["rows"]) == 1 and nobody.json()["rows"] == []
+
+
+def _timed(stages: tuple[float, float, float], decode: tuple[float, int, float], finish: str, output: int) -> dict:
+    """A stored answer's row with known timings, made as a worker makes it: (preprocess, ViT, prefill) ms, then
+    (decode_ms, decode steps, answers that shared them on average); TTFT holds its stages and a 10 ms gap."""
+    preprocess, vit, prefill = stages
+    decode_ms, steps, rows = decode
+    timings = Timings(preprocess, vit, prefill, preprocess + vit + prefill + 10, decode_ms, steps, 0, rows)
+    return answer_row(GenerationResult("a caption", list(range(output)), 300, 256, finish, timings, 1), "onnxruntime")
+
+
+def _canned(tmp_path: Path, name: str, rows: list[tuple[str, dict]]) -> list[dict]:
+    """The canned query's rows over a database holding exactly these answers (created_utc, row)."""
+    store = Store(tmp_path / "timed.db")
+    for created, row in rows:
+        store.db["results"].insert({**row, "job_id": "timed", "media_paths": "[]", "created_utc": created})
+    store.close()
+    conn = sqlite3.connect(tmp_path / "timed.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute(QUERIES[name]["sql"])]
+    finally:
+        conn.close()
+
+
+def test_slowest_answers_add_each_stage_once(tmp_path: Path) -> None:
+    rows = [
+        ("2026-12-05T10:00:01.000+00:00", _timed((100, 200, 300), (500, 10, 1), "stop", 10)),  # ttft 610, 1,110 in all
+        ("2026-12-05T10:00:02.000+00:00", _timed((900, 0, 150), (100, 2, 1), "length", 3)),  # ttft 1,060, 1,160 in all
+    ]
+    slowest = _canned(tmp_path, "slowest_answers", rows)
+    assert [row["total_ms"] for row in slowest] == [1160, 1110]  # ttft_ms + decode_ms: preparation counted once
+    for row in slowest:
+        assert row["total_ms"] == round(row["ttft_ms"] + row["decode_ms"])
+        assert row["ttft_ms"] == row["preprocess_ms"] + row["vit_ms"] + row["prefill_ms"] + 10
+
+
+def test_throughput_per_hour_divides_decode_tokens_by_the_worker_s_decode_time(tmp_path: Path) -> None:
+    # 10:00: two answers decoded together for 10 steps of 50 ms each (each counts 500 ms, the worker spent 500),
+    # then one alone for 6 steps in 300 ms: 26 tokens from decode steps in 800 ms; 11:00: one alone, 4 in 200 ms
+    rows = [
+        ("2026-12-05T10:00:01.000+00:00", _timed((5, 20, 30), (500, 10, 2), "length", 11)),
+        ("2026-12-05T10:00:02.000+00:00", _timed((5, 20, 30), (500, 10, 2), "stop", 10)),
+        ("2026-12-05T10:00:03.000+00:00", _timed((5, 20, 30), (300, 6, 1), "length", 7)),
+        ("2026-12-05T11:00:01.000+00:00", _timed((5, 20, 30), (200, 4, 1), "length", 5)),
+    ]
+    hours = {row["hour_utc"]: row for row in _canned(tmp_path, "throughput_per_hour", rows)}
+    ten, eleven = hours["2026-12-05T10:00"], hours["2026-12-05T11:00"]
+    assert (ten["answers"], ten["output_tokens"], ten["tokens_per_s"]) == (3, 28, 32.5)  # 26 / 0.8 s
+    assert (eleven["answers"], eleven["tokens_per_s"]) == (1, 20.0)  # one answer alone: its own tokens_per_s
+    assert eleven["tokens_per_s"] == rows[3][1]["tokens_per_s"]
+    assert ten["mean_ttft_ms"] == 65  # 5 + 20 + 30 + 10: preparation inside TTFT, once
+
+
+def test_status_counts_throughput_as_the_canned_query_does(tmp_path: Path) -> None:
+    """`vlbatch status`'s answers-per-hour figure (Store.throughput) and the canned query give one tokens/s."""
+    rows = [
+        ("2026-12-05T10:00:01.000+00:00", _timed((5, 20, 30), (500, 10, 2), "length", 11)),
+        ("2026-12-05T10:00:02.000+00:00", _timed((5, 20, 30), (500, 10, 2), "stop", 10)),
+        ("2026-12-05T10:00:03.000+00:00", _timed((5, 20, 30), (300, 6, 1), "length", 7)),
+    ]
+    (hour,) = _canned(tmp_path, "throughput_per_hour", rows)
+    store = Store(tmp_path / "timed.db")
+    try:
+        figures = store.throughput("2026-12-05T00:00:00.000+00:00")
+    finally:
+        store.close()
+    assert figures["tokens_per_s"] == pytest.approx(hour["tokens_per_s"]) == pytest.approx(32.5)  # 26 / 0.8 s
+    assert (figures["answers"], figures["output_tokens"]) == (hour["answers"], hour["output_tokens"]) == (3, 28)
 
 
 def test_gallery_shows_every_answer_with_previews(datasette, results_env: SpoolEnv) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,29 +13,7 @@ from batch.infer.kvcache import KVCache
 from batch.infer.runtime.base import Backend
 from batch.infer.sampling import make_sampler
 from batch.infer.settings import GenerationSettings
-
-
-@dataclass
-class Timings:
-    """Milliseconds per stage of one request; ttft_ms runs from the request's start to its first token."""
-
-    preprocess_ms: float = 0.0
-    vit_ms: float = 0.0
-    prefill_ms: float = 0.0
-    ttft_ms: float = 0.0
-    decode_ms: float = 0.0
-    decode_tokens: int = 0  # tokens produced by decode steps (all but the first)
-    prompt_tokens: int = 0
-    decode_rows: float = 1.0  # answers that shared its decode steps, on average over them (batching.py)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        data = asdict(self)
-        data["tokens_per_s"] = self.tokens_per_s
-        return data
+from batch.infer.timings import Timings
 
 
 @dataclass
@@ -102,7 +80,8 @@ def first_token(
     backend: Backend, prompt_embeds: np.ndarray, settings: GenerationSettings, timings: Timings, started: float
 ) -> FirstToken:
     """Prefill the prompt's (S, hidden) embeddings into a new cache and sample the first token; fills the prefill
-    time, the prompt's tokens and TTFT (from `started`, the request's perf_counter() start) in `timings`."""
+    time, the prompt's tokens and TTFT in `timings`: its preprocess_ms plus the time since `started`, the
+    perf_counter() when the answer's model work began (before its embeddings and ViT; see batch/infer/timings.py)."""
     sample = make_sampler(settings.temperature, settings.top_k, settings.top_p, settings.seed)
     cache = backend.new_cache()
     t = time.perf_counter()
@@ -127,7 +106,7 @@ def generate_steps(
 ) -> Iterator[Step]:
     """Yield sampled tokens until a stop token (unless ignore_eos), max_new_tokens or a full cache.
 
-    `started` is the request's perf_counter() start (for TTFT); `timings` is filled in as steps run.
+    `started` is when the answer's model work began (for TTFT, see first_token); `timings` is filled in as steps run.
     """
     first = first_token(backend, prompt_embeds, settings, timings, started)
     cache, sample, logits, token = first.cache, first.sample, first.logits, first.token

@@ -1,6 +1,6 @@
 """How long a unit of work takes, from rates: ViT per tile, prefill by chunk, decode per token.
 
-One cost model serves `vlbatch estimate`, the benchmark's planning table and the README's "how long will my
+One cost model serves `vlbatch estimate`, the benchmark's planning table and the docs' "how long will my
 folder take". Prefill chunk k (counting from 1) costs `first_chunk_ms + growth_ms * (k - 1)`: every chunk does
 the same matrix work and attends over a history that grows by one chunk, so a prompt of x chunks costs
 `first_chunk_ms * x + growth_ms * x * (x - 1) / 2`. Rates come from three places, in order of trust: the
@@ -23,19 +23,21 @@ CHUNK_TOKENS = 128
 
 @dataclass(frozen=True)
 class UnitTime:
-    """Milliseconds one unit spends in each stage; TTFT is ViT plus prefill."""
+    """Milliseconds one unit spends in the model's stages. Its time to the first token is ViT plus prefill
+    (`vit_prefill_ms`): a stored answer's ttft_ms less its preprocess_ms, which a worker spends on the next file while
+    the model answers (batch/infer/timings.py)."""
 
     vit_ms: float
     prefill_ms: float
     decode_ms: float
 
     @property
-    def ttft_ms(self) -> float:
+    def vit_prefill_ms(self) -> float:
         return self.vit_ms + self.prefill_ms
 
     @property
     def total_ms(self) -> float:
-        return self.ttft_ms + self.decode_ms
+        return self.vit_prefill_ms + self.decode_ms
 
     @staticmethod
     def sum(times: Iterable[UnitTime]) -> UnitTime:

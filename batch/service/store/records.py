@@ -1,4 +1,5 @@
-"""What a stored answer is: the key that makes two answers interchangeable, and the row a result becomes."""
+"""What a stored answer is: the key that makes two answers interchangeable, the row a result becomes, and the SQL
+that reads its timings."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from batch.infer.media import PREPROCESS_VERSION
 from batch.infer.prompt import DEFAULT_SYSTEM, TEMPLATE_VERSION, build_prompt
 from batch.infer.settings import GenerationSettings, MediaSettings, answer_settings
 
-# an answer's share of its worker's decode time: decode_ms counts every step it took part in, each shared by
-# decode_rows answers on average (NULL in rows from before batched decode: alone)
+# SQL over a `results` row, as batch/infer/timings.py defines its columns. An answer's share of its worker's decode
+# time: decode_ms counts every step it took part in, each shared by decode_rows answers on average (NULL in rows
+# from before batched decode: alone); Timings.decode_share_ms is the same
 DECODE_SHARE_MS = "decode_ms / max(coalesce(decode_rows, 1), 1)"
+# the tokens its decode steps made (every one after the first), which tokens_per_s is the rate of
+DECODE_TOKENS = "coalesce(tokens_per_s * decode_ms / 1000.0, 0)"
+# its own time from its media to its last token: ttft_ms already holds preprocess_ms, vit_ms and prefill_ms
+ANSWER_MS = "coalesce(ttft_ms, 0) + coalesce(decode_ms, 0)"
 
 
 def cache_key(

@@ -33,7 +33,7 @@ from batch.infer.safe_open import sha256_of
 from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
 from batch.service.spool.states import JobState
 from batch.service.store.paths import encode_path, storable_text
-from batch.service.store.records import DECODE_SHARE_MS
+from batch.service.store.records import DECODE_SHARE_MS, DECODE_TOKENS
 from batch.service.store.result_filter import ResultFilter
 
 migrations = sqlite_utils.Migrations("vlbatch")
@@ -841,13 +841,14 @@ class Store:
     def throughput(self, since_utc: str) -> dict[str, float]:
         row = self.db.execute(
             f"SELECT count(*), coalesce(sum(output_tokens), 0), coalesce(sum({DECODE_SHARE_MS}), 0), "
-            "coalesce(avg(ttft_ms), 0) FROM results WHERE created_utc >= ? AND error IS NULL",
+            f"coalesce(avg(ttft_ms), 0), coalesce(sum({DECODE_TOKENS}), 0) FROM results "
+            "WHERE created_utc >= ? AND error IS NULL",
             [since_utc],
         ).fetchone()
-        return {
+        return {  # the decode steps' tokens over the worker's decode time, as the throughput query counts them
             "answers": row[0],
             "output_tokens": row[1],
-            "tokens_per_s": row[1] / (row[2] / 1e3) if row[2] else 0.0,
+            "tokens_per_s": row[4] / (row[2] / 1e3) if row[2] else 0.0,
             "mean_ttft_ms": row[3],
         }
 

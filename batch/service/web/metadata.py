@@ -6,7 +6,8 @@ from typing import Any
 
 from markupsafe import escape
 
-from batch.service.store.records import DECODE_SHARE_MS
+from batch.infer.timings import TIMING_COLUMNS
+from batch.service.store.records import ANSWER_MS, DECODE_SHARE_MS, DECODE_TOKENS
 
 DATABASE = "vlbatch"  # the name (and URL) the results database is served under, whatever its file is called
 
@@ -25,13 +26,7 @@ _RESULT_COLUMNS = {  # in the table's own order: the file and its answer first
     "image_tokens": "Tokens the images (or video frames) took: 256 per tile",
     "output_tokens": "Tokens generated",
     "tiles": "448x448 tiles (or video frames) given to the vision encoder",
-    "preprocess_ms": "Decoding, tiling and normalising the media",
-    "vit_ms": "The InternViT vision encoder",
-    "prefill_ms": "Prefill of the prompt in 128-token chunks",
-    "ttft_ms": "Time to first token: vision encoder plus prefill",
-    "decode_ms": "Token-by-token decode after the first token (steps shared with the answers decoded with it)",
-    "tokens_per_s": "Decode speed of this answer: output tokens per second of decode (tokens/s)",
-    "decode_rows": "Answers decoded together with this one, on average over its steps (1: alone)",
+    **TIMING_COLUMNS,  # preprocess_ms ... decode_rows: what each timing means is said once, in batch/infer/timings.py
     "backend": "onnxruntime or axengine",
     "model_id": "The model folder's identity (name and a hash of its files)",
     "settings": "Every setting that shapes the answer (JSON)",
@@ -124,21 +119,22 @@ QUERIES: dict[str, dict[str, Any]] = {
     },
     "slowest_answers": {
         "title": "Slowest answers",
-        "description": "The 100 answers that took longest from media to last token (preprocess + TTFT + decode).",
+        "description": "The 100 answers that took longest from media to last token: total_ms is ttft_ms (which "
+        "holds preprocess_ms, vit_ms and prefill_ms) + decode_ms.",
         "sql": (
-            "SELECT round(coalesce(preprocess_ms, 0) + coalesce(ttft_ms, 0) + coalesce(decode_ms, 0)) AS total_ms, "
+            f"SELECT round({ANSWER_MS}) AS total_ms, "
             "preprocess_ms, vit_ms, prefill_ms, ttft_ms, decode_ms, output_tokens, tokens_per_s, tiles, job_id, "
             "media_paths, created_utc FROM results WHERE error IS NULL ORDER BY total_ms DESC LIMIT 100"
         ),
     },
     "throughput_per_hour": {
         "title": "Throughput per hour",
-        "description": "Answers generated per UTC hour, tokens out, decode speed (all answers decoded together: "
-        "their tokens over the worker's decode time) and mean TTFT.",
+        "description": "Answers generated per UTC hour, tokens out, decode speed (the tokens their decode steps "
+        "made over the worker's decode time: each answer's share of the steps it shared) and mean TTFT.",
         "sql": (
             "SELECT substr(created_utc, 1, 13) || ':00' AS hour_utc, count(*) AS answers, "
             "sum(output_tokens) AS output_tokens, "
-            f"round(sum(output_tokens) / (sum({DECODE_SHARE_MS}) / 1000.0), 2) "
+            f"round(sum({DECODE_TOKENS}) / (sum({DECODE_SHARE_MS}) / 1000.0), 2) "
             "AS tokens_per_s, round(avg(ttft_ms)) AS mean_ttft_ms FROM results WHERE error IS NULL "
             "GROUP BY hour_utc ORDER BY hour_utc DESC"
         ),
@@ -228,7 +224,8 @@ def metadata(base_url: str = "/") -> dict[str, Any]:
                             "state": "starting, ready, gone (died or could not start: see last_error) or stopped",
                             "answers": "Answers it generated",
                             "output_tokens": "Tokens it generated",
-                            "decode_ms": "Time it spent decoding tokens",
+                            "decode_ms": "Time it spent decoding tokens: the sum of its answers' shares of the "
+                            "decode steps (each answer's decode_ms / decode_rows)",
                             "last_error": "Why it is gone, or the last unit it could not answer",
                             "started_utc": "When the head asked for it (UTC)",
                             "updated_utc": "When its row last changed: a state, an answer (UTC)",
