@@ -1,8 +1,9 @@
 """The `vlbatch` command line: ask, export, make-model, the spool's commands (submit, run, watch, estimate, ...).
 
 Exit codes: 0 done, 1 a problem with the input or the model (message on stderr), 2 bad usage or a bad config
-(one line naming the file or variable, the key and the problem; checked before any work starts), 3 `run` gave up
-on faults of the machine (full disk, locked database), 4 the database is damaged.
+(one line naming the file or variable, the key and the problem; checked before any work starts), or a database
+that a newer vlbatch migrated (upgrade this one), 3 `run` gave up on faults of the machine (full disk, locked
+database), or the database needs migrations while workers of an older vlbatch still run, 4 the database is damaged.
 `--config FILE` is accepted before the command or after it (`vlbatch results --config c.yaml`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,20 @@ class _Group(click.Group):
 
 
 def _exit_code(exc: VlbatchError) -> int:
-    """2 for a bad config (like bad usage), 3 for faults of the machine, 4 for a damaged database, else 1."""
+    """2 for a bad config (like bad usage) or a database of a newer vlbatch (upgrade this one: restarting cannot fix
+    either), 3 for faults of the machine or workers of an older vlbatch still running (the next start migrates),
+    4 for a damaged database, else 1."""
     from batch.service.faults import DatabaseCorrupt, InfrastructureError
+    from batch.service.store.store import DatabaseTooNew, OlderWorkersRunning
 
     if isinstance(exc, ConfigError):
         return EXIT_USAGE
-    codes = {InfrastructureError: EXIT_INFRASTRUCTURE, DatabaseCorrupt: EXIT_CORRUPT_DATABASE}
+    codes = {
+        InfrastructureError: EXIT_INFRASTRUCTURE,
+        DatabaseCorrupt: EXIT_CORRUPT_DATABASE,
+        DatabaseTooNew: EXIT_USAGE,
+        OlderWorkersRunning: EXIT_INFRASTRUCTURE,
+    }
     return codes.get(type(exc), EXIT_FAILED)
 
 
@@ -348,17 +358,39 @@ def _open_worker(
     providers: tuple[str, ...] | None = None,
     device_id: int | None = None,
     ray_address: str | None = None,
+    wait_for_older_workers: bool = False,
 ) -> Any:
     """The worker over the configured spool and database; a database that cannot be opened is exit 3 or 4.
 
     With `ray_address` (the --ray flag: "" for the configured or automatic address), a Ray head instead.
+    With `wait_for_older_workers` (watch), while the database needs migrations and workers of an older vlbatch
+    still use it, it waits for them to stop (said once per change in who runs), then migrates and starts: a
+    unit restarted after an upgrade while other units still run the old version waits for them, instead of
+    exiting and being restarted over and over. A stop signal meanwhile ends it at once: it holds nothing yet.
     """
+    from batch.service.store.store import OlderWorkersRunning
+
+    config = _worker_config(ctx, dir=model_dir, threads=threads, providers=providers, device_id=device_id)
+    said = None
+    while True:
+        try:
+            return _open_worker_once(config, force, retry_failed, ray_address)
+        except OlderWorkersRunning as exc:
+            if not wait_for_older_workers:
+                raise
+            names = sorted(worker.name for worker in exc.workers)
+            if names != said:
+                logs.event(_log, "database.upgrade_waiting", logging.WARNING, reason=str(exc))
+                said = names
+            time.sleep(config.spool.heartbeat_seconds)
+
+
+def _open_worker_once(config: Config, force: bool, retry_failed: bool, ray_address: str | None) -> Any:
     import sqlite3
 
     from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
     from batch.service.worker.worker import Worker
 
-    config = _worker_config(ctx, dir=model_dir, threads=threads, providers=providers, device_id=device_id)
     try:
         if ray_address is None:
             return Worker.from_config(config, force=force, retry_failed=retry_failed)
@@ -439,7 +471,7 @@ def watch(ctx: click.Context, **options: Any) -> None:
     The first signal finishes the current job and exits 0; a second hands it back to the inbox at once.
     With every worker slot of the spool taken (spool.max_workers), it waits for one.
     """
-    worker = _open_worker(ctx, **options)
+    worker = _open_worker(ctx, wait_for_older_workers=True, **options)
     worker.install_signal_handlers()
     try:
         worker.start_heartbeat("watch")  # listed by status while it waits for a slot too
@@ -465,8 +497,9 @@ def run(ctx: click.Context, **options: Any) -> None:
          that failed the same way before (or every worker slot was taken: spool.max_workers, so an
          overlapping cron run leaves at once)
       1  a problem met for the first time: a file failing, a job failing or rejected
-      2  bad usage or a bad config (nothing started)
-      3  gave up on faults of the machine (full disk, locked database) after spool.give_up_seconds
+      2  bad usage or a bad config (nothing started), or a database a newer vlbatch migrated
+      3  gave up on faults of the machine (full disk, locked database) after spool.give_up_seconds, or the
+         database needs migrations and workers of an older vlbatch still run (it migrates once they stop)
       4  the database is damaged
     """
     worker = _open_worker(ctx, **options)
@@ -776,7 +809,7 @@ _filter_options = _all(_FILTER_OPTIONS)
     "fmt",
     type=click.Choice(["table", "json", "jsonl", "csv", "openai-batch"]),
     help="table (default), json (one array), jsonl (one object a line), csv, or openai-batch: OpenAI Batch API "
-    "output lines, one per answer, custom_id as the README's 'OpenAI Batch files' says.",
+    "output lines, one per answer, custom_id as docs/jobs.md's 'OpenAI Batch files' says.",
 )
 @click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 @click.pass_context

@@ -132,9 +132,10 @@ def prune(ctx: click.Context, cutoff: tuple[str, str], yes: bool, as_json: bool)
     Exit codes: 0 done; 1 no database; 2 a bad AGE; 3 the database stayed locked past
     spool.database_timeout_seconds (what was deleted stays deleted: run it again); 4 the database is damaged.
     """
-    database, timeout = _database(ctx)
+    config = _cli()._config(ctx)
+    database, timeout = Path(config.spool.database), config.spool.database_timeout_seconds
     text, cutoff_utc = cutoff
-    store = _open_store(database, timeout)
+    store = _open_store(database, timeout, Path(config.spool.dir))
     try:
         report = maintenance.prune(store, cutoff_utc, delete=yes)
     finally:
@@ -145,13 +146,14 @@ def prune(ctx: click.Context, cutoff: tuple[str, str], yes: bool, as_json: bool)
         click.echo(maintenance.format_prune(report, text))
 
 
-def _open_store(database: Path, timeout: float) -> Any:
-    """The store over an existing database (migrated, as every command that writes it does)."""
+def _open_store(database: Path, timeout: float, spool: Path) -> Any:
+    """The store over an existing database (migrated, as every command that writes it does, when no worker of an
+    older vlbatch runs in `spool`)."""
     from batch.service.store.store import Store
 
     maintenance.require_file(database)
     try:
-        return Store(database, timeout)
+        return Store(database, timeout, spool=spool)
     except sqlite3.Error as exc:
         raise maintenance.database_error(database, exc, "opening the database") from exc
 

@@ -62,7 +62,7 @@ class RayWorker(Worker):
         if config.model.dir is None:
             raise VlbatchError("no model: set model.dir in config.yaml, $VLBATCH_MODEL_DIR or --model")
         spool = Spool(config.spool.dir, config.spool.lease_seconds, config.spool.settle_seconds).ensure()
-        store = Store(config.spool.database, config.spool.database_timeout_seconds)
+        store = Store(config.spool.database, config.spool.database_timeout_seconds, spool=spool.root)
         return cls(config, store, spool, model_identity(config.model.dir), address or "auto", force, retry_failed)
 
     @staticmethod

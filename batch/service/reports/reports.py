@@ -70,7 +70,7 @@ def require_current_database(config: Config) -> Path:
 @contextmanager
 def existing_store(config: Config) -> Iterator[Store]:
     """The configured database, if it exists; a read-only command never creates one."""
-    store = Store(require_database(config), config.spool.database_timeout_seconds)
+    store = Store(require_database(config), config.spool.database_timeout_seconds, spool=config.spool.dir)
     try:
         yield store
     finally:

@@ -32,7 +32,7 @@ from batch.errors import VlbatchError
 from batch.service.atomic_write import fsync_folder_at
 from batch.service.faults import DatabaseCorrupt, InfrastructureError, describe, is_corrupt_database, is_passing
 from batch.service.spool.states import JobState
-from batch.service.store.store import Store, connect_read_only
+from batch.service.store.store import Store, connect_read_only, refuse_newer
 
 STEP_PAGES = 1024  # pages copied per backup step (4 MiB at SQLite's default page size)
 STEP_PAUSE_SECONDS = 0.005  # between backup steps
@@ -441,6 +441,7 @@ def vacuum(database: Path, busy_timeout_seconds: float) -> VacuumReport:
         raise VlbatchError(f"{database}: {problem}; free some space or set $SQLITE_TMPDIR to a roomier folder")
     before = file_bytes(database)
     started = time.monotonic()
+    refuse_newer(database)  # never VACUUM a database a newer vlbatch migrated
     conn = sqlite3.connect(database, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")

@@ -1,7 +1,7 @@
 """The results database (SQLite through sqlite-utils): its schema, and every read and write of it.
 
 The migrations below are the one definition of the schema; everything else reads column names from the
-database. Tables (see README, "The database"):
+database. Tables (see docs/results.md, "The database"):
 - `jobs`: one row per job id: its latest run's state, attempts, worker and error.
 - `runs`: one row per execution of a job file (all its attempts), kept as history.
 - `results`: one row per generated answer (or per media file that failed), with token counts and timings.
@@ -10,6 +10,11 @@ database. Tables (see README, "The database"):
 - `actors`: the Ray actors (`run --ray`) a head has used: node, backend, answers, speed, last error.
 - `standing_files`: every file a standing job tracks: its size, mtime and hash when last seen, its answer.
 - `results_fts`: full-text index over answers and prompts.
+
+Upgrades: sqlite-utils records each applied migration in `_sqlite_migrations`. A database that carries a migration
+this vlbatch does not know was migrated by a newer vlbatch: every command refuses it (DatabaseTooNew) before
+opening it for anything but that one read (`refuse_newer`). A database that lacks migrations is migrated when a
+store opens it, in one transaction, and only when no worker of the older vlbatch still runs (`Store.upgrade`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from urllib.parse import quote
 
 import sqlite_utils
 
+from batch import __version__
 from batch.errors import VlbatchError
 from batch.infer.safe_open import sha256_of
 from batch.service.faults import DatabaseCorrupt, describe, is_corrupt_database
@@ -307,6 +314,135 @@ def m008_decode_rows(db: sqlite_utils.Database) -> None:
     db["results"].add_column("decode_rows", float)
 
 
+class DatabaseTooNew(VlbatchError):
+    """The database carries migrations this vlbatch does not know: a newer vlbatch migrated it. Nothing of it is
+    read further or written (not even its journal mode): this vlbatch must be upgraded (exit code 2)."""
+
+    def __init__(self, path: Path, unknown: list[str], known: list[str]) -> None:
+        super().__init__(
+            f"{path} was migrated by a newer vlbatch ({', '.join(unknown)}; this vlbatch {__version__} knows up to "
+            f"{known[-1]}): upgrade vlbatch here (install the newer release, with its extras) and start it again; "
+            "nothing was changed"
+        )
+        self.unknown = unknown
+
+
+@dataclass(frozen=True)
+class OlderWorker:
+    """A worker of an older vlbatch that still works on a database that needs migrations: `name` is its worker
+    id (host:pid) where known, `what` says how it was seen (its heartbeat, a worker slot it holds)."""
+
+    name: str
+    what: str
+
+
+class OlderWorkersRunning(VlbatchError):
+    """The database needs migrations, and workers of the older vlbatch that uses it are still running: it is not
+    migrated under them (exit code 3: it is migrated once they have stopped)."""
+
+    def __init__(self, path: Path, pending: list[str], workers: list[OlderWorker]) -> None:
+        seen = "; ".join(f"{w.name} ({w.what})" for w in workers)
+        names = ", ".join(w.name for w in workers)
+        super().__init__(
+            f"{path} needs migrations ({', '.join(pending)}) and workers of an older vlbatch still use it ({seen}): "
+            f"not migrated; stop the running workers ({names}), then start this one"
+        )
+        self.pending = pending
+        self.workers = workers
+
+
+def known_migrations() -> list[str]:
+    """The migrations this vlbatch knows, in order (its newest last)."""
+    return [m.name for m in migrations.pending(sqlite_utils.Database(memory=True, execute_plugins=False))]
+
+
+def applied_migrations(conn: sqlite3.Connection) -> list[str]:
+    """The vlbatch migrations recorded in a database (sqlite-utils' `_sqlite_migrations` table), in order."""
+    table = migrations.migrations_table
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [table]).fetchone():
+        return []
+    rows = conn.execute(f"SELECT name FROM [{table}] WHERE migration_set = ? ORDER BY rowid", [migrations.name])
+    return [row[0] for row in rows]
+
+
+def schema_check(conn: sqlite3.Connection, path: Path) -> list[str]:
+    """The migrations the database still lacks; DatabaseTooNew when it carries one this vlbatch does not know."""
+    known = known_migrations()
+    applied = applied_migrations(conn)
+    unknown = [name for name in applied if name not in known]
+    if unknown:
+        raise DatabaseTooNew(path, unknown, known)
+    return [name for name in known if name not in applied]
+
+
+def refuse_newer(path: Path) -> list[str] | None:
+    """DatabaseTooNew when a newer vlbatch migrated the file at `path`, read without writing anything; else the
+    migrations it lacks (None when it cannot be read as a database: the caller's own open says why).
+
+    Every command checks this before it opens the database. Reading a WAL database through an ordinary
+    connection, even a read-only one, creates its -wal and -shm files: when there is no -wal (nor a rollback
+    journal) beside it, no other process has it open and the file alone is the database, so it is read as
+    immutable (no journal, no lock); otherwise read-only, where the journal files are there already."""
+    path = Path(path)
+    journals = any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-journal"))
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro" + ("" if journals else "&immutable=1")
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        return schema_check(conn, path)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
+def older_workers(conn: sqlite3.Connection, spool: Path | None) -> list[OlderWorker]:
+    """The workers that use the database now, other than this process: the `workers` rows of other processes
+    that are not gone (a heartbeat fresher than two of its intervals; on this host, a process that still
+    exists), and the worker slots under `<spool>/.slots/` (any model's) held by other processes. Called while
+    migrations are pending, when every such worker is one of an older vlbatch."""
+    from batch.service.worker.heartbeat import worker_gone
+    from batch.service.worker.slots import held_by_others
+
+    me, host = worker_name(), os.uname().nodename
+    found: dict[str, OlderWorker] = {}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'workers'").fetchone():
+        cursor = conn.execute("SELECT * FROM workers WHERE state IS NOT 'stopped' ORDER BY started_utc")
+        names = [d[0] for d in cursor.description]
+        now = datetime.now(timezone.utc)
+        for row in (dict(zip(names, values, strict=True)) for values in cursor.fetchall()):
+            if row["id"] == me or worker_gone(row, now) or (row.get("host") == host and not _alive(row.get("pid"))):
+                continue
+            what = f"{row.get('command') or 'worker'}, {row.get('state')}, heartbeat {row.get('heartbeat_utc')}"
+            found[row["id"]] = OlderWorker(row["id"], what)
+    for slot in held_by_others(spool) if spool is not None else []:
+        name = f"{host}:{slot.pid}" if slot.pid is not None else f"the process holding {slot.path}"
+        known = found.get(name)
+        what = f"{known.what}, " if known else ""
+        found[name] = OlderWorker(name, f"{what}holds worker slot {slot.name}")
+    return list(found.values())
+
+
+def _alive(pid: object) -> bool:
+    """Whether a process with this id exists on this host (one of another user's counts)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: taken as alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_path(path: Path) -> Path:
+    """The lock file beside the database that a process holds while it switches to WAL and migrates."""
+    return path.with_name(path.name + ".lock")
+
+
 class ClaimLost(Exception):
     """Another worker took this job over (its fence moved on): nothing more is written for the stale holder."""
 
@@ -347,19 +483,71 @@ _PREVIOUS_ANSWER = "SELECT id FROM results WHERE cache_key = ? AND error IS NULL
 class Store:
     """All reads and writes of the database file; migrates it when opened."""
 
-    def __init__(self, path: Path, busy_timeout_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        busy_timeout_seconds: float = 30.0,
+        spool: Path | None = None,
+        check_older_workers: bool = True,
+    ) -> None:
+        """Open (or create) the database and migrate it (see `upgrade`). `spool`: the spool folder whose worker
+        slots are probed before migrating (None: only the workers table is read); `check_older_workers` False
+        for a worker that reopens its database (it passed the check when it started)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.created = not self.path.exists()  # a new file: said by a worker that reopens a vanished database
+        if not self.created:
+            refuse_newer(self.path)  # before anything opens it for writing: a newer database is left untouched
         self.db = sqlite_utils.Database(self.path)
         self._fences: dict[str, int] = {}  # job id -> the fence this worker's writes for it must still find
-        # several workers share one file: a writer waits this long for the lock, then the worker backs off
-        self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time switches to WAL and migrates
-            self.db.enable_wal()
-            migrations.apply(self.db)
+        try:
+            # several workers share one file: a writer waits this long for the lock, then the worker backs off
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
+            with open(_lock_path(self.path), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time switches to WAL and migrates
+                pending = schema_check(self.db.conn, self.path)  # again, now that no one else migrates
+                self.db.enable_wal()
+                if pending:
+                    self.upgrade(spool, check_older_workers)
+        except BaseException:
+            self.db.close()
+            raise
         self.identity = _identity(self.path)  # the file this connection writes: checked before every commit
+
+    def upgrade(self, spool: Path | None, check_older_workers: bool = True) -> None:
+        """Apply the pending migrations, all of them in one transaction that takes the write lock first (BEGIN
+        IMMEDIATE, each migration a savepoint in it): a crash or an error half-way leaves the schema as it was,
+        and of two processes that start together one migrates, the other then finds nothing pending.
+
+        A database that has been migrated before (an older vlbatch uses it) is migrated only when no worker of
+        that vlbatch is running: OlderWorkersRunning names them otherwise (see `older_workers`); the decision is
+        taken under the same write lock as the migration."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            pending = schema_check(conn, self.path)
+            if pending and check_older_workers and applied_migrations(conn):
+                blockers = older_workers(conn, spool)
+                if blockers:
+                    raise OlderWorkersRunning(self.path, pending, blockers)
+            migrations.apply(self.db)
+            if not conn.in_transaction:  # never: sqlite-utils runs each migration as a savepoint of this one
+                raise RuntimeError("the migrations ended the transaction they ran in")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def check_not_newer(self) -> None:
+        """DatabaseTooNew when a newer vlbatch has migrated the file since this store opened it.
+
+        Read under the lock file that a migration holds (shared), so a migration under way is waited for: a worker
+        that calls this after taking its slot either finds the schema it knows, or the newer vlbatch deciding to
+        migrate has seen that slot held and refused."""
+        with open(_lock_path(self.path), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            schema_check(self.db.conn, self.path)
 
     def close(self) -> None:
         self.db.close()
@@ -861,7 +1049,9 @@ class Store:
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
-    """A connection that can only read the file (opened mode=ro, and query_only)."""
+    """A connection that can only read the file (opened mode=ro, and query_only); DatabaseTooNew, before the file
+    is opened, when a newer vlbatch migrated it (what it holds may mean something else now)."""
+    refuse_newer(path)
     conn = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True, check_same_thread=False)
     conn.execute("PRAGMA query_only = 1")
     return conn

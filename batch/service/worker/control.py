@@ -127,7 +127,7 @@ def cancel_jobs(config: Config, job_ids: list[str], who: str | None = None) -> l
     was done (`action`: cancelled, requested, unknown, finished), with `ok` False for the last two."""
     who = who or asker()
     spool = Spool(config.spool.dir, config.spool.lease_seconds, config.spool.settle_seconds).ensure()
-    store = Store(config.spool.database, config.spool.database_timeout_seconds)
+    store = Store(config.spool.database, config.spool.database_timeout_seconds, spool=spool.root)
     try:
         return [_cancel_one(spool, store, job_id, who) for job_id in job_ids]
     finally:
@@ -252,7 +252,7 @@ def ask_workers(config: Config, request: str, names: list[str]) -> list[dict[str
     assert request in REQUESTS, request
     from batch.service.reports.reports import require_database
 
-    store = Store(require_database(config), config.spool.database_timeout_seconds)
+    store = Store(require_database(config), config.spool.database_timeout_seconds, spool=config.spool.dir)
     try:
         now = datetime.now(timezone.utc)
         targets = [_named_worker(store, name, now) for name in names] if names else _live_workers(store, now)

@@ -195,7 +195,7 @@ class Worker:
 
         return cls(
             config,
-            Store(config.spool.database, config.spool.database_timeout_seconds),
+            Store(config.spool.database, config.spool.database_timeout_seconds, spool=spool.root),
             spool,
             open_pipeline,
             model_identity(model.dir),
@@ -289,8 +289,12 @@ class Worker:
         return outcomes
 
     def take_slot(self, wait: bool) -> bool:
-        """Hold one of the spool.max_workers slots of this spool and model; `wait` until one is free (watch)."""
+        """Hold one of the spool.max_workers slots of this spool and model; `wait` until one is free (watch).
+
+        DatabaseTooNew when a newer vlbatch migrated the database after this worker opened it: one that decided
+        to migrate before the slot was taken (see Store.check_not_newer)."""
         if self.slots.take():
+            self.store.check_not_newer()
             return True
         event(
             log,
@@ -304,6 +308,7 @@ class Worker:
         self.heartbeat.set_state(WAITING)  # listed by status while it waits (a heartbeat started by the caller)
         taken = self.slots.wait(lambda: self.stop_requested)
         if taken:
+            self.store.check_not_newer()
             self.heartbeat.set_state(IDLE)
         return taken
 
@@ -373,7 +378,8 @@ class Worker:
         path = self.store.path
         if not path.parent.is_dir():
             raise OSError(errno.ESTALE, f"{path.parent}: the database folder is gone (an unmounted share?); waiting")
-        store = Store(path, self.config.spool.database_timeout_seconds)
+        # this worker passed the check for older workers when it started: the others running now are of its version
+        store = Store(path, self.config.spool.database_timeout_seconds, check_older_workers=False)
         self.store.close()
         self.store = store
         event(log, "database.reopened", logging.WARNING, path=path, reason=reason, created=store.created)
