@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -118,10 +119,19 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(datasette: Datasette, sock: socket.socket) -> None:
-    """Serve until interrupted (Ctrl-C, SIGTERM); the thumbnail decoder stops with it."""
+    """Serve until Ctrl-C or SIGTERM, then return (exit 0: a stop asked for is not a failure); the thumbnail
+    decoder stops with it. uvicorn shuts down on either signal, then raises it again once done."""
     server = uvicorn.Server(uvicorn.Config(datasette.app(), log_level="warning", lifespan="on"))
+    previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         datasette.vlbatch_state.thumbnails.close()
