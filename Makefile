@@ -5,15 +5,29 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install install-size test lint demo ask-demo screenshots llama-cpp bench-peers bench clean
+.PHONY: install install-demo install-size docs wheel test lint demo ask-demo screenshots llama-cpp bench-peers bench clean
 
-$(BIN)/vlbatch: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# Two install sets in one venv, each with its stamp: the demo's (`.[demo]`: the CPU runtime, the exporter, video
+# decoders, the gallery) and the development set on top (`.[dev]`: tests, lint, torch for the oracle, Ray, the
+# browser driver), which holds the demo's too.
+DEMO_STAMP := $(VENV)/installed-demo
+DEV_STAMP := $(VENV)/installed-dev
+
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[demo]'
 	touch $@
 
-install: $(BIN)/vlbatch  ## the venv with vlbatch, onnxruntime, video decoders and the test tools
+$(DEV_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(DEMO_STAMP)
+
+install-demo: $(DEMO_STAMP)  ## the venv with what the demo runs: onnxruntime, the exporter, video decoders, the gallery
+
+install: $(DEV_STAMP)  ## the venv with everything: the demo's set plus the test suite's and lint's tools
 
 install-size: install  ## site-packages size of a fresh install per extra set (temporary venvs outside the checkout)
 	$(BIN)/python bench/install_size.py
@@ -25,13 +39,20 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-models/tiny-hf/config.json: | install
+docs: install  ## the documentation site in site/ (mkdocs --strict), its configuration reference regenerated first
+	$(BIN)/python docs/hooks/config_reference.py
+	$(BIN)/mkdocs build --strict
+
+wheel: install  ## the wheel and sdist in dist/, installed into a fresh venv outside the checkout and run there
+	.ci/wheel
+
+models/tiny-hf/config.json: | install-demo
 	$(BIN)/vlbatch make-model --preset tiny models/tiny-hf
 
 models/tiny-onnx/manifest.json: models/tiny-hf/config.json
 	$(BIN)/vlbatch export models/tiny-hf models/tiny-onnx
 
-jobs/media/clip.mp4: | install
+jobs/media/clip.mp4: | install-demo
 	$(BIN)/python tests/synthetic.py jobs/media
 
 demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## the example jobs on the tiny random-weight model
@@ -43,7 +64,7 @@ demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## the example jobs on
 ask-demo: models/tiny-onnx/manifest.json jobs/media/clip.mp4  ## one question straight to the tiny model
 	$(BIN)/vlbatch ask -p "$(DEMO_PROMPT)" --max-new-tokens 48 $(DEMO_IMAGE)
 
-screenshots: install  ## the README's screenshots of serve and gallery, in headless Debian chromium (apt-get install chromium)
+screenshots: install  ## the docs' screenshots of serve and gallery, in headless Debian chromium (apt-get install chromium)
 	$(BIN)/python tests/browser_shots.py docs/screenshots
 
 # llama.cpp with every CPU variant as its own library, the best one picked at run time (ggml's CPU scoring):
@@ -85,4 +106,4 @@ bench: bench-peers  ## real-shape speed table with the transformers and llama.cp
 	$(BIN)/python bench/run_bench.py --weights int4+int8 int4 fp32 --peers transformers llamacpp mtmd --json bench.json
 
 clean:
-	rm -rf models .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected jobs/gallery vlbatch.db*
+	rm -rf models site dist .pytest_cache jobs/.slots jobs/media jobs/inbox jobs/work jobs/done jobs/failed jobs/rejected jobs/gallery vlbatch.db*

@@ -54,12 +54,14 @@ MAX_BATCH = MAX_ROWS
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Which model answers, on which runtime, and how many answers it decodes at once."""
+
     dir: Path | None = None  # an exported ONNX folder, or the prebuilt axmodel folder
     backend: str = "auto"  # auto | onnxruntime | axengine
     hf_dir: Path | None = None  # config and tokenizer for an axmodel folder
-    threads: int | None = None  # onnxruntime threads; None = every core this process may use
-    providers: tuple[str, ...] = ()  # axengine execution providers, in order; () = the runtime's default
-    device_id: int | None = None  # axengine device (an AXCL card) the providers run on; None = the default
+    threads: int | None = None  # onnxruntime threads; null = every core this process may use
+    providers: tuple[str, ...] = ()  # axengine execution providers, in order; [] = the runtime's default
+    device_id: int | None = None  # axengine device (an AXCL card) the providers run on; null = the default
     batch: int = DEFAULT_BATCH  # answers decoded together (onnxruntime exports of format 2; the NPU decodes one)
 
     def __post_init__(self) -> None:
@@ -99,6 +101,8 @@ _POSITIVE_SECONDS = {
 
 @dataclass(frozen=True)
 class SpoolConfig:
+    """The spool folder and the database, and how workers claim, retry and wait."""
+
     dir: Path = Path("jobs")  # holds inbox/, work/, done/, failed/, rejected/
     database: Path = Path("vlbatch.db")
     media_roots: tuple[Path, ...] = ()  # media must lie here or in the job file's own folder
@@ -368,7 +372,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str,
             close = difflib.get_close_matches(name, known, n=1)
             hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
         raise ConfigError(
-            f"unknown environment variable(s) {', '.join(hints)}; README, Configuration, lists the known ones"
+            f"unknown environment variable(s) {', '.join(hints)}; docs/configuration.md lists the known ones"
         )
     for alias, target in ENV_ALIASES.items():
         if alias in environ and target in environ and environ[alias] != environ[target]:

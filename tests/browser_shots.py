@@ -1,4 +1,4 @@
-"""README screenshots of `vlbatch serve` and `vlbatch gallery` in headless Chromium, and the browser tests' helpers.
+"""The docs' screenshots of `vlbatch serve` and `vlbatch gallery` in headless Chromium; the browser tests' helpers.
 
     .venv/bin/python tests/browser_shots.py docs/screenshots
 

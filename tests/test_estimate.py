@@ -692,7 +692,7 @@ def test_a_model_of_the_reference_shape_is_priced_with_the_builtin_figures(env, 
     assert job["tiles"] == 13
     assert job["seconds"]["total"] == pytest.approx(builtin.unit(13, job["prompt_tokens"], 64).total_ms / 1e3)
     text = cli("--config", env.config_path, "estimate", job_file).stdout
-    assert "real-shape fp32 export" in text and "2 min" in text  # 122.5 s per photo in the README's table
+    assert "real-shape fp32 export" in text and "2 min" in text  # 122.5 s per photo in docs/performance.md's table
 
 
 def test_the_tiny_model_without_figures_is_counted_and_offered_calibrate_not_priced_as_internvl3_2b(env):

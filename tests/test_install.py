@@ -120,7 +120,10 @@ def test_extras_follow_the_roles():
     assert _names(extras["video"]) == {"av", "decord"}
     assert _names(extras["serve"]) == {"datasette", "pygal"}
     assert _names(extras["ray"]) == {"ray"}
-    assert {"vlbatch[cpu,export,video,serve,ray]", "torch==2.13.0"} <= set(extras["dev"])
+    # the demo: export the tiny model and answer photos and a clip on the CPU, then the gallery; nothing more
+    assert extras["demo"] == ["vlbatch[cpu,export,video,serve]"]
+    assert _names(extras["docs"]) == {"mkdocs"}
+    assert {"vlbatch[demo,ray,docs]", "vlbatch[raw]", "torch==2.13.0"} <= set(extras["dev"])
 
 
 def _imported_top_modules(path: Path) -> set[str]:

@@ -169,10 +169,10 @@ def fts_search(db: Path, word: str) -> list[int]:
         conn.close()
 
 
-def test_every_db_subcommand_is_in_the_readme_and_has_help():
+def test_every_db_subcommand_is_in_the_docs_and_has_help():
     from batch.cli_db import db
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "operating.md").read_text()
     assert set(db.commands) == {"backup", "prune", "vacuum", "size"}
     for name, command in db.commands.items():
         assert f"vlbatch db {name}" in readme, name

@@ -1,4 +1,4 @@
-"""Standing jobs with real `vlbatch run` processes: the README's cron recipe over a growing folder, exit codes
+"""Standing jobs with real `vlbatch run` processes: the documented cron recipe over a growing folder, exit codes
 cron can live with, files that go, move or change, and two workers on one standing job."""
 
 from __future__ import annotations

@@ -37,12 +37,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> int:
 class GenerationSettings:
     """How to pick tokens and when to stop; temperature 0 is greedy, top_k 0 and top_p 1 are off."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
+    max_new_tokens: int = 256  # the most tokens an answer may have
+    temperature: float = 0.0  # 0 = greedy (the most likely token each step); above 0 samples
+    top_k: int = 0  # sample among the k most likely tokens; 0 = off
+    top_p: float = 1.0  # sample among the most likely tokens holding this much probability; 1 = off
+    seed: int | None = None  # set for reproducible sampling; null = a fresh seed each answer
+    ignore_eos: bool = False  # true: always generate max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -62,10 +62,10 @@ class GenerationSettings:
 class MediaSettings:
     """How media becomes tiles: tile side, tile budget per image, thumbnail, frames sampled per video."""
 
-    image_size: int = 448
-    max_tiles: int = 12
-    use_thumbnail: bool = True
-    video_frames: int = 8
+    image_size: int = 448  # the side of a tile in pixels, as the model was trained (448 for InternVL3)
+    max_tiles: int = 12  # tiles per image (at most 40); lowered when a prompt would not fit the prefill
+    use_thumbnail: bool = True  # add a whole-image tile when an image is cut into several
+    video_frames: int = 8  # frames sampled per video (at most 64), one tile each
     video_decoder: str = "auto"  # auto (decord, else PyAV) | decord | pyav
     # limits on the decoding, not on what an answer says: left out of cache keys (see answer_settings)
     max_image_pixels: int = field(default=64_000_000, metadata=OPERATIONAL)  # larger images are refused undecoded

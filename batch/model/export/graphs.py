@@ -1,6 +1,6 @@
 """The three ONNX graphs of the CPU layout: ViT+projector, one decoder layer, and the post (norm + lm_head).
 
-They mirror the NPU files' contract (see README, "Model files"): a decoder layer takes the K/V history
+They mirror the NPU files' contract (see docs/models.md): a decoder layer takes the K/V history
 rows, the positions (`indices`), the chunk's hidden states (`input`) and an additive `mask` over
 history + chunk, and returns the chunk's new K/V rows and hidden states. On the CPU all lengths are
 dynamic, activations are float32, and the decoder layers and the post graph take a leading rows dimension: one row
