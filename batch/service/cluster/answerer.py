@@ -14,24 +14,9 @@ from batch.config import ClusterConfig, ModelConfig
 from batch.errors import VlbatchError
 from batch.infer.batching import BatchScheduler
 from batch.infer.decode import IsolatedDecoder
-from batch.infer.generate import GenerationResult
 from batch.infer.pipeline import Pipeline
-from batch.infer.settings import GenerationSettings, MediaSettings
-
-
-@dataclass(frozen=True)
-class UnitTask:
-    """One unit for an actor: the question, and the files as paths or as (name, bytes) pairs.
-
-    The head builds it with its own paths; the pool maps them through cluster.path_map when it sends the unit to
-    an actor that reads the media itself, or reads them into `files` for one that gets bytes."""
-
-    prompt: str
-    paths: tuple[str, ...]
-    files: tuple[tuple[str, bytes], ...] | None  # set when the node does not mount the media
-    generation: GenerationSettings
-    media: MediaSettings
-    alone: bool = False  # answered with no other unit beside it (its actor died while it was in flight)
+from batch.infer.settings import MediaSettings
+from batch.service.worker.units import UnitAnswer, UnitTask
 
 
 @dataclass(frozen=True)
@@ -42,16 +27,6 @@ class NodeInfo:
     backend: str
     error: str | None = None  # the model could not be loaded here: the actor is of no use, and says why
     rows: int = 1  # answers its model decodes together (model.batch, as far as its runtime decodes several)
-
-
-@dataclass(frozen=True)
-class UnitAnswer:
-    """The actor's reply: a result, or the reason the unit failed (media, prompt too long...)."""
-
-    result: GenerationResult | None
-    error: str | None
-    node: str
-    backend: str
 
 
 class UnitAnswerer:

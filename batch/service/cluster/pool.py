@@ -22,8 +22,9 @@ import ray
 
 from batch.config import Config
 from batch.infer.safe_open import open_media
-from batch.service.cluster.answerer import NodeInfo, UnitAnswer, UnitAnswerer, UnitTask
+from batch.service.cluster.answerer import NodeInfo, UnitAnswerer
 from batch.service.logs import event
+from batch.service.worker.units import Done, UnitAnswer, UnitTask
 
 log = logging.getLogger("batch.service.cluster")
 DEATHS_PER_UNIT = 2  # a unit whose actor died this many times is failed, not sent again
@@ -61,13 +62,6 @@ class _Sent:
     actor: _Actor | None  # None while it waits for an actor
     deaths: int = 0
     seq: int = 0  # send order: an actor answers its units in this order
-
-
-@dataclass(frozen=True)
-class Done:
-    tag: Any  # what the caller needs back with the answer
-    answer: UnitAnswer
-    actor: str  # the actor's name (the `actors` table id)
 
 
 def units_per_actor(config: Config, rows: int | None = None) -> int:

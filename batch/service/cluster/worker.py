@@ -24,20 +24,20 @@ from tqdm import tqdm
 from batch.config import Config
 from batch.errors import VlbatchError
 from batch.infer.runtime.select import model_identity
-from batch.service.cluster.answerer import UnitTask
-from batch.service.cluster.pool import ActorPool, Done, NoActors, PoolLane, units_per_actor
+from batch.service.cluster.pool import ActorPool, NoActors, PoolLane, units_per_actor
 from batch.service.logs import event
 from batch.service.spool.folder_watch import FolderWatch
 from batch.service.spool.spool import Spool
-from batch.service.store.records import failure_class
 from batch.service.store.store import Store
-from batch.service.worker.worker import HandBack, Outcome, Worker, _UnitRun
+from batch.service.worker.pooled import PooledWorker
+from batch.service.worker.units import Done
+from batch.service.worker.worker import Outcome
 
 log = logging.getLogger("batch.service.cluster")
 MAX_LANES = 64  # jobs one head runs at once, whatever the cluster holds (each lane: a thread, a connection)
 
 
-class RayWorker(Worker):
+class RayWorker(PooledWorker):
     def __init__(
         self,
         config: Config,
@@ -207,56 +207,14 @@ class RayWorker(Worker):
     def _units_pool(self) -> Any:
         return PoolLane(self.pool, self._lock, self._inboxes, id(self))
 
-    def _run_units(self, job: Any, run_id: int, resume: bool) -> _UnitRun:
-        run = _UnitRun(job, run_id, resume, job.units())
-        pool = self._units_pool()
-        bar = tqdm(total=len(run.units), desc=job.id, unit="answer", disable=not sys.stderr.isatty(), file=sys.stderr)
-        try:
-            for unit in run.units:
-                if self.abort_requested:
-                    raise HandBack
-                self._between_units(job)  # a pause, a cancel (what is in flight is dropped below)
-                base = self._needs_answer(run, unit)
-                if base is None:
-                    bar.update()
-                    continue
-                while pool.full():
-                    self._commit(run, pool.next_done(timeout=0.5), bar)
-                    if self.abort_requested:
-                        raise HandBack
-                    self._check_cancel(job.id, throttled=True)
-                # the head's paths: the pool reads them (media: bytes) or maps them through path_map
-                task = UnitTask(job.prompt, tuple(str(p) for p in unit), None, job.generation, job.media_settings)
-                try:
-                    pool.submit((unit, base), task)
-                except VlbatchError as exc:  # a file the head cannot read to send as bytes
-                    self._unit_failed(run, base, str(exc), failure_class(exc))
-                    bar.update()
-            while pool.busy():
-                self._commit(run, pool.next_done(timeout=0.5), bar)
-                if self.abort_requested:
-                    raise HandBack
-                self._check_cancel(job.id, throttled=True)
-        except BaseException:  # a hand-back or a fault: what is in flight belongs to this run alone, so it goes
-            pool.cancel()
-            raise
-        finally:
-            bar.close()
-        return run
-
-    def _commit(self, run: _UnitRun, done: Done | None, bar: tqdm) -> None:
-        if done is None:
-            return
-        unit, base = done.tag
+    def _answered(self, done: Done) -> None:
+        """The actors table: the actor's answers and its share of decode time, or its last error."""
         answer = done.answer
         if answer.result is None:
-            self._unit_failed(run, base, answer.error or "no answer", "actor_error")
             self.store.record_actor(done.actor, last_error=answer.error)
         else:
-            self._record_answer(run, unit, base, answer.result, answer.backend, answer.node)
             t = answer.result.timings  # its share of the actor's decode steps: a batch's steps are counted once
             self.store.actor_answered(done.actor, answer.result.output_tokens, t.decode_share_ms)
-        bar.update()
 
 
 class _Lane(RayWorker):
