@@ -168,7 +168,11 @@ def _provider_list(ctx: click.Context, param: click.Parameter, value: str | None
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (overrides config.yaml).")
 @click.option("--hf-dir", type=click.Path(path_type=Path), help="HF folder (config, tokenizer) for axmodels.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "axengine"]), help="Runtime (default: auto).")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "axengine", "openai"]),
+    help="Runtime (default: model.backend); openai: the server at model.url.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option(
     "--providers", callback=_provider_list, metavar="NAME[,NAME]", help="axengine providers (model.providers)."
@@ -205,7 +209,7 @@ def ask(
     config = _config(ctx)
     model = config.model
     model_dir = model_dir or model.dir
-    if model_dir is None:
+    if model_dir is None and model.backend != "openai":
         raise click.UsageError("no model: pass --model DIR or set model.dir in config.yaml")
     generation = replace(
         config.generation,
@@ -215,6 +219,9 @@ def ask(
         config.media,
         **{k: v for k, v in overrides.items() if v is not None and k in config.media.__dataclass_fields__},
     )
+    if (backend or model.backend) == "openai" and not model_dir_given(ctx):
+        result = _ask_server(config, prompt, files, generation, media, as_json)
+        return _print_answer(result, as_json)
     pipeline = Pipeline.open(
         model_dir,
         backend=backend or model.backend,
@@ -229,6 +236,33 @@ def ask(
         result = pipeline.ask(prompt, files, generation, on_text=stream)
     finally:
         pipeline.close()
+    _print_answer(result, as_json)
+
+
+def model_dir_given(ctx: click.Context) -> bool:
+    """Whether --model named a folder: a local model then answers, whatever model.backend says."""
+    return ctx.params.get("model_dir") is not None
+
+
+def _ask_server(
+    config: Config, prompt: str, files: tuple[Path, ...], generation: Any, media: Any, as_json: bool
+) -> GenerationResult:
+    """`vlbatch ask` with model.backend openai: the configured server answers, streamed as it comes."""
+    from batch.errors import PassingFault
+    from batch.infer.decode import InProcessDecoder
+    from batch.service.worker.server import server_model
+
+    if not config.model.url:
+        raise click.UsageError("--backend openai needs model.url, the server's address (or VLBATCH_MODEL_URL)")
+    server = server_model(config)
+    server.decoder = InProcessDecoder()  # one question at the terminal, as the local `ask` decodes
+    try:
+        return server.answer(prompt, files, generation, media, on_text=None if as_json else _echo_stream)
+    except PassingFault as exc:
+        raise VlbatchError(str(exc)) from None
+
+
+def _print_answer(result: GenerationResult, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result_dict(result), ensure_ascii=False, indent=2))
     else:
@@ -392,6 +426,15 @@ def _open_worker_once(config: Config, force: bool, retry_failed: bool, ray_addre
     from batch.service.worker.worker import Worker
 
     try:
+        if config.model.backend == "openai":
+            if ray_address is not None:
+                raise VlbatchError(
+                    "--ray with model.backend openai: the model server answers several requests at once itself; "
+                    "run one worker and set model.concurrency to the server's parallel slots"
+                )
+            from batch.service.worker.server import ServerWorker
+
+            return ServerWorker.from_config(config, force=force, retry_failed=retry_failed)
         if ray_address is None:
             return Worker.from_config(config, force=force, retry_failed=retry_failed)
         try:
@@ -591,6 +634,12 @@ def estimate(
     config = _worker_config(
         ctx, dir=model_dir, hf_dir=hf_dir, threads=threads, providers=providers, device_id=device_id
     )
+    if config.model.backend == "openai" and model_dir is None:
+        raise VlbatchError(
+            "estimate prices a model's stages on this machine (ViT, prefill, decode), and a model server's speed "
+            "is its own: run a few files through it and read their timings (`vlbatch results --last-run`), or "
+            "pass --model to price a local model"
+        )
     result = planner.estimate(
         config, job_files, force=force, rates_file=rates_file, weights=weights, calibrate_now=calibrate
     )

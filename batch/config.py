@@ -54,22 +54,36 @@ MAX_BATCH = MAX_ROWS
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model answers, on which runtime, and how many answers it decodes at once."""
+    """Which model answers, on which runtime, and how many answers it decodes at once; or the model server that
+    answers instead (`backend: openai`, see docs/servers.md)."""
 
     dir: Path | None = None  # an exported ONNX folder, or the prebuilt axmodel folder
-    backend: str = "auto"  # auto | onnxruntime | axengine
+    backend: str = "auto"  # auto | onnxruntime | axengine | openai (an OpenAI-compatible server at model.url)
     hf_dir: Path | None = None  # config and tokenizer for an axmodel folder
     threads: int | None = None  # onnxruntime threads; null = every core this process may use
     providers: tuple[str, ...] = ()  # axengine execution providers, in order; [] = the runtime's default
     device_id: int | None = None  # axengine device (an AXCL card) the providers run on; null = the default
     batch: int = DEFAULT_BATCH  # answers decoded together (onnxruntime exports of format 2; the NPU decodes one)
+    url: str | None = None  # backend openai: the server, e.g. http://127.0.0.1:8080 (its /v1 API)
+    name: str | None = None  # backend openai: the served model to ask; null = the server's only model
+    api_key_env: str | None = None  # backend openai: the variable holding the API key (never stored or logged)
+    concurrency: int = 4  # backend openai: requests in flight at once (the server's parallel slots)
+    timeout_seconds: float = 300.0  # backend openai: connecting, the first token, and between two tokens
 
     def __post_init__(self) -> None:
         batch = self.batch
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be an integer from 1 to {MAX_BATCH}, got {batch!r}")
-        if self.backend not in ("auto", "onnxruntime", "axengine"):
-            raise ValueError(f"backend must be auto, onnxruntime or axengine, got {self.backend!r}")
+        if self.backend not in ("auto", "onnxruntime", "axengine", "openai"):
+            raise ValueError(f"backend must be auto, onnxruntime, axengine or openai, got {self.backend!r}")
+        if self.url is not None and not str(self.url).startswith(("http://", "https://")):
+            raise ValueError(f"url must be an http:// or https:// address, got {self.url!r}")
+        concurrency = self.concurrency
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
+            raise ValueError(f"concurrency must be an integer from 1 to 256, got {concurrency!r}")
+        timeout = self.timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout_seconds must be a positive number of seconds, got {timeout!r}")
         threads = self.threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or null, got {threads!r}")
@@ -500,7 +514,9 @@ def check_config(config: Config, needs_model: bool, needs_spool: bool = True) ->
 def config_problems(config: Config, needs_model: bool, needs_spool: bool = True) -> list[str]:
     """Every problem `check_config` would refuse, each as "ORIGIN: section.key: problem"."""
     found: list[tuple[str, str | None]] = []
-    if needs_model:
+    if config.model.backend == "openai" and not config.model.url:
+        found.append(("model.url", "backend openai needs the server's address here (http://host:port)"))
+    if needs_model and config.model.backend != "openai":  # a server needs no model folder here
         found += [
             ("model.dir", _folder_problem(config.model.dir)),
             ("model.hf_dir", _folder_problem(config.model.hf_dir)),

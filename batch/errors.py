@@ -26,3 +26,9 @@ class PromptTooLongError(VlbatchError):
 
 class BackendError(VlbatchError):
     """The chosen runtime cannot run this model folder (wrong backend, missing runtime package)."""
+
+
+class PassingFault(VlbatchError):
+    """A fault that passes by waiting, not the input's: a model server down, busy, too slow or cut off mid-answer.
+
+    The worker waits it out as it waits out a full disk (the job goes back, and the units it answered stay)."""

@@ -191,6 +191,8 @@ def _sample(section: str, key: str, hint: typing.Any, default: typing.Any, tmp: 
         choices = {("model", "backend"): "axengine", ("media", "video_decoder"): "pyav"}
         choices |= {("cluster", "ray_address"): "10.0.0.2:6379", ("cluster", "resource"): "npu"}
         choices |= {("cluster", "media"): "bytes"}
+        choices |= {("model", "url"): "http://10.0.0.3:8080", ("model", "name"): "internvl3-2b"}
+        choices |= {("model", "api_key_env"): "OPENAI_API_KEY"}
         assert (section, key) in choices, f"add a valid sample value for the text setting {section}.{key}"
         return choices[section, key], choices[section, key]
     raise AssertionError(f"{section}.{key}: no sample for type {hint!r}; teach the config's env reader this type")
@@ -356,3 +358,20 @@ def test_model_settings_are_checked(monkeypatch, variable, value, reason):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=reason):
         load_config(None)
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("  backend: openai\n  url: 127.0.0.1:8080\n", "model.url: must be an http:// or https:// address"),
+        ("  backend: openai\n  url: http://h:1\n  concurrency: 0\n", "model.concurrency: must be an integer from 1"),
+        ("  backend: openai\n  url: http://h:1\n  timeout_seconds: 0\n", "model.timeout_seconds: must be a positive"),
+    ],
+)
+def test_a_model_server_setting_that_cannot_work_is_one_line_naming_the_file(tmp_path, model, problem):
+    """Each value alone; a server without its address is refused when a command starts (see test_config_checks)."""
+    path = write(tmp_path / "c.yaml", "model:\n" + model)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(str(path)) and problem in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -239,3 +239,13 @@ def test_commands_that_read_the_database_log_their_config_first_and_keep_stdout_
 def test_ask_keeps_its_quiet_default(site):
     result = invoke("ask", "-p", "Hi", "--model", site / "model")  # an empty folder: exit 1, but no config line
     assert result.exit_code == 1 and "event=config" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["run"], ["watch"], ["ask", "-p", "hi"], ["status"]])
+def test_a_model_server_without_its_address_is_refused_by_every_command(site, command):
+    path = site / "config.yaml"
+    path.write_text("model:\n  backend: openai\n")
+    result = invoke("--config", path, *command)
+    assert_refused(
+        result, f"{path}: model.url: backend openai needs the server's address here (http://host:port)", site
+    )

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from batch.errors import MediaError
+from batch.infer.encode import encode_media
 from batch.infer.media import choose_tile_cap, image_size, load_image, load_video_frames, tile_image
 from batch.infer.settings import MediaSettings
 from batch.infer.thumbnail import thumbnail_jpeg
@@ -61,7 +62,7 @@ def probe_images(paths: Sequence[Path], settings: MediaSettings) -> tuple[tuple[
 
 
 # what the child may be asked to do: a fixed set of functions, named in each request
-TASKS = {"decode": decode_media, "probe": probe_images, "thumbnail": thumbnail_jpeg}
+TASKS = {"decode": decode_media, "probe": probe_images, "thumbnail": thumbnail_jpeg, "encode": encode_media}
 
 
 class MediaDecoder(Protocol):
@@ -72,6 +73,8 @@ class MediaDecoder(Protocol):
     def probe(self, paths: Sequence[Path], settings: MediaSettings) -> tuple[tuple[int, int], ...]: ...
 
     def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes: ...
+
+    def encode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings) -> list[tuple[str, bytes]]: ...
 
     def close(self) -> None: ...
 
@@ -91,6 +94,9 @@ class InProcessDecoder:
 
     def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes:
         return thumbnail_jpeg(path, kind, edge, settings)
+
+    def encode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings) -> list[tuple[str, bytes]]:
+        return encode_media(paths, kind, settings)
 
     def close(self) -> None:
         pass
@@ -118,6 +124,10 @@ class IsolatedDecoder:
     def thumbnail(self, path: Path, kind: Kind, edge: int, settings: MediaSettings) -> bytes:
         """A JPEG preview of an image or a video's middle frame, made in the child under the same limits."""
         return self._run("thumbnail", (Path(path), kind, edge, settings), [path], settings)
+
+    def encode(self, paths: Sequence[Path], kind: Kind, settings: MediaSettings) -> list[tuple[str, bytes]]:
+        """The unit's images (or a video's sampled frames) as image files for a model server, made in the child."""
+        return self._run("encode", ([Path(p) for p in paths], kind, settings), paths, settings)
 
     def _run(self, task: str, args: tuple, paths: Sequence[Path], settings: MediaSettings) -> Any:
         names = ", ".join(str(p) for p in paths)

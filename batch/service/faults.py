@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 
-from batch.errors import VlbatchError
+from batch.errors import PassingFault, VlbatchError
 
 # errors of the disk, the file system, a network share or the process's limits, which go away when an operator
 # fixes the machine (or by themselves), whatever the operation
@@ -83,6 +83,8 @@ def is_passing(exc: BaseException, spool: bool = False) -> bool:
 
     SQLite reports these and mistakes in SQL alike as OperationalError; only the messages tell them apart.
     """
+    if isinstance(exc, PassingFault):  # a model server down, busy or cut off
+        return True
     if isinstance(exc, sqlite3.OperationalError):
         return any(text in str(exc).lower() for text in _PASSING_SQLITE)
     if not isinstance(exc, OSError):

@@ -49,6 +49,13 @@ def timing_labels(row: dict[str, Any]) -> list[str]:
     return labels
 
 
+def answered_by(row: dict[str, Any]) -> str:
+    """Which model server answered ("model at host:port"); empty for an answer of vlbatch's own model."""
+    if row.get("backend") != "openai":
+        return ""
+    return f"{(row.get('model_id') or '').split('@')[0]} at {row.get('node') or 'a server'}"
+
+
 def card(
     row: dict[str, Any], preview_url: Callable[[str], str | None], shown_path: Callable[[str], str] = str
 ) -> dict[str, Any]:
@@ -83,6 +90,7 @@ def card(
         "finish_reason": row.get("finish_reason"),
         "tags": tags,
         "timings": timing_labels(row),
+        "answered_by": answered_by(row),
         "created": f"{created} UTC" if created else "",
         "search_text": " ".join([answer or error or "", row["job_id"], *tags, *(m["name"] for m in media)]).lower(),
     }

@@ -203,6 +203,10 @@ class Worker:
             retry_failed,
         )
 
+    def answer_model_id(self) -> str:
+        """The model identity answers are stored and reused under (a model server's: asked of it)."""
+        return self.model_id
+
     @property
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
@@ -1113,7 +1117,8 @@ class Worker:
         if linked is not None:  # answered by an earlier attempt of this run
             self._write_sidecar(job, unit, linked)
             return None
-        key = cache_key(hashes, job.prompt, job.generation, job.media_settings, self.model_id)
+        model_id = self.answer_model_id()
+        key = cache_key(hashes, job.prompt, job.generation, job.media_settings, model_id)
         previous = None if self.force else self.store.reuse_answer(job.id, run.run_id, key, **own)
         if previous is not None:
             self._write_sidecar(job, unit, previous)
@@ -1129,7 +1134,7 @@ class Worker:
             "prompt": job.prompt,
             "settings": to_json(answer_settings(job.generation, job.media_settings)),
             "tags": to_json(job.tags),
-            "model_id": self.model_id,
+            "model_id": model_id,
         }
 
     def _record_answer(
