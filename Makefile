@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_IMAGE ?= jobs/media/beach.jpg
 DEMO_PROMPT ?= Describe this image in one sentence.
 
-.PHONY: install install-demo install-size docs wheel test lint demo ask-demo screenshots llama-cpp bench-peers bench clean
+.PHONY: install install-demo install-size docs wheel test lint demo ask-demo screenshots llama-cpp llama-server bench-peers bench clean
 
 # Two install sets in one venv, each with its stamp: the demo's (`.[demo]`: the CPU runtime, the exporter, video
 # decoders, the gallery) and the development set on top (`.[dev]`: tests, lint, torch for the oracle, Ray, the
@@ -88,10 +88,38 @@ $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py: pyproject.toml | install
 	tar xzf $(LLAMA_SRC).tar.gz -C $(VENV)/llama-src
 	touch $@
 
+# llama.cpp's own OpenAI-compatible server from the same source, the image projector included (mtmd), for
+# `model.backend: openai` and tests/test_llama_server.py: one portable CPU build (AVX2/FMA/F16C on x86-64, no
+# -march=native, no per-CPU variants), linked statically (the system's libstdc++/libgomp aside) so
+# .venv/llama-server/bin/llama-server runs from there; no TLS (loopback and LAN use; model downloads off) and no
+# web page (no npm, no download of the prebuilt one). Only the llama-server target is compiled, under nice with
+# $(LLAMA_JOBS) jobs (~5 min on 2 cores); it is rebuilt when the sdist is unpacked again or the flags change
+# (cmake then recompiles only what changed).
+LLAMA_SERVER_DIR := $(VENV)/llama-server
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/bin/llama-server
+LLAMA_SERVER_CMAKE_ARGS ?= -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+	-DGGML_BACKEND_DL=OFF -DGGML_CPU_ALL_VARIANTS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+
+# rewritten only when the flags differ, so the binary rebuilds on a change of LLAMA_SERVER_CMAKE_ARGS alone
+$(LLAMA_SERVER_DIR)/cmake-args: FORCE
+	@mkdir -p $(LLAMA_SERVER_DIR)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(LLAMA_SERVER_CMAKE_ARGS)" ]; then echo "$(LLAMA_SERVER_CMAKE_ARGS)" > $@; fi
+
+$(LLAMA_SERVER): $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_SERVER_DIR)/cmake-args
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_SERVER_DIR) $(LLAMA_SERVER_CMAKE_ARGS)
+	nice -n 10 cmake --build $(LLAMA_SERVER_DIR) --target llama-server -j $(LLAMA_JOBS)
+	touch $@
+
+llama-server: $(LLAMA_SERVER)  ## llama.cpp's llama-server (images through mtmd) in .venv/llama-server/bin
+
+FORCE:
+
 # llama-cpp-python from that sdist with its mtmd library (libmtmd, the image pipeline: LLAVA_BUILD=ON) next to
 # libllama in llama_cpp/lib; pip keeps an installed llama-cpp-python whatever CMAKE_ARGS say, so it rebuilds
-# when the flags differ from its build's (nice, $(LLAMA_JOBS) jobs: ~25 min on 2 cores)
-llama-cpp: $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py  ## llama-cpp-python (text and mtmd) from the vendored llama.cpp
+# when the flags differ from its build's (nice, $(LLAMA_JOBS) jobs: ~25 min on 2 cores); llama-server comes with it
+llama-cpp: $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py llama-server  ## llama-cpp-python (text and mtmd) and llama-server from the vendored llama.cpp
 	@if [ "$$(cat $(VENV)/llama-cmake-args 2>/dev/null)" != "$(LLAMA_CMAKE_ARGS)" ]; then \
 		echo "building llama-cpp-python with: $(LLAMA_CMAKE_ARGS)"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMA_JOBS) nice -n 10 \

@@ -325,3 +325,39 @@ def test_together_video_and_text_jobs_in_internvl_s_layout(env: SpoolEnv, stub):
     assert heic[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
     answers = {r["prompt"]: r for r in _rows(env)}
     assert answers["What happens?"]["tiles"] == 4 and answers["Compare them."]["tiles"] == 2
+
+
+def test_images_go_as_they_are_unless_a_server_could_misread_them(tmp_path: Path):
+    """An upright JPEG, PNG or WebP is sent byte for byte; a JPEG rotated by its EXIF tag, or an image over the
+    size caps, is decoded upright and sent as JPEG (a server would not turn it); a video as its sampled frames."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from synthetic import synthetic_image, write_video
+
+    from batch.infer import encode
+    from batch.infer.settings import MediaSettings
+
+    settings = MediaSettings(video_frames=3)
+    plain = tmp_path / "plain.jpg"
+    synthetic_image(120, 80, seed=1).save(plain, quality=90)
+    png = tmp_path / "plain.png"
+    synthetic_image(120, 80, seed=2).save(png)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # 90 degrees clockwise
+    synthetic_image(120, 80, seed=3).save(rotated, exif=exif)
+    (mime1, data1), (mime2, data2), (mime3, data3) = encode.encode_media([plain, png, rotated], "image", settings)
+    assert (mime1, data1) == ("image/jpeg", plain.read_bytes())
+    assert (mime2, data2) == ("image/png", png.read_bytes())
+    assert mime3 == "image/jpeg" and data3 != rotated.read_bytes()
+    assert Image.open(io.BytesIO(data3)).size == (80, 120)  # upright, as vlbatch's own model sees it
+    big = tmp_path / "big.png"
+    synthetic_image(encode.MAX_EDGE + 100, 64, seed=4).save(big)
+    ((mime, data),) = encode.encode_media([big], "image", settings)
+    assert mime == "image/jpeg" and max(Image.open(io.BytesIO(data)).size) == encode.MAX_EDGE
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, [np.asarray(synthetic_image(96, 64, seed=s)) for s in range(12)])
+    frames = encode.encode_media([clip], "video", settings)
+    assert [m for m, _ in frames] == ["image/jpeg"] * 3

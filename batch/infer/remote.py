@@ -24,6 +24,7 @@ import email.utils
 import hashlib
 import http.client
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,7 @@ ATTEMPTS = 3  # tries of one request before a passing fault goes to the worker
 RETRY_FIRST_S = 1.0  # the first pause between tries, doubled each time ...
 RETRY_CAP_S = 30.0  # ... and never longer, nor a Retry-After longer than this
 _PASSING_STATUS = {429, 502, 503, 504}
+log = logging.getLogger(__name__)
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, timed out (socket.timeout is OSError)
 
 
@@ -153,7 +155,9 @@ class ServerModel:
             except PassingFault as exc:
                 last = exc
                 if attempt + 1 < ATTEMPTS:
-                    time.sleep(min(RETRY_CAP_S, exc.retry_after if _has_wait(exc) else RETRY_FIRST_S * 2**attempt))
+                    delay = min(RETRY_CAP_S, exc.retry_after if _has_wait(exc) else RETRY_FIRST_S * 2**attempt)
+                    log.warning("%s; asking again in %.1f s", exc, delay)
+                    time.sleep(delay)
         assert last is not None
         raise last
 
