@@ -53,9 +53,12 @@ def worker_photos(
     ignore_eos: bool = False,
     prompt: str = PROMPT,
     batch: int | None = None,
+    server: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """One `vlbatch run` captioning every photo in `photos` (one job): wall and load time, photos per hour after
-    the load, tiles per photo and the stages per photo from the answers stored; exits if the worker fails."""
+    the load, tiles per photo and the stages per photo from the answers stored; exits if the worker fails.
+
+    With `server` (url, concurrency), a model server answers (model.backend openai; its model is loaded before)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "jobs" / "inbox").mkdir(parents=True)
@@ -63,10 +66,11 @@ def worker_photos(
         generation = f"  max_new_tokens: {max_new_tokens}\n  temperature: 0\n"
         if ignore_eos:
             generation += "  ignore_eos: true\n"
+        model = f"  dir: {model_dir.resolve()}\n  threads: {threads}\n"
+        if server is not None:
+            model = f"  backend: openai\n  url: {server[0]}\n  concurrency: {server[1]}\n  timeout_seconds: 1800\n"
         (root / "config.yaml").write_text(
-            f"model:\n  dir: {model_dir.resolve()}\n  threads: {threads}\n"
-            + (f"  batch: {batch}\n" if batch is not None else "")
-            + f"generation:\n{generation}"
+            f"model:\n{model}" + (f"  batch: {batch}\n" if batch is not None else "") + f"generation:\n{generation}"
             f"media:\n  max_tiles: {max_tiles}\nspool:\n  media_roots: [{photos}]\n  settle_seconds: 0\n"
         )
         (root / "jobs" / "inbox" / "captions.yaml").write_text(f"prompt: {prompt}\ninputs: {photos}\n")
@@ -77,12 +81,13 @@ def worker_photos(
         wall_s = time.perf_counter() - started
         if proc.returncode:
             sys.exit(f"vlbatch run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-        load_s = float(re.search(r"event=model.loaded \S+ ms=([\d.]+)", proc.stderr).group(1)) / 1e3
+        loaded = re.search(r"event=model.loaded \S+ ms=([\d.]+)", proc.stderr)
+        load_s = float(loaded.group(1)) / 1e3 if loaded else 0.0  # a server loaded its model before
         db = sqlite_utils.Database(root / "vlbatch.db")
         rows = list(
             db.query(
                 f"select preprocess_ms, vit_ms, prefill_ms, {DECODE_SHARE_MS} as decode_ms, "
-                f"{DECODE_TOKENS} as decode_tokens, decode_rows, output_tokens, tiles from results "
+                f"{DECODE_TOKENS} as decode_tokens, decode_rows, output_tokens, prompt_tokens, tiles from results "
                 "where error is null"
             )
         )
@@ -109,6 +114,7 @@ def worker_photos(
         "prefill_s": total("prefill_ms") / answers / 1e3,
         "decode_s": total("decode_ms") / answers / 1e3,  # each answer's share of the steps it took part in
         "decode_rows": total("decode_rows") / answers,
+        "prompt_tokens": total("prompt_tokens") / answers,
         "decode_tok_s": total("decode_tokens") / (total("decode_ms") / 1e3),  # all but each answer's first
     }
 
