@@ -90,6 +90,15 @@ class SpoolEnv:
     def db(self) -> sqlite_utils.Database:
         return sqlite_utils.Database(self.db_path)
 
+    def results(self) -> list[dict]:
+        """Every `results` row, oldest first; none before the worker has made its database."""
+        if not self.db_path.exists():
+            return []
+        try:
+            return list(self.db().query("select * from results order by id"))
+        except sqlite3.OperationalError:  # tables not created yet
+            return []
+
     def job(self, job_id: str) -> dict | None:
         if not self.db_path.exists():
             return None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -35,23 +34,6 @@ def _run(env: SpoolEnv, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(env.cli(*args), capture_output=True, text=True, env=_environ(), cwd=env.root, timeout=300)
 
 
-def _rows(env: SpoolEnv) -> list[dict]:
-    conn = sqlite3.connect(env.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM results ORDER BY id")]
-    finally:
-        conn.close()
-
-
-def _answered(env: SpoolEnv) -> int:
-    """Answers stored so far (0 before the worker has made its database)."""
-    try:
-        return len(_rows(env))
-    except sqlite3.OperationalError:
-        return 0
-
-
 @pytest.fixture
 def env(tmp_path: Path, llama_server: LlamaServer) -> SpoolEnv:
     env = SpoolEnv(tmp_path, tmp_path / "no-model-folder")
@@ -73,7 +55,7 @@ def test_folder_together_video_and_text_jobs(env: SpoolEnv, llama_server: LlamaS
     env.drop("text.yaml", "prompt: Say hello.\n")
     done = _run(env, "run")
     assert done.returncode == 0, done.stderr + llama_server.log_tail()
-    rows = {(r["job_id"], tuple(Path(p).name for p in json.loads(r["media_paths"]))): r for r in _rows(env)}
+    rows = {(r["job_id"], tuple(Path(p).name for p in json.loads(r["media_paths"]))): r for r in env.results()}
     assert sorted(rows) == sorted(
         [("folder", (f"photo{n}.jpg",)) for n in range(3)]
         + [("pair", ("photo0.jpg", "photo1.jpg")), ("clip", ("clip.mp4",)), ("text", ())]
@@ -93,7 +75,7 @@ def test_folder_together_video_and_text_jobs(env: SpoolEnv, llama_server: LlamaS
         env.drop(f"{name}-again.yaml", (env.jobs / "done" / f"{name}.yaml").read_text())
     again = _run(env, "run")
     assert again.returncode == 0 and "answer.done" not in again.stderr
-    assert len(_rows(env)) == 6
+    assert len(env.results()) == 6
 
 
 def test_the_server_killed_mid_answer_and_restarted_loses_nothing_and_doubles_nothing(
@@ -112,7 +94,7 @@ def test_the_server_killed_mid_answer_and_restarted_loses_nothing_and_doubles_no
     env.drop("long.yaml", "prompt: Describe the photo at length.\ninputs: ../../media/\n")
     worker = env.spawn("run", log=tmp_path / "run.log", env=_environ())
     try:
-        wait_for(lambda: _answered(env) >= 1, timeout=180)
+        wait_for(lambda: len(env.results()) >= 1, timeout=180)
         llama_server.kill()  # mid-answer: the answers in flight are cut off
         time.sleep(2)
         llama_server.start()
@@ -122,7 +104,7 @@ def test_the_server_killed_mid_answer_and_restarted_loses_nothing_and_doubles_no
             worker.kill()
         if not llama_server.running():
             llama_server.start()
-    rows = _rows(env)
+    rows = env.results()
     names = [Path(json.loads(r["media_paths"])[0]).name for r in rows]
     assert sorted(names) == sorted(f"photo{n}.jpg" for n in range(8))  # every photo answered, each once
     assert all(r["error"] is None and r["output_tokens"] == 400 for r in rows)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -146,22 +145,13 @@ def _job(env: SpoolEnv, name: str = "photos", extra: str = "") -> None:
     env.drop(f"{name}.yaml", f"prompt: What is in this photo?\ninputs: ../../media/\n{extra}")
 
 
-def _rows(env: SpoolEnv) -> list[dict]:
-    conn = sqlite3.connect(env.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM results ORDER BY id")]
-    finally:
-        conn.close()
-
-
 def test_a_folder_job_is_answered_and_recorded_as_a_local_one(env: SpoolEnv, stub):
     behaviour = Behaviour("ok")
     _configure(env, stub(behaviour))
     _job(env)
     done = _run(env, "run")
     assert done.returncode == 0, done.stderr
-    rows = _rows(env)
+    rows = env.results()
     assert sorted(Path(json.loads(r["media_paths"])[0]).name for r in rows) == ["a.jpg", "b.png"]
     for row in rows:
         assert row["error"] is None and row["answer"] == "seen1 a photo of things"
@@ -194,12 +184,12 @@ def test_the_same_job_again_is_reused_and_another_model_answers_again(env: Spool
     assert _run(env, "run").returncode == 0
     _job(env, "again")
     assert _run(env, "run").returncode == 0
-    assert len(_rows(env)) == 2 and len(behaviour.requests) == 2  # reused: no request, no new answer
+    assert len(env.results()) == 2 and len(behaviour.requests) == 2  # reused: no request, no new answer
     other = stub(Behaviour("ok"), {**MODEL, "id": "internvl3-other.gguf"})
     _configure(env, other)
     _job(env, "other")
     assert _run(env, "run").returncode == 0
-    rows = _rows(env)
+    rows = env.results()
     assert len(rows) == 4 and rows[-1]["model_id"].startswith("internvl3-other.gguf@")
 
 
@@ -212,7 +202,7 @@ def test_a_busy_server_is_waited_for_and_each_file_answered_once(env: SpoolEnv, 
     started = time.monotonic()
     done = _run(env, "run")
     assert done.returncode == 0, done.stderr
-    rows = _rows(env)
+    rows = env.results()
     assert len(rows) == 2 and all(r["error"] is None for r in rows)
     assert len(behaviour.requests) == 3  # the busy answer, then one request per file
     if retry_after == "1":
@@ -224,7 +214,7 @@ def test_a_stream_cut_mid_answer_is_asked_again_and_committed_once(env: SpoolEnv
     _configure(env, stub(behaviour), concurrency=1)
     _job(env)
     assert _run(env, "run").returncode == 0
-    rows = _rows(env)
+    rows = env.results()
     assert len(rows) == 2 and all(r["answer"] == "seen1 a photo of things" for r in rows)
 
 
@@ -233,7 +223,7 @@ def test_a_refused_request_fails_that_file_with_the_server_s_message(env: SpoolE
     _job(env)
     done = _run(env, "run")
     assert done.returncode == 1  # a file failing for the first time
-    rows = _rows(env)
+    rows = env.results()
     failed = [r for r in rows if r["error"]]
     assert len(failed) == 1 and "HTTP 400: failed to decode image bytes" in failed[0]["error"]
     assert [r["answer"] for r in rows if not r["error"]] == ["seen1 a photo of things"]
@@ -245,7 +235,7 @@ def test_garbage_fails_loudly_naming_the_server(env: SpoolEnv, stub):
     _configure(env, url, concurrency=1)
     _job(env)
     assert _run(env, "run").returncode == 1
-    errors = [r["error"] for r in _rows(env)]
+    errors = [r["error"] for r in env.results()]
     assert len(errors) == 2 and all(e.startswith(f"{url}: a stream event that is not JSON") for e in errors)
 
 
@@ -259,7 +249,7 @@ def test_nothing_listening_is_a_passing_fault_and_nothing_is_recorded(env: Spool
     assert done.returncode == 3, done.stderr  # gave up on a fault of the machine after spool.give_up_seconds
     assert "cannot reach the server" in done.stderr
     assert (env.inbox / "photos.yaml").exists()  # handed back, to run again
-    assert not env.db_path.exists() or _rows(env) == []
+    assert env.results() == []
 
 
 def test_the_api_key_is_sent_and_never_stored(env: SpoolEnv, stub):
@@ -323,7 +313,7 @@ def test_together_video_and_text_jobs_in_internvl_s_layout(env: SpoolEnv, stub):
     assert by_prompt["Say hello."] == "Say hello."
     heic = by_prompt["Caption it."]
     assert heic[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
-    answers = {r["prompt"]: r for r in _rows(env)}
+    answers = {r["prompt"]: r for r in env.results()}
     assert answers["What happens?"]["tiles"] == 4 and answers["Compare them."]["tiles"] == 2
 
 
