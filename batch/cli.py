@@ -208,6 +208,7 @@ def ask(
 
     config = _config(ctx)
     model = config.model
+    local = model_dir is not None  # --model: a local folder answers, whatever model.backend says
     model_dir = model_dir or model.dir
     if model_dir is None and model.backend != "openai":
         raise click.UsageError("no model: pass --model DIR or set model.dir in config.yaml")
@@ -219,7 +220,7 @@ def ask(
         config.media,
         **{k: v for k, v in overrides.items() if v is not None and k in config.media.__dataclass_fields__},
     )
-    if (backend or model.backend) == "openai" and not model_dir_given(ctx):
+    if (backend or model.backend) == "openai" and not local:
         result = _ask_server(config, prompt, files, generation, media, as_json)
         return _print_answer(result, as_json)
     pipeline = Pipeline.open(
@@ -239,11 +240,6 @@ def ask(
     _print_answer(result, as_json)
 
 
-def model_dir_given(ctx: click.Context) -> bool:
-    """Whether --model named a folder: a local model then answers, whatever model.backend says."""
-    return ctx.params.get("model_dir") is not None
-
-
 def _ask_server(
     config: Config, prompt: str, files: tuple[Path, ...], generation: Any, media: Any, as_json: bool
 ) -> GenerationResult:
@@ -254,8 +250,7 @@ def _ask_server(
 
     if not config.model.url:
         raise click.UsageError("--backend openai needs model.url, the server's address (or VLBATCH_MODEL_URL)")
-    server = server_model(config)
-    server.decoder = InProcessDecoder()  # one question at the terminal, as the local `ask` decodes
+    server = server_model(config, InProcessDecoder())  # one question at the terminal, as the local `ask` decodes
     try:
         return server.answer(prompt, files, generation, media, on_text=None if as_json else _echo_stream)
     except PassingFault as exc:

@@ -17,6 +17,7 @@ from typing import Literal
 from PIL import Image
 
 from batch.infer.media import image_size, load_image, load_video_frames
+from batch.infer.safe_open import open_media
 from batch.infer.settings import MediaSettings
 
 ENCODE_VERSION = 1  # bump when the same file would be sent differently
@@ -38,15 +39,18 @@ def encode_media(
 
 def _image(path: Path, settings: MediaSettings) -> tuple[str, bytes]:
     image_size(path, settings.max_image_pixels)  # refuses an image over the pixel limit before it is decoded
+    with open_media(path) as handle:  # a regular file, read once (never a FIFO or a device swapped in)
+        data = handle.read(MAX_BYTES + 1)
     mime = None
-    try:
-        with Image.open(path) as img:
-            mime = _AS_IS.get(img.format or "")
-            as_is = img.getexif().get(0x0112, 1) in (0, 1) and max(img.size) <= MAX_EDGE
-    except Exception:  # HEIC, RAW and the rest: load_image reads them (or says why it cannot)
-        as_is = False
-    if mime and as_is and path.stat().st_size <= MAX_BYTES:
-        return mime, path.read_bytes()
+    if len(data) <= MAX_BYTES:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.getexif().get(0x0112, 1) in (0, 1) and max(img.size) <= MAX_EDGE:
+                    mime = _AS_IS.get(img.format or "")
+        except Exception:  # HEIC, RAW and the rest: load_image reads them (or says why it cannot)
+            mime = None
+    if mime:
+        return mime, data
     picture = load_image(path, settings.max_image_pixels, fit=MAX_EDGE)
     picture.thumbnail((MAX_EDGE, MAX_EDGE), resample=3)
     return "image/jpeg", _jpeg(picture)

@@ -8,9 +8,9 @@ the first token is the server's ViT and prefill together (`prefill_ms`; `vit_ms`
 say), decoding runs from the first token to the last. Token counts come from the stream's `usage`.
 
 Faults of the peer are told apart from the unit's own:
-- PassingFault (the worker waits it out, the unit is asked again): nothing listening, a connection or read
-  time-out, 429, 502, 503 and 504 (Retry-After honoured), a stream cut before its end. Each request is tried
-  ATTEMPTS times before the fault reaches the worker.
+- ServerUnavailable, a PassingFault (the worker waits it out, the unit is asked again): nothing listening, a
+  connection or read time-out, 429, 502, 503 and 504 (Retry-After honoured), a stream cut before its end. Each
+  request is tried ATTEMPTS times before the fault reaches the worker.
 - ServerRefused (the unit fails with the server's own message): 400, 404, 413, 415, 422 and any other 4xx, and 500.
 - ServerProtocolError (the unit fails, naming the server): an answer that is not an OpenAI chat stream.
 The API key is read from the environment variable `model.api_key_env` names, at each request; it is never kept
@@ -48,6 +48,14 @@ RETRY_CAP_S = 30.0  # ... and never longer, nor a Retry-After longer than this
 _PASSING_STATUS = {429, 502, 503, 504}
 log = logging.getLogger(__name__)
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, timed out (socket.timeout is OSError)
+
+
+class ServerUnavailable(PassingFault):
+    """The server cannot answer now (down, busy, too slow, cut off); `retry_after`: seconds it asked to wait."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ServerRefused(VlbatchError):
@@ -108,7 +116,7 @@ class ServerModel:
     # the server and its model ------------------------------------------------------------------------------
     @property
     def info(self) -> ServerInfo:
-        """The model's name and fingerprint, asked of the server once (PassingFault while it cannot be reached)."""
+        """The model's name and fingerprint, asked of the server once (ServerUnavailable while it cannot be reached)."""
         if self._info is None:
             self._info = self._model_info()
         return self._info
@@ -148,14 +156,15 @@ class ServerModel:
         messages, count = self.messages(question, media, settings)
         timings = Timings(preprocess_ms=(time.perf_counter() - started) * 1e3)
         body = self.body(messages, generation, settings)
-        last: PassingFault | None = None
+        last: ServerUnavailable | None = None
         for attempt in range(ATTEMPTS):
             try:
                 return self._stream(body, timings, count, on_text)
-            except PassingFault as exc:
+            except ServerUnavailable as exc:
                 last = exc
                 if attempt + 1 < ATTEMPTS:
-                    delay = min(RETRY_CAP_S, exc.retry_after if _has_wait(exc) else RETRY_FIRST_S * 2**attempt)
+                    wait = exc.retry_after if exc.retry_after is not None else RETRY_FIRST_S * 2**attempt
+                    delay = min(RETRY_CAP_S, wait)
                     log.warning("%s; asking again in %.1f s", exc, delay)
                     time.sleep(delay)
         assert last is not None
@@ -237,7 +246,7 @@ class ServerModel:
                         on_text(text)
                 finish = choice.get("finish_reason") or finish
         if finish is None:
-            raise PassingFault(f"{self.url}: the answer stream ended before its end (no finish_reason)")
+            raise ServerUnavailable(f"{self.url}: the answer stream ended before its end (no finish_reason)")
         ended = time.perf_counter()
         first = first or ended
         last = last or first
@@ -288,7 +297,7 @@ class ServerModel:
             conn.close()
 
     def _open(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[Any, Any]:
-        """Send a request and take its status line: PassingFault when the server cannot be reached or is busy,
+        """Send a request and take its status line: ServerUnavailable when the server cannot be reached or is busy,
         ServerRefused for a refusal that will not pass; the open connection and response otherwise."""
         parts = self._parts
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -301,36 +310,32 @@ class ServerModel:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        where = f"{method} {self.url}{path.replace(self._base, '')}"
         try:
             conn.request(method, self._base + path, body=data, headers=headers)
             response = conn.getresponse()
         except _NETWORK_ERRORS as exc:
             conn.close()
-            raise PassingFault(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc})") from None
+            raise ServerUnavailable(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc})") from None
         if response.status < 300:
             return conn, response
         try:
             text = _read(response, self.url).decode("utf-8", "replace")
-        except PassingFault:
+        except ServerUnavailable:
             text = ""
         finally:
             conn.close()
         message = _error_message(text)
         if response.status in _PASSING_STATUS:
-            fault = PassingFault(f"{self.url}: busy or unavailable (HTTP {response.status}: {message})")
-            fault.retry_after = _retry_after(response.getheader("Retry-After"))  # type: ignore[attr-defined]
-            raise fault
+            raise ServerUnavailable(
+                f"{self.url}: busy or unavailable (HTTP {response.status}: {message})",
+                _retry_after(response.getheader("Retry-After")),
+            )
         if response.status in (401, 403):
             raise ServerRefused(
-                f"{where}: HTTP {response.status} ({message}): the server wants a key; put it in the variable "
-                "model.api_key_env names"
+                f"{method} {self.url}{path}: HTTP {response.status} ({message}): the server wants a key; put it in "
+                "the variable model.api_key_env names"
             )
         raise ServerRefused(f"{self.url} refused the request: HTTP {response.status}: {message}")
-
-
-def _has_wait(exc: PassingFault) -> bool:
-    return getattr(exc, "retry_after", None) is not None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -364,7 +369,7 @@ def _read(response: Any, url: str) -> bytes:
     try:
         return response.read()
     except _NETWORK_ERRORS as exc:
-        raise PassingFault(f"{url}: the connection broke while reading ({type(exc).__name__}: {exc})") from None
+        raise ServerUnavailable(f"{url}: the connection broke while reading ({type(exc).__name__}: {exc})") from None
 
 
 def _lines(response: Any, url: str) -> Iterator[str]:
@@ -372,7 +377,7 @@ def _lines(response: Any, url: str) -> Iterator[str]:
         try:
             raw = response.readline()
         except _NETWORK_ERRORS as exc:
-            raise PassingFault(f"{url}: the answer stream broke ({type(exc).__name__}: {exc})") from None
+            raise ServerUnavailable(f"{url}: the answer stream broke ({type(exc).__name__}: {exc})") from None
         if not raw:
             return
         yield raw.decode("utf-8", "replace")

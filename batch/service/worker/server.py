@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from batch.config import Config
 from batch.errors import PassingFault, VlbatchError
-from batch.infer.decode import IsolatedDecoder
+from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.infer.remote import BACKEND, ServerModel
 from batch.service.logs import event
 from batch.service.spool.spool import Spool
@@ -29,11 +29,13 @@ from batch.service.worker.units import Done, UnitAnswer, UnitTask
 log = logging.getLogger("batch.service.worker.server")
 
 
-def server_model(config: Config) -> ServerModel:
-    """The configured server (its model is asked for on first use)."""
+def server_model(config: Config, decoder: MediaDecoder | None = None) -> ServerModel:
+    """The configured server (its model is asked for on first use); media decoded in a child process unless
+    `decoder` says otherwise."""
     model = config.model
     assert model.url is not None  # the config refuses backend openai without it
-    return ServerModel(model.url, model.name, model.api_key_env, model.timeout_seconds, IsolatedDecoder())
+    decoder = decoder or IsolatedDecoder()
+    return ServerModel(model.url, model.name, model.api_key_env, model.timeout_seconds, decoder)
 
 
 class ServerPool:
@@ -90,6 +92,8 @@ class ServerWorker(PooledWorker):
     """A worker over the configured spool and database whose model is a server."""
 
     server: ServerModel
+    _pool: ServerPool | None = None  # made at the first job whose units the server answers
+    _said_identity: str | None = None  # the identity last logged (event=model.server)
 
     @classmethod
     def from_config(cls, config: Config, force: bool = False, retry_failed: bool = False) -> ServerWorker:
@@ -113,19 +117,19 @@ class ServerWorker(PooledWorker):
         """The identity answers are stored and reused under: asked of the server once (a passing fault until it
         can be reached)."""
         identity = self.server.info.identity
-        if identity != getattr(self, "_said_identity", None):
+        if identity != self._said_identity:
             event(log, "model.server", url=self.server.url, model=self.server.info.name, id=identity)
             self._said_identity = identity
         return identity
 
     def _units_pool(self) -> ServerPool:
         """One pool for the worker's life: its threads serve one job after another."""
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             self._pool = ServerPool(self.server, self.config.model.concurrency)
         return self._pool
 
     def close(self) -> None:
-        if getattr(self, "_pool", None) is not None:
+        if self._pool is not None:
             self._pool.close()
         if self.server.decoder is not None:
             self.server.decoder.close()
