@@ -166,13 +166,17 @@ def test_double_refuses_unknown_and_unavailable_providers(axengine, ax_folder, m
 def test_providers_and_device_id_reach_every_session(axengine, ax_folder, monkeypatch):
     monkeypatch.setattr(axengine, "AVAILABLE", ["AXCLRTExecutionProvider", "AxEngineExecutionProvider"])
     axengine.sessions.clear()
-    open_backend(ax_folder, providers=("AXCLRTExecutionProvider",), device_id=2)
+    backend = open_backend(ax_folder, providers=("AXCLRTExecutionProvider",), device_id=2)
     layers = len(list(ax_folder.glob("*_together.axmodel")))
     assert len(axengine.sessions) == layers + 2  # the layers, post and the ViT
     assert {repr(p) for _, p in axengine.sessions} == {repr([("AXCLRTExecutionProvider", {"device_id": 2})])}
+    # the card each session runs on: pyaxengine reads it from provider_options, not from the providers' tuples
+    sessions = [*backend._layers, backend._post, backend._vit]
+    assert {s.session._sess._device_index for s in sessions} == {2}
     axengine.sessions.clear()
-    open_backend(ax_folder, device_id=1)  # no provider named: the runtime's first available one
+    backend = open_backend(ax_folder, device_id=1)  # no provider named: the runtime's first available one
     assert {repr(p) for _, p in axengine.sessions} == {repr([("AXCLRTExecutionProvider", {"device_id": 1})])}
+    assert {s.session._sess._device_index for s in [*backend._layers, backend._post, backend._vit]} == {1}
     axengine.sessions.clear()
     open_backend(ax_folder, providers=("AxEngineExecutionProvider",))
     assert {repr(p) for _, p in axengine.sessions} == {repr([("AxEngineExecutionProvider", {})])}

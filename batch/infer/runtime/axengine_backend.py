@@ -138,7 +138,12 @@ class _Session:
 
     def __init__(self, axengine: Any, path: Path, providers: list[Any] | None) -> None:
         self.path = path
-        kwargs = {"providers": providers} if providers is not None else {}
+        kwargs: dict[str, Any] = {}
+        if providers is not None:
+            kwargs["providers"] = providers
+            options = [entry[1] for entry in providers[:1] if isinstance(entry, tuple)]
+            if options:  # pyaxengine's AXCL session reads its device from here, not from the providers' tuples
+                kwargs["provider_options"] = options
         try:
             self.session = axengine.InferenceSession(str(path), **kwargs)
         except Exception as exc:  # the runtime reports load failures as RuntimeError or its own types

@@ -1,47 +1,66 @@
-"""A test double of `axengine` (pyaxengine) that runs the documented NPU contract on onnxruntime.
+"""A test double of `axengine` (pyaxengine 0.1.3): its Python layer as the real one, its C libraries emulated.
 
-An ".axmodel" here is a JSON file: the ONNX graph it stands for and, per shape group, the fixed names,
-shapes and dtypes of its inputs and outputs (what a compiled axmodel declares). As strict as pyaxengine:
+The package mirrors pyaxengine's modules: `InferenceSession` (as `_session.py`'s) holds the provider session in
+`self._sess` and its name in `self._provider`; AxEngineExecutionProvider makes an `_axe.AXEngineSession` (the AXE
+board: `_axe_capi`'s sys_cffi/sys_lib/engine_cffi/engine_lib), AXCLRTExecutionProvider an
+`_axclrt.AXCLRTSession` (the AXCL card: `_axclrt_capi`'s axclrt_cffi/axclrt_lib). The cffi FFIs are real, with
+the runtime's struct layouts; the libraries are emulated in Python on the memory model of `_memory` (the board's
+cached CMM, not coherent with the NPU; the card's device memory behind axclrtMemcpy), so code that goes below
+`run()` to the private attributes and the C functions meets the same rules as on the hardware.
 
-- `InferenceSession(path, sess_options=None, provider_options=None, providers=None)` takes provider names or
+An ".axmodel" here is a JSON file: the ONNX graph it stands for and, per shape group, the fixed names, shapes and
+dtypes of its inputs and outputs (`_model`). As strict as pyaxengine, and stricter:
+
+- `InferenceSession(path, sess_options=None, providers=None, provider_options=None)` takes provider names or
   (name, {"device_id": N}) tuples; a name that is not a known provider, or not available on this "machine"
-  (`AVAILABLE`, what `get_available_providers()` lists), raises ValueError, as does a bad device_id.
+  (`AVAILABLE`, what `get_available_providers()` lists), raises ValueError, as does a bad device_id (`DEVICES`).
+  The AXCL session reads its device from `provider_options[0]` as pyaxengine does: a tuple's options are kept
+  and never passed on (pyaxengine 0.1.3), so a device_id given only there leaves the session on device 0.
 - `get_inputs(g)`/`get_outputs(g)` give NodeArgs whose `.shape` is a list of ints and whose `.dtype` is a numpy
   dtype object (ml_dtypes' bfloat16 for bf16), never a string.
 - `run(output_names, feed, shape_group=g)` checks every input of the group: the exact name set, exact shape,
-  exact dtype (ContractError otherwise). Outputs are placed through `output_names.index(name)` for every
-  declared output, so a partial list raises ValueError (list.index's), an unknown name raises ValueError, the
-  order of `output_names` is the order returned, and None returns all in declared order.
+  exact dtype (ContractError otherwise); output names as `_base_session` says.
 
-Inputs and outputs are cast at the boundary exactly as declared (bf16 hidden states and KV rows), and a
-group marked `placeholder_history` (the first prefill chunk) ignores its K/V inputs, as compiled.
+`calls` gets (model file name, shape group) for every run of a graph on the emulated NPU, `sessions` (model file
+name, providers as resolved) for every session made; `memory` counts the bytes moved and holds `errors`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
-import onnxruntime as ort
 
-__all__ = ["InferenceSession", "NodeArg", "ContractError", "calls", "sessions", "get_available_providers"]
+from ._base_session import SessionOptions
+from ._memory import CoherenceError, calls, memory, sessions
+from ._model import ContractError
+from ._node import NodeArg
+
+__all__ = [
+    "InferenceSession",
+    "NodeArg",
+    "SessionOptions",
+    "ContractError",
+    "CoherenceError",
+    "calls",
+    "sessions",
+    "memory",
+    "get_available_providers",
+]
 
 PROVIDERS = ("AxEngineExecutionProvider", "AXCLRTExecutionProvider")  # every name pyaxengine knows
 AVAILABLE = ["AxEngineExecutionProvider"]  # what this "machine" offers; tests may change it
 DEVICES = 4  # device ids 0 .. DEVICES-1 exist
 
-# Every run() call, for tests that check what was fed: (model file name, shape group).
-calls: list[tuple[str, int]] = []
-# Every session created: (model file name, the providers it resolved to as [(name, options)]).
-sessions: list[tuple[str, list[tuple[str, dict[str, Any]]]]] = []
-
 
 def get_available_providers() -> list[str]:
     return list(AVAILABLE)
+
+
+def get_all_providers() -> list[str]:
+    return list(PROVIDERS)
 
 
 def _resolve_providers(providers: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -65,64 +84,49 @@ def _resolve_providers(providers: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-class ContractError(AssertionError):
-    """A feed that the compiled model cannot take."""
-
-
-class NodeArg:
-    def __init__(self, name: str, dtype: np.dtype, shape: list[int]) -> None:
-        self.name, self.dtype, self.shape = name, dtype, shape
-
-    def __repr__(self) -> str:
-        return f"NodeArg(name={self.name!r}, dtype={self.dtype!r}, shape={self.shape})"
-
-
-def _np(dtype: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
-def _arg(node: dict[str, Any]) -> NodeArg:
-    return NodeArg(node["name"], _np(node["dtype"]), [int(d) for d in node["shape"]])
-
-
-def _ort_session(path: str) -> Any:
-    """The graph behind a double's file, on the process's shared onnxruntime thread pool: once an onnxruntime
-    model is open (the CPU backend makes that pool), onnxruntime refuses sessions with pools of their own."""
-    from batch.model.ort_options import session_options
-
-    return ort.InferenceSession(path, sess_options=session_options(), providers=["CPUExecutionProvider"])
-
-
 class InferenceSession:
     def __init__(
         self,
-        path_or_bytes: str | os.PathLike,
-        sess_options: Any = None,
-        provider_options: Any = None,
+        path_or_bytes: str | bytes | os.PathLike,
+        sess_options: SessionOptions | None = None,
         providers: Any = None,
-        **_: Any,
-    ):
+        provider_options: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._sess: Any = None
+        self._sess_options = sess_options
+        self._available_providers = get_available_providers()
         resolved = _resolve_providers(providers)
-        path = Path(path_or_bytes)
-        spec = json.loads(path.read_text())
-        if spec.get("format") != "axengine-double":
-            raise RuntimeError("Failed to load model.")
-        self._name = path.name
-        self._ort = _ort_session(spec["onnx"])
-        self._groups = spec["groups"]
-        self._inputs = [[_arg(n) for n in g["inputs"]] for g in self._groups]
-        self._outputs = [[_arg(n) for n in g["outputs"]] for g in self._groups]
         self._providers = resolved
+        self._provider, self._provider_options = resolved[0]
+        self._name = Path(path_or_bytes).name if isinstance(path_or_bytes, str | os.PathLike) else "model"
+        if self._provider == "AXCLRTExecutionProvider":
+            from ._axclrt import AXCLRTSession
+
+            self._sess = AXCLRTSession(path_or_bytes, sess_options, provider_options, **kwargs)
+        else:
+            from ._axe import AXEngineSession
+
+            self._sess = AXEngineSession(path_or_bytes, sess_options, provider_options, **kwargs)
         sessions.append((self._name, resolved))
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+    def get_session_options(self) -> SessionOptions | None:
+        return self._sess_options
 
     def get_providers(self) -> list[str]:
         return [name for name, _ in self._providers]
 
     def get_inputs(self, shape_group: int = 0) -> list[NodeArg]:
-        return self._inputs[shape_group]
+        return self._sess.get_inputs(shape_group)
 
     def get_outputs(self, shape_group: int = 0) -> list[NodeArg]:
-        return self._outputs[shape_group]
+        return self._sess.get_outputs(shape_group)
 
     def run(
         self,
@@ -131,38 +135,4 @@ class InferenceSession:
         run_options: object = None,
         shape_group: int = 0,
     ) -> list[np.ndarray]:
-        if not 0 <= shape_group < len(self._groups):
-            raise ValueError(f"Invalid shape group: {shape_group}")
-        declared = {a.name: a for a in self._inputs[shape_group]}
-        if set(input_feed) != set(declared):
-            raise ContractError(
-                f"{self._name} group {shape_group}: fed {sorted(input_feed)}, declared {sorted(declared)}"
-            )
-        for name, array in input_feed.items():
-            arg = declared[name]
-            ok = isinstance(array, np.ndarray) and list(array.shape) == list(arg.shape)
-            if not ok or array.dtype != arg.dtype:
-                got = (getattr(array, "shape", None), getattr(array, "dtype", type(array)))
-                raise ContractError(
-                    f"{self._name} group {shape_group}: input {name} expects shape {arg.shape} and dtype "
-                    f"{arg.dtype}, got shape {got[0]} and dtype {got[1]}"
-                )
-        declared_out = [a.name for a in self._outputs[shape_group]]
-        names = declared_out if output_names is None else list(output_names)
-        places = [names.index(name) for name in declared_out]  # a missing name raises list.index's ValueError
-        if len(names) != len(declared_out):  # an unknown (or repeated) name: no declared output fills its place
-            raise ValueError(f"{self._name} group {shape_group}: output names {names}, declared {declared_out}")
-        calls.append((self._name, shape_group))
-        feed = {}
-        for name, array in input_feed.items():
-            feed[name] = array.astype(np.float32) if array.dtype == _np("bfloat16") else array
-        if self._groups[shape_group].get("placeholder_history"):
-            kv = self._groups[shape_group]["kv_dim"]
-            feed["K_cache"] = feed["V_cache"] = np.zeros((1, 0, kv), np.float32)
-        results = self._ort.run(None, feed)
-        out: list[Any] = [None] * len(names)
-        for arg, value, place in zip(self._outputs[shape_group], results, places, strict=True):
-            if list(value.shape) != arg.shape:
-                raise ContractError(f"{self._name}: output {arg.name} came out {value.shape}, declared {arg.shape}")
-            out[place] = value.astype(arg.dtype)
-        return out
+        return self._sess.run(output_names, input_feed, run_options, shape_group)
