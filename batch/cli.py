@@ -231,6 +231,7 @@ def ask(
         media=media,
         providers=model.providers if providers is None else providers,
         device_id=model.device_id if device_id is None else device_id,
+        npu_io=model.npu_io,
     )
     try:
         stream = None if as_json else _echo_stream

@@ -63,6 +63,7 @@ class ModelConfig:
     threads: int | None = None  # onnxruntime threads; null = every core this process may use
     providers: tuple[str, ...] = ()  # axengine execution providers, in order; [] = the runtime's default
     device_id: int | None = None  # axengine device (an AXCL card) the providers run on; null = the default
+    npu_io: str = "copy"  # axengine decoder layers: copy (run() feeds the whole K/V cache), resident, auto
     batch: int = DEFAULT_BATCH  # answers decoded together (onnxruntime exports of format 2; the NPU decodes one)
     url: str | None = None  # backend openai: the server, e.g. http://127.0.0.1:8080 (its /v1 API)
     name: str | None = None  # backend openai: the served model to ask; null = the server's only model
@@ -101,6 +102,8 @@ class ModelConfig:
         device_id = self.device_id
         if device_id is not None and (isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0):
             raise ValueError(f"device_id must be a non-negative integer or null, got {device_id!r}")
+        if self.npu_io not in ("copy", "resident", "auto"):
+            raise ValueError(f"npu_io must be copy, resident or auto, got {self.npu_io!r}")
 
 
 # SpoolConfig's durations that 0 makes no sense for, with what 0 would do

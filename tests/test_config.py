@@ -193,6 +193,7 @@ def _sample(section: str, key: str, hint: typing.Any, default: typing.Any, tmp: 
         choices |= {("cluster", "media"): "bytes"}
         choices |= {("model", "url"): "http://10.0.0.3:8080", ("model", "name"): "internvl3-2b"}
         choices |= {("model", "api_key_env"): "OPENAI_API_KEY"}
+        choices |= {("model", "npu_io"): "resident"}
         assert (section, key) in choices, f"add a valid sample value for the text setting {section}.{key}"
         return choices[section, key], choices[section, key]
     raise AssertionError(f"{section}.{key}: no sample for type {hint!r}; teach the config's env reader this type")

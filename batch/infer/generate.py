@@ -48,9 +48,7 @@ def prefill(backend: Backend, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
     x = embeds[None, :0]
     for c in range(num_chunks(len(embeds), chunk)):
         start = c * chunk
-        x = embeds[None, start : start + chunk]  # (1, n, hidden)
-        for layer in range(backend.num_layers):
-            x = backend.prefill_chunk(layer, x, start, cache)
+        x = backend.prefill_layers(embeds[None, start : start + chunk], start, cache)  # (1, n, hidden)
         cache.length = start + x.shape[1]
     return x[:, -1:]
 
@@ -58,9 +56,7 @@ def prefill(backend: Backend, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
 def decode_one_token(backend: Backend, embed: np.ndarray, cache: KVCache) -> np.ndarray:
     """Feed one (1, 1, hidden) embedding at the cache's next position; returns next-token logits."""
     pos = cache.length
-    x = embed
-    for layer in range(backend.num_layers):
-        x = backend.decode(layer, x, pos, cache)
+    x = backend.decode_layers(embed, pos, cache)
     cache.length = pos + 1
     return backend.logits(x)
 

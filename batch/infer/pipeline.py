@@ -86,16 +86,19 @@ class Pipeline:
         decoder: MediaDecoder | None = None,
         providers: Sequence[str] = (),
         device_id: int | None = None,
+        npu_io: str = "copy",
     ) -> Pipeline:
         """Load the runtime, tokenizer and embedding table of a model folder once.
 
-        `providers` and `device_id` pick axengine's execution provider and device (an AXCL card); an
-        onnxruntime folder refuses them.
+        `providers` and `device_id` pick axengine's execution provider and device (an AXCL card), `npu_io` how
+        its decoder layers take their inputs (copy, resident, auto); an onnxruntime folder refuses them.
         """
         model_dir = Path(model_dir)
         meta_dir = metadata_dir(model_dir, hf_dir)
         _, _, spec = read_config(meta_dir)
-        runtime = open_backend(model_dir, backend, threads=threads, providers=providers, device_id=device_id)
+        runtime = open_backend(
+            model_dir, backend, threads=threads, providers=providers, device_id=device_id, npu_io=npu_io
+        )
         embed_file = embeddings_file(model_dir)
         embeddings = np.load(embed_file, mmap_mode="r")
         if embeddings.shape[1] != spec.text.hidden_size:

@@ -8,6 +8,11 @@ Layout (as published for InternVL3-2B):
     MODEL_DIR/*vit*.axmodel or MODEL_DIR/../vit_axmodel/*.axmodel
 
 Every shape (chunk length, KV capacity, number of chunks) is read from the sessions.
+
+How the decoder layers' inputs reach the NPU (`model.npu_io`): `copy` feeds every input through pyaxengine's
+run() on every call, the whole K/V cache included; `resident` keeps the cache in the sessions' own buffers
+(batch/infer/runtime/npu_resident.py); `auto` takes `resident` when a start-up self-check on the device (a short
+prompt across a chunk boundary and a few decode steps, both ways) agrees, else `copy`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,8 @@ import numpy as np
 from batch.errors import BackendError, ModelFolderError
 from batch.infer.kvcache import KVCache
 from batch.infer.runtime.base import Backend
+from batch.infer.runtime.npu_buffers import RuntimeMismatch, pyaxengine_version
+from batch.infer.runtime.npu_resident import ResidentCache, ResidentLayers
 from batch.model.attention_mask import decode_mask, prefill_mask
 
 log = logging.getLogger(__name__)
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"_l(\d+)_together\.axmodel$")
 EMBED_FILE = "model.embed_tokens.weight.npy"
 _INPUTS = ("K_cache", "V_cache", "indices", "input", "mask")
+NPU_IO = ("copy", "resident", "auto")
+SELF_CHECK_STEPS = 4  # decode steps after the self-check's prompt (chunk_len + 8 tokens: two prefill chunks)
 
 
 def _layer_files(folder: Path) -> dict[int, Path]:
@@ -214,7 +224,11 @@ class AxBackend(Backend):
     name = "axengine"
     hidden_dtype = np.dtype(ml_dtypes.bfloat16)
 
-    def __init__(self, folder: Path, providers: Sequence[str] = (), device_id: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, providers: Sequence[str] = (), device_id: int | None = None, npu_io: str = "copy"
+    ) -> None:
+        if npu_io not in NPU_IO:
+            raise BackendError(f"npu_io must be one of {', '.join(NPU_IO)}, got {npu_io!r}")
         axengine = import_axengine(folder)
         self.folder = Path(folder)
         chosen = session_providers(axengine, providers, device_id)
@@ -237,6 +251,60 @@ class AxBackend(Backend):
         self.num_layers = len(self._layers)
         self._step_inputs: tuple[int, np.ndarray, np.ndarray] | None = None
         self._read_shapes()
+        self._resident: ResidentLayers | None = None
+        if npu_io != "copy":
+            self._resident = self._resident_layers(npu_io)
+        self.npu_io = "copy" if self._resident is None else "resident"
+
+    def _resident_layers(self, npu_io: str) -> ResidentLayers | None:
+        """The resident path, or None (with one log line saying why) when it cannot be trusted here."""
+        version = f"pyaxengine {pyaxengine_version()}"
+        expected = self._self_check() if npu_io == "auto" else None  # run() first, before the buffers are taken
+        try:
+            resident = ResidentLayers(self._layers, self.chunk_len)
+        except RuntimeMismatch as exc:
+            log.warning(
+                "model.npu_io %s: %s differs from what the resident path needs (%s); decoding with copy",
+                npu_io,
+                version,
+                exc,
+            )
+            return None
+        if expected is not None:
+            try:
+                problem = _disagreement(expected, self._self_check(resident))
+            except (BackendError, RuntimeError, IndexError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                resident.close()
+                log.warning(
+                    "model.npu_io auto: the resident path's self-check disagrees with copy on this device "
+                    "(%s, %s); decoding with copy",
+                    problem,
+                    version,
+                )
+                return None
+        log.info("model.npu_io %s: decoding with the K/V cache resident in the NPU's buffers (%s)", npu_io, version)
+        return resident
+
+    def _self_check(self, resident: ResidentLayers | None = None) -> list[np.ndarray]:
+        """Logits of a fixed prompt (chunk_len + 8 rows, or what fits) and SELF_CHECK_STEPS decode steps after it,
+        through `resident` or, without it, through run(). The inputs are fixed pseudo-random hidden states of an
+        embedding's scale: the comparison needs the same inputs both ways, not a meaningful prompt."""
+        rows = min(self.chunk_len + 8, self.prefill_capacity)
+        states = np.random.default_rng(0).normal(0.0, 0.02, (rows + SELF_CHECK_STEPS, self.hidden_size))
+        states = states.astype(np.float32)
+        if resident is None:
+            cache: Any = KVCache(self.num_layers, self.kv_capacity, self._kv_dim, self._kv_dtype)
+            prefill, decode = partial(Backend.prefill_layers, self), partial(Backend.decode_layers, self)
+        else:
+            cache, prefill, decode = resident.new_cache(), resident.prefill, resident.decode
+        for start in range(0, rows, self.chunk_len):
+            x = prefill(states[None, start : min(rows, start + self.chunk_len)], start, cache)
+        logits = [self.logits(x[:, -1:])]
+        for pos in range(rows, rows + SELF_CHECK_STEPS):
+            logits.append(self.logits(decode(states[None, None, pos], pos, cache)))
+        return logits
 
     def _read_shapes(self) -> None:
         first = self._layers[0]
@@ -256,10 +324,28 @@ class AxBackend(Backend):
         rows = [self._vit.run(0, {self._vit_in.name: self._vit_in.cast(tile[None])})[0] for tile in pixels]
         return np.concatenate(rows).astype(np.float32)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self) -> KVCache | ResidentCache:  # type: ignore[override]
+        if self._resident is not None:
+            return self._resident.new_cache()
         return KVCache(self.num_layers, self.kv_capacity, self._kv_dim, self._kv_dtype)
 
+    def prefill_layers(self, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        if self._resident is not None:
+            return self._resident.prefill(hidden, start, cache)  # type: ignore[arg-type]
+        return super().prefill_layers(hidden, start, cache)
+
+    def decode_layers(self, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
+        if self._resident is not None:
+            return self._resident.decode(hidden, pos, cache)  # type: ignore[arg-type]
+        return super().decode_layers(hidden, pos, cache)
+
+    def close(self) -> None:
+        if self._resident is not None:
+            self._resident.close()
+            self._resident = None
+
     def prefill_chunk(self, layer: int, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        _host_cache(cache)
         session = self._layers[layer]
         n, chunk = hidden.shape[1], self.chunk_len
         group = start // chunk + 1
@@ -298,6 +384,7 @@ class AxBackend(Backend):
         return self._step_inputs[1], self._step_inputs[2]
 
     def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
+        _host_cache(cache)
         session = self._layers[layer]
         indices, mask = self._decode_step_inputs(pos)
         feed = {
@@ -314,3 +401,23 @@ class AxBackend(Backend):
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         out = self._post.run(0, {self._post_in.name: self._post_in.cast(hidden)})[0]
         return out.reshape(-1, out.shape[-1])[-1].astype(np.float32)
+
+
+def _host_cache(cache: object) -> None:
+    if not isinstance(cache, KVCache):
+        raise BackendError("a resident K/V cache runs every layer at once (prefill_layers, decode_layers)")
+
+
+def _disagreement(expected: list[np.ndarray], got: list[np.ndarray]) -> str:
+    """Why two runs of the self-check differ ('' when they agree): each step's greedy token must match, and its
+    logits must lie within 1% of the expected logits' range (both runs feed the device the same bytes)."""
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if int(np.argmax(want)) != int(np.argmax(have)):
+            return f"step {step}: greedy token {int(np.argmax(have))} instead of {int(np.argmax(want))}"
+        if not np.all(np.isfinite(have)):
+            return f"step {step}: logits are not finite"
+        spread = float(np.ptp(want)) or 1.0
+        worst = float(np.abs(want - have).max())
+        if worst > 0.01 * spread:
+            return f"step {step}: logits differ by up to {worst:.4g} (range {spread:.4g})"
+    return ""

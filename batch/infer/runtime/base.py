@@ -47,6 +47,18 @@ class Backend(ABC):
     def decode(self, layer: int, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
         """Run `layer` for one token at `pos` (history rows 0 .. pos-1); writes its K/V row."""
 
+    def prefill_layers(self, hidden: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        """Every layer over one chunk (prefill_chunk layer by layer); a runtime may run them together."""
+        for layer in range(self.num_layers):
+            hidden = self.prefill_chunk(layer, hidden, start, cache)
+        return hidden
+
+    def decode_layers(self, hidden: np.ndarray, pos: int, cache: KVCache) -> np.ndarray:
+        """Every layer for one token (decode layer by layer); a runtime may run them together."""
+        for layer in range(self.num_layers):
+            hidden = self.decode(layer, hidden, pos, cache)
+        return hidden
+
     @abstractmethod
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """(1, 1, hidden) last state -> (vocab,) float32 logits."""

@@ -107,17 +107,24 @@ def open_backend(
     threads: int | None = None,
     providers: Sequence[str] = (),
     device_id: int | None = None,
+    npu_io: str = "copy",
 ) -> Backend:
-    """The runtime of a model folder; `providers`/`device_id` choose axengine's execution provider and device."""
+    """The runtime of a model folder; `providers`/`device_id` choose axengine's execution provider and device,
+    `npu_io` how its decoder layers take their inputs (batch/infer/runtime/axengine_backend.py)."""
     kind = runtime_kind(model_dir, backend)
     if kind == "axengine":
         from batch.infer.runtime.axengine_backend import AxBackend
 
-        return AxBackend(Path(model_dir), providers=tuple(providers), device_id=device_id)
+        return AxBackend(Path(model_dir), providers=tuple(providers), device_id=device_id, npu_io=npu_io)
     if providers or device_id is not None:
         raise BackendError(
             f"{model_dir} is an onnxruntime folder: providers and device_id choose an axengine NPU device and "
             "do not apply to it; unset model.providers/model.device_id (--providers/--device-id)"
+        )
+    if npu_io != "copy":
+        raise BackendError(
+            f"{model_dir} is an onnxruntime folder: npu_io {npu_io} chooses how an axengine NPU's layers take their "
+            "inputs and does not apply to it; unset model.npu_io"
         )
     from batch.infer.runtime.onnx_backend import OnnxBackend
 

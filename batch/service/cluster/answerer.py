@@ -53,6 +53,7 @@ class UnitAnswerer:
                 decoder=IsolatedDecoder(),
                 providers=model.providers,
                 device_id=model.device_id,
+                npu_io=model.npu_io,
             )
         except Exception as exc:
             self.info_ = NodeInfo(self.node, _node_ip(), os.getpid(), model.backend, f"{type(exc).__name__}: {exc}")

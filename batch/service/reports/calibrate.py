@@ -192,6 +192,7 @@ def measure(model: ModelConfig) -> Calibration:
         model.threads,
         providers=model.providers,
         device_id=model.device_id,
+        npu_io=model.npu_io,
     )
     load_s = time.perf_counter() - started
     try:

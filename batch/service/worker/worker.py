@@ -191,6 +191,7 @@ class Worker:
                 decoder=IsolatedDecoder(),
                 providers=model.providers,
                 device_id=model.device_id,
+                npu_io=model.npu_io,
             )
 
         return cls(
