@@ -340,3 +340,63 @@ def test_the_host_cost_benchmark_compares_both_paths_on_both_devices(tiny_onnx, 
     copied = {(r[0].strip(), r[1].strip()): float(r[2]) + float(r[5]) for r in rows}  # memmove + host-to-card
     assert copied["board", "resident"] < copied["board", "copy"] and copied["card", "resident"] < copied["card", "copy"]
     assert done.stdout.count("greedy tokens equal") == 2
+
+
+@pytest.fixture(scope="module")
+def small_cache_folder(tiny_onnx: Path, tmp_path_factory) -> Path:
+    """128-token chunks, 2 of them, and a 300-row cache: a 256-token prompt leaves 44 rows to decode into."""
+    return build_axmodel_folder(tiny_onnx, tmp_path_factory.mktemp("ax300"), CHUNK, 2, 300)
+
+
+def test_decoding_to_the_last_row_of_the_cache_equals_copy(device, small_cache_folder, tiny_hf, axengine):
+    request = Request(np.random.default_rng(5).integers(0, 1000, 2 * CHUNK), None, None, 0.0)
+    settings = GenerationSettings(max_new_tokens=1000, ignore_eos=True)
+    answers = {}
+    for npu_io in ("copy", "resident"):
+        pipeline = open_pipeline(small_cache_folder, tiny_hf, npu_io)
+        try:
+            answers[npu_io] = pipeline.answer(request, settings)
+        finally:
+            pipeline.close()
+    copy, resident = answers["copy"], answers["resident"]
+    assert resident.token_ids == copy.token_ids and resident.finish_reason == copy.finish_reason == "length"
+    assert len(copy.token_ids) == 300 - 2 * CHUNK + 1  # every row of the cache, then the token after the last
+
+
+def test_a_failed_run_ends_that_answer_and_the_next_one_is_right(device, ax_folder, tiny_hf, axengine, monkeypatch):
+    copy = open_pipeline(ax_folder, tiny_hf, "copy")
+    request = copy.prepare("Where was this photo taken?")
+    expected = greedy(copy, request)
+    copy.close()
+    if device == "board":
+        lib, name = importlib.import_module("axengine._axe_capi").engine_lib, "AX_ENGINE_RunGroupIOSync"
+    else:
+        lib, name = importlib.import_module("axengine._axclrt_capi").axclrt_lib, "axclrtEngineExecute"
+    real, runs = getattr(lib, name), {"n": 0}
+
+    def fails_once(*args):
+        runs["n"] += 1
+        return 0x80060001 if runs["n"] == 40 else real(*args)  # a decode step of the first answer
+
+    monkeypatch.setattr(lib, name, fails_once)
+    pipeline = open_pipeline(ax_folder, tiny_hf, "resident")
+    try:
+        with pytest.raises(BackendError, match="failed with status 0x80060001"):
+            greedy(pipeline, request)
+        assert greedy(pipeline, request) == expected
+    finally:
+        pipeline.close()
+
+
+def test_a_worker_configured_for_resident_decodes_with_it(axengine, ax_folder, tiny_hf, tmp_path):
+    from batch.config import Config, ModelConfig, SpoolConfig
+    from batch.service.worker.worker import Worker
+
+    model = ModelConfig(dir=ax_folder, hf_dir=tiny_hf, npu_io="resident")
+    worker = Worker.from_config(
+        Config(model=model, spool=SpoolConfig(dir=tmp_path / "jobs", database=tmp_path / "v.db"))
+    )
+    try:
+        assert worker.pipeline.backend.npu_io == "resident"
+    finally:
+        worker.close()
