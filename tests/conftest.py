@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from batch.model.tinymodel import convert_to_native, make_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_MEDIA = REPO.parent / "shared" / "media"
+DOUBLES = REPO / "tests" / "doubles"
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +81,18 @@ def record(request: pytest.FixtureRequest, record_property):
         print(f"\n{request.node.name}: {prompt_tokens} prompt tokens, max |logit diff| {diff:.3e}")
 
     return _record
+
+
+@pytest.fixture
+def axengine(monkeypatch: pytest.MonkeyPatch):
+    """The axengine test double (tests/doubles/axengine: pyaxengine over an emulated NPU) imported as `axengine` for
+    one test, with its run and session logs and its memory counters cleared."""
+    monkeypatch.syspath_prepend(str(DOUBLES))
+    monkeypatch.delitem(sys.modules, "axengine", raising=False)
+    import axengine
+
+    axengine.calls.clear()
+    axengine.sessions.clear()
+    axengine.memory.reset()
+    yield axengine
+    sys.modules.pop("axengine", None)

@@ -24,18 +24,6 @@ CHUNK, PREFILL_CHUNKS, KV = 128, 5, 1023
 STEPS = 32
 
 
-@pytest.fixture
-def axengine(monkeypatch):
-    """Make the double importable as `axengine` for one test."""
-    monkeypatch.syspath_prepend(str(DOUBLES))
-    monkeypatch.delitem(sys.modules, "axengine", raising=False)
-    import axengine
-
-    axengine.calls.clear()
-    yield axengine
-    sys.modules.pop("axengine", None)
-
-
 @pytest.fixture(scope="module")
 def ax_folder(tiny_onnx: Path, tmp_path_factory) -> Path:
     return build_axmodel_folder(tiny_onnx, tmp_path_factory.mktemp("ax"), CHUNK, PREFILL_CHUNKS, KV)

@@ -408,19 +408,6 @@ def test_builtin_cpu_figures_apply_before_any_answer_is_stored(env, hand_cpu_rat
 # The NPU folder
 
 
-@pytest.fixture
-def axengine(monkeypatch):
-    """Make the double importable as `axengine` for one test."""
-    monkeypatch.syspath_prepend(str(DOUBLES))
-    monkeypatch.delitem(sys.modules, "axengine", raising=False)
-    import axengine
-
-    axengine.calls.clear()
-    axengine.sessions.clear()
-    yield axengine
-    sys.modules.pop("axengine", None)
-
-
 def test_an_axmodel_folder_gets_the_published_npu_figures_computed_not_measured(
     env, tiny_onnx, tiny_hf, tmp_path, axengine, tiny_shape_is_reference
 ):

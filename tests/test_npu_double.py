@@ -36,18 +36,10 @@ LAYER0 = "qwen2_p128_l0_together.axmodel"
 
 
 @pytest.fixture
-def axengine(monkeypatch):
-    """The double importable as `axengine`, both providers available, its logs and counters cleared."""
-    monkeypatch.syspath_prepend(str(DOUBLES))
-    monkeypatch.delitem(sys.modules, "axengine", raising=False)
-    import axengine
-
+def axengine(axengine, monkeypatch):
+    """The double (tests/conftest.py) with both providers available."""
     monkeypatch.setattr(axengine, "AVAILABLE", [AXE, AXCL])
-    axengine.calls.clear()
-    axengine.sessions.clear()
-    axengine.memory.reset()
-    yield axengine
-    sys.modules.pop("axengine", None)
+    return axengine
 
 
 @pytest.fixture(scope="module")

@@ -33,18 +33,6 @@ THREE_FRAMES = MediaSettings(video_frames=3)  # 949 tokens: what 1152 holds
 PROVIDERS = {"board": "AxEngineExecutionProvider", "card": "AXCLRTExecutionProvider"}
 
 
-@pytest.fixture
-def axengine(monkeypatch):
-    monkeypatch.syspath_prepend(str(DOUBLES))
-    for name in [m for m in sys.modules if m == "axengine" or m.startswith("axengine.")]:
-        monkeypatch.delitem(sys.modules, name)
-    import axengine
-
-    yield axengine
-    for name in [m for m in sys.modules if m == "axengine" or m.startswith("axengine.")]:
-        sys.modules.pop(name, None)
-
-
 @pytest.fixture(scope="module")
 def ax_folder(tiny_onnx: Path, tmp_path_factory) -> Path:
     return build_axmodel_folder(tiny_onnx, tmp_path_factory.mktemp("ax"), CHUNK, PREFILL_CHUNKS, KV)
