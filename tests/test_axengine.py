@@ -326,3 +326,14 @@ def test_each_kind_of_folder_names_its_embeddings_and_identity(ax_folder, tiny_o
     (copy / "model.embed_tokens.weight.npy").unlink()
     with pytest.raises(ModelFolderError, match="embed_tokens"):
         embeddings_file(copy)
+
+
+def test_the_runtimes_own_prints_go_to_stderr(axengine, ax_folder, tiny_hf, capsys):
+    """pyaxengine prints [INFO] lines on stdout when imported and for each session; vlbatch's stdout (answers,
+    --json) stays its own."""
+    sys.modules.pop("axengine", None)  # imported afresh, as on a board's first use
+    pipeline = Pipeline.open(ax_folder, backend="auto", hf_dir=tiny_hf)
+    pipeline.close()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "[INFO] Available providers" in err and "[INFO] Using provider: AxEngineExecutionProvider" in err

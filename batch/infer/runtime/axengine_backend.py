@@ -17,8 +17,10 @@ prompt across a chunk boundary and a few decode steps, both ways) agrees, else `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -98,6 +100,12 @@ class _Node:
         return np.ascontiguousarray(array, dtype=self.dtype)
 
 
+def _runtime_talk() -> contextlib.AbstractContextManager:
+    """pyaxengine prints [INFO] lines on stdout when imported and for every session it loads: send them to
+    stderr, where logs go, so that what vlbatch writes on stdout (answers, --json) stays its own."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def import_axengine(folder: Path) -> Any:
     """The axengine module, or a BackendError saying why not.
 
@@ -105,7 +113,8 @@ def import_axengine(folder: Path) -> Any:
     is missing) or whatever its module body raises; each is the same plain refusal.
     """
     try:
-        import axengine
+        with _runtime_talk():
+            import axengine
     except Exception as exc:  # ImportError, OSError from a missing libax_engine.so / libaxcl_rt.so, anything
         raise BackendError(
             f"axengine cannot be imported ({type(exc).__name__}: {exc}); the axmodel folder {folder} needs an "
@@ -155,7 +164,8 @@ class _Session:
             if options:  # pyaxengine's AXCL session reads its device from here, not from the providers' tuples
                 kwargs["provider_options"] = options
         try:
-            self.session = axengine.InferenceSession(str(path), **kwargs)
+            with _runtime_talk():
+                self.session = axengine.InferenceSession(str(path), **kwargs)
         except Exception as exc:  # the runtime reports load failures as RuntimeError or its own types
             raise BackendError(f"{path}: axengine could not load it ({exc})") from exc
         self.inputs: list[dict[str, _Node]] = []

@@ -53,6 +53,7 @@ __all__ = [
 PROVIDERS = ("AxEngineExecutionProvider", "AXCLRTExecutionProvider")  # every name pyaxengine knows
 AVAILABLE = ["AxEngineExecutionProvider"]  # what this "machine" offers; tests may change it
 DEVICES = 4  # device ids 0 .. DEVICES-1 exist
+print("[INFO] Available providers: ", AVAILABLE)  # pyaxengine talks on stdout: on import and for each session
 
 
 def get_available_providers() -> list[str]:
@@ -100,6 +101,7 @@ class InferenceSession:
         self._providers = resolved
         self._provider, self._provider_options = resolved[0]
         self._name = Path(path_or_bytes).name if isinstance(path_or_bytes, str | os.PathLike) else "model"
+        print(f"[INFO] Using provider: {self._provider}")
         if self._provider == "AXCLRTExecutionProvider":
             from ._axclrt import AXCLRTSession
 

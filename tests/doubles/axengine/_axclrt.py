@@ -9,7 +9,7 @@ device into its index's buffer, axclrtEngineExecute, each output copied device t
 `device_id` of `provider_options[0]`, as pyaxengine reads it. Like pyaxengine, every session stays listed in
 `_all_model_instances` until the process exits (when the runtime frees their buffers and unloads them).
 
-Quirks kept from pyaxengine: the prints are left out; the path must be a str (it is `.encode()`d); an F-ordered
+Quirks kept from pyaxengine: it prints [INFO] lines on stdout; the path must be a str (it is `.encode()`d); an F-ordered
 array is copied in its memory order; `_unload` frees whatever device pointers the IO holds at the time.
 """
 

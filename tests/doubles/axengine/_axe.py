@@ -10,7 +10,7 @@ buffer flushed, RunGroupIOSync (RunSyncV2 for a one-group model), each output bu
 The double's checks (`Session._check_run`) come first. Unlike pyaxengine, which never frees its CMM buffers,
 the emulation forgets a session's buffers once the session object is gone (the memory is the test process's).
 
-Quirks kept from pyaxengine: the prints are left out; a session made from bytes fails (pyaxengine names the
+Quirks kept from pyaxengine: it prints [INFO] lines on stdout; a session made from bytes fails (pyaxengine names the
 model from its path only); an F-ordered array is copied in its memory order.
 """
 
@@ -94,6 +94,7 @@ def _initialize_engine() -> None:
     if engine_lib.AX_ENGINE_Init(attr) != 0:
         raise RuntimeError("Failed to initialize ax sys engine.")
     _is_engine_initialized = True
+    print(f"[INFO] Chip type: {ChipType.MC50}")
 
 
 def _finalize_engine() -> None:
