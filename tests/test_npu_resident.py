@@ -21,6 +21,7 @@ from batch.errors import BackendError
 from batch.infer.generate import Timings
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.npu_buffers import BoardSession
+from batch.infer.runtime.npu_resident import ResidentLayers
 from batch.infer.settings import GenerationSettings, MediaSettings
 
 DOUBLES = Path(__file__).parent / "doubles"
@@ -388,3 +389,103 @@ def test_a_worker_configured_for_resident_decodes_with_it(axengine, ax_folder, t
         assert worker.pipeline.backend.npu_io == "resident"
     finally:
         worker.close()
+
+
+def test_a_set_up_the_card_refuses_falls_back_to_copy(ax_folder, tiny_hf, axengine, monkeypatch, caplog):
+    """One refused repointing of an input while the path is set up: no exception out of the open, one line, copy."""
+    monkeypatch.setattr(axengine, "AVAILABLE", [PROVIDERS["card"]])
+    lib = importlib.import_module("axengine._axclrt_capi").axclrt_lib
+    real, calls = lib.axclrtEngineSetInputBufferByIndex, {"n": 0}
+    setting_up = {"on": False}
+
+    def refuses_the_third(*args):
+        calls["n"] += setting_up["on"]
+        return 0x80030001 if setting_up["on"] and calls["n"] == 3 else real(*args)
+
+    monkeypatch.setattr(lib, "axclrtEngineSetInputBufferByIndex", refuses_the_third)
+    init = ResidentLayers.__init__
+
+    def watched(self, *args):
+        setting_up["on"] = True
+        try:
+            init(self, *args)
+        finally:
+            setting_up["on"] = False
+
+    monkeypatch.setattr(ResidentLayers, "__init__", watched)
+    caplog.set_level(logging.INFO, logger="batch.infer.runtime.axengine_backend")
+    for npu_io in ("resident", "auto"):
+        caplog.clear()
+        calls["n"] = 0
+        pipeline = open_pipeline(ax_folder, tiny_hf, npu_io)
+        try:
+            assert pipeline.backend.npu_io == "copy"
+            lines = [r.getMessage() for r in caplog.records if "npu_io" in r.getMessage()]
+            assert len(lines) == 1 and "setting the resident path up failed" in lines[0], lines
+            assert len(greedy(pipeline, pipeline.prepare("Where was this photo taken?"), 4)) == 4
+        finally:
+            pipeline.close()
+    assert axengine.memory.errors == []
+
+
+def test_auto_fits_its_self_check_into_a_small_cache(device, tiny_onnx, tiny_hf, axengine, tmp_path):
+    folder = build_axmodel_folder(tiny_onnx, tmp_path, CHUNK, 1, CHUNK + 1)  # one chunk, one row to decode into
+    pipeline = open_pipeline(folder, tiny_hf, "auto")
+    try:
+        assert pipeline.backend.npu_io == "resident"
+    finally:
+        pipeline.close()
+
+
+def test_a_card_copy_that_fails_ends_only_that_answer(ax_folder, tiny_hf, axengine, monkeypatch):
+    monkeypatch.setattr(axengine, "AVAILABLE", [PROVIDERS["card"]])
+    copy = open_pipeline(ax_folder, tiny_hf, "copy")
+    request = copy.prepare("Where was this photo taken?")
+    expected = greedy(copy, request)
+    copy.close()
+    lib = importlib.import_module("axengine._axclrt_capi").axclrt_lib
+    real, copies = lib.axclrtMemcpy, {"n": 0}
+
+    def fails_once(target, source, count, kind):
+        if kind == lib.AXCL_MEMCPY_DEVICE_TO_DEVICE:
+            copies["n"] += 1
+            if copies["n"] == 30:
+                return 0x80030002
+        return real(target, source, count, kind)
+
+    monkeypatch.setattr(lib, "axclrtMemcpy", fails_once)
+    pipeline = open_pipeline(ax_folder, tiny_hf, "resident")
+    try:
+        with pytest.raises(BackendError, match="axclrtMemcpy failed with status 0x80030002"):
+            greedy(pipeline, request)
+        assert greedy(pipeline, request) == expected
+    finally:
+        pipeline.close()
+
+
+def test_a_model_that_fails_to_open_gives_the_npu_its_memory_back(ax_folder, tiny_hf, axengine, tmp_path):
+    import gc
+    import shutil
+
+    from axengine._memory import cmm
+
+    broken = shutil.copytree(tiny_hf, tmp_path / "hf")
+    (broken / "tokenizer.json").write_text("{not json")
+    gc.collect()
+    before = len(cmm._by_phy)
+    for _ in range(2):
+        with pytest.raises(Exception):  # noqa: B017 - whatever the tokenizer library raises
+            open_pipeline(ax_folder, broken, "resident")
+    gc.collect()
+    assert len(cmm._by_phy) == before
+
+
+def test_a_calibration_is_kept_per_npu_io(ax_folder, tiny_hf):
+    from batch.config import ModelConfig
+    from batch.service.reports.calibrate import cache_file, this_machine
+
+    copy, resident = (
+        this_machine(ModelConfig(dir=ax_folder, hf_dir=tiny_hf, npu_io=io)) for io in ("copy", "resident")
+    )
+    assert (copy.npu_io, resident.npu_io) == ("copy", "resident") and "npu_io resident" in resident.describe()
+    assert cache_file("m@1", copy) != cache_file("m@1", resident)

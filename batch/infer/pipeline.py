@@ -99,14 +99,18 @@ class Pipeline:
         runtime = open_backend(
             model_dir, backend, threads=threads, providers=providers, device_id=device_id, npu_io=npu_io
         )
-        embed_file = embeddings_file(model_dir)
-        embeddings = np.load(embed_file, mmap_mode="r")
-        if embeddings.shape[1] != spec.text.hidden_size:
-            raise ModelFolderError(
-                f"{embed_file}: rows of width {embeddings.shape[1]}, "
-                f"but config.json says hidden {spec.text.hidden_size}"
-            )
-        return cls(runtime, load_tokenizer(meta_dir), spec, embeddings, media, decoder=decoder)
+        try:  # a model that fails from here on gives its runtime back (an NPU's buffers, above all)
+            embed_file = embeddings_file(model_dir)
+            embeddings = np.load(embed_file, mmap_mode="r")
+            if embeddings.shape[1] != spec.text.hidden_size:
+                raise ModelFolderError(
+                    f"{embed_file}: rows of width {embeddings.shape[1]}, "
+                    f"but config.json says hidden {spec.text.hidden_size}"
+                )
+            return cls(runtime, load_tokenizer(meta_dir), spec, embeddings, media, decoder=decoder)
+        except BaseException:
+            runtime.close()
+            raise
 
     # request preparation ------------------------------------------------------------------------
     def prepare(self, question: str, media: Sequence[Path] = (), settings: MediaSettings | None = None) -> Request:

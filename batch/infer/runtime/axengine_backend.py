@@ -188,7 +188,10 @@ class _Session:
 
     def run(self, group: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [node.name for node in self.outputs[group]]
-        return self.session.run(names, feed, shape_group=group)
+        try:
+            return self.session.run(names, feed, shape_group=group)
+        except RuntimeError as exc:  # the runtime's "Failed to run model." and its AXCL failures: this answer's
+            raise BackendError(f"{self.path}: {exc}") from exc
 
 
 def _group_count(session: Any) -> int:
@@ -269,7 +272,11 @@ class AxBackend(Backend):
     def _resident_layers(self, npu_io: str) -> ResidentLayers | None:
         """The resident path, or None (with one log line saying why) when it cannot be trusted here."""
         version = f"pyaxengine {pyaxengine_version()}"
-        expected = self._self_check() if npu_io == "auto" else None  # run() first, before the buffers are taken
+        try:
+            expected = self._self_check() if npu_io == "auto" else None  # run() first, before the buffers are taken
+        except (BackendError, RuntimeError) as exc:
+            log.warning("model.npu_io auto: the self-check failed through copy (%s); decoding with copy", exc)
+            return None
         try:
             resident = ResidentLayers(self._layers, self.chunk_len)
         except RuntimeMismatch as exc:
@@ -280,10 +287,18 @@ class AxBackend(Backend):
                 exc,
             )
             return None
+        except (BackendError, RuntimeError) as exc:  # a C call the set-up made failed on this device
+            log.warning(
+                "model.npu_io %s: setting the resident path up failed (%s, %s); decoding with copy",
+                npu_io,
+                exc,
+                version,
+            )
+            return None
         if expected is not None:
             try:
                 problem = _disagreement(expected, self._self_check(resident))
-            except (BackendError, RuntimeError, IndexError) as exc:
+            except (BackendError, RuntimeError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if problem:
                 resident.close()
@@ -301,7 +316,7 @@ class AxBackend(Backend):
         """Logits of a fixed prompt (chunk_len + 8 rows, or what fits) and SELF_CHECK_STEPS decode steps after it,
         through `resident` or, without it, through run(). The inputs are fixed pseudo-random hidden states of an
         embedding's scale: the comparison needs the same inputs both ways, not a meaningful prompt."""
-        rows = min(self.chunk_len + 8, self.prefill_capacity)
+        rows = min(self.chunk_len + 8, self.prefill_capacity, self.kv_capacity - SELF_CHECK_STEPS)
         states = np.random.default_rng(0).normal(0.0, 0.02, (rows + SELF_CHECK_STEPS, self.hidden_size))
         states = states.astype(np.float32)
         if resident is None:

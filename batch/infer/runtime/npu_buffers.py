@@ -60,6 +60,8 @@ class Buffer:
 class BoundSession(ABC):
     """One session's buffers by input and output index, and the calls that move bytes and run a shape group."""
 
+    label = "an NPU session"  # its model file, for messages
+
     def __init__(self, wrapper: Any, input_names: list[list[str]], output_names: list[list[str]]) -> None:
         self.raw = _attribute(wrapper, "_sess", "InferenceSession")
         self.input_names, self.output_names = input_names, output_names
@@ -95,10 +97,17 @@ class BoundSession(ABC):
         self._point_input(index, buffer)
 
     def restore(self) -> None:
-        """Point every shared input back at the session's own buffer (pyaxengine frees its own on unload)."""
-        for index, buffer in self._original.items():
-            self._point_input(index, buffer)
-        self._original.clear()
+        """Point every shared input back at the session's own buffer (pyaxengine frees its own on unload); one the
+        device refuses stays listed, the others are restored, and the refusal is raised at the end."""
+        refused = []
+        for index, buffer in list(self._original.items()):
+            try:
+                self._point_input(index, buffer)
+                del self._original[index]
+            except Exception as exc:
+                refused.append(f"input {index}: {exc}")
+        if refused:
+            raise RuntimeError("; ".join(refused))
 
 
 def _attribute(owner: Any, name: str, what: str) -> Any:

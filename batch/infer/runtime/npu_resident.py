@@ -28,7 +28,10 @@ One answer at a time: a new cache takes the buffers over, and an older cache use
 from __future__ import annotations
 
 import atexit
-from collections.abc import Sequence
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,9 +40,20 @@ from batch.errors import BackendError
 from batch.infer.runtime.npu_buffers import BoundSession, Buffer, RuntimeMismatch, bind
 from batch.model.attention_mask import decode_mask, prefill_mask
 
+log = logging.getLogger(__name__)
+
 _IN = ("K_cache", "V_cache", "indices", "input", "mask")
 _OUT = ("K_cache_out", "V_cache_out", "output")
 _ROWS = (("K_cache", "K_cache_out"), ("V_cache", "V_cache_out"))
+
+
+@contextlib.contextmanager
+def _device_faults() -> Iterator[None]:
+    """A run, copy, flush or invalidate the device refused ends this answer (a BackendError), not the worker's job."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise BackendError(f"the NPU refused a step of this answer: {exc}") from exc
 
 
 class ResidentCache:
@@ -125,9 +139,18 @@ class ResidentLayers:
     def __init__(self, sessions: Sequence[Any], chunk_len: int) -> None:
         self.chunk_len = chunk_len
         self.layers: list[_Layer] = []
+        bound: list[BoundSession] = []
+        # the shared buffers go back to their sessions when this is closed or collected, and at exit before
+        # pyaxengine's own exit hook (registered when axengine was imported, so it runs after this one) unloads
+        # the sessions: an AXCL session frees whatever its IO points at. Neither hook holds `self`.
+        self._give_back = weakref.finalize(self, _give_back, bound)
+        self._give_back.atexit = False
+        atexit.register(self._give_back)
         try:
             for session in sessions:
                 self.layers.append(_Layer(session, bind(session.session, *_declared(session))))
+                bound.append(self.layers[-1].bound)
+                bound[-1].label = str(session.path)
             self._check_chain()
             first = self.layers[0]
             for before, layer in zip(self.layers, self.layers[1:], strict=False):
@@ -154,7 +177,6 @@ class ResidentLayers:
         self._mask_cols = decode["mask"].shape[2]
         self.capacity = decode["K_cache"].shape[1]
         self.generation = 0
-        atexit.register(self.close)  # before pyaxengine's own exit hook unloads the sessions (registered earlier)
 
     def _check_chain(self) -> None:
         """Every layer's hidden output has the next layer's input shape, and the shared buffers are large enough."""
@@ -188,6 +210,15 @@ class ResidentLayers:
 
     def prefill(self, hidden: np.ndarray, start: int, cache: ResidentCache) -> np.ndarray:
         """Every layer over one chunk's (1, n, hidden) states at `start`; returns the last layer's (1, n, hidden)."""
+        with _device_faults():
+            return self._prefill(hidden, start, cache)
+
+    def decode(self, hidden: np.ndarray, pos: int, cache: ResidentCache) -> np.ndarray:
+        """Every layer for one token at `pos`; returns the last layer's (1, 1, hidden)."""
+        with _device_faults():
+            return self._decode(hidden, pos, cache)
+
+    def _prefill(self, hidden: np.ndarray, start: int, cache: ResidentCache) -> np.ndarray:
         self._owned(cache)
         n, chunk = hidden.shape[1], self.chunk_len
         group = start // chunk + 1
@@ -209,8 +240,7 @@ class ResidentLayers:
             self._run(layer, rows, group, start, n)
         return self._read_hidden(n)
 
-    def decode(self, hidden: np.ndarray, pos: int, cache: ResidentCache) -> np.ndarray:
-        """Every layer for one token at `pos`; returns the last layer's (1, 1, hidden)."""
+    def _decode(self, hidden: np.ndarray, pos: int, cache: ResidentCache) -> np.ndarray:
         self._owned(cache)
         if pos >= self.capacity:
             raise IndexError(f"KV cache full: positions up to {pos}, capacity {self.capacity}")
@@ -237,6 +267,14 @@ class ResidentLayers:
 
     def close(self) -> None:
         """Give every session its own buffers back (pyaxengine frees them on unload, once each)."""
-        atexit.unregister(self.close)
-        for layer in self.layers:
-            layer.bound.restore()
+        atexit.unregister(self._give_back)
+        self._give_back()
+
+
+def _give_back(bound: list[BoundSession]) -> None:
+    """Point every shared input back at its session's own buffer; a session that refuses is logged, the rest go on."""
+    for session in bound:
+        try:
+            session.restore()
+        except Exception as exc:  # the device refused: its unload may free a buffer twice, nothing more to do
+            log.warning("the NPU session %s kept a shared buffer (%s)", session.label, exc)

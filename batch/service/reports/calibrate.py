@@ -48,16 +48,19 @@ MAX_REPEATS = 25
 
 @dataclass(frozen=True)
 class Machine:
-    """What a calibration holds for: the host, its CPU, the runtime and its threads (None on axengine)."""
+    """What a calibration holds for: the host, its CPU, the runtime and its threads (None on axengine), and how
+    the NPU's layers take their inputs (model.npu_io as configured; None on onnxruntime)."""
 
     host: str
     cpu: str
     backend: str
     threads: int | None
+    npu_io: str | None = None
 
     def describe(self) -> str:
         threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
-        return f"{self.host} ({self.cpu}, {self.backend}{threads})"
+        npu_io = f", npu_io {self.npu_io}" if self.npu_io else ""
+        return f"{self.host} ({self.cpu}, {self.backend}{threads}{npu_io})"
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ def this_machine(model: ModelConfig) -> Machine:
     assert model.dir is not None
     backend = runtime_kind(model.dir, model.backend)
     threads = (model.threads or usable_cpus()) if backend == "onnxruntime" else None
-    return Machine(socket.gethostname(), cpu_model(), backend, threads)
+    npu_io = model.npu_io if backend == "axengine" else None
+    return Machine(socket.gethostname(), cpu_model(), backend, threads, npu_io)
 
 
 def cache_dir() -> Path:
