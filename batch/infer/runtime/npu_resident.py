@@ -13,7 +13,8 @@ the CPU cache on a board and sent over PCIe on an AXCL card. Here the cache neve
   and layer 0's `indices` and `mask` buffers as its own, so a step writes those once, not once a layer, and the
   hidden state between layers never visits the host.
 - Those shared inputs are written as a diff: the bytes that differ from what the buffer holds (kept in a host
-  copy), so from one decode step to the next the mask changes by one column (2 bytes) and the index by 4.
+  copy), so from one decode step to the next the mask changes by one column (2 bytes) and the index by a byte
+  or two.
 
 No stale row can change an answer: at start-up every K/V buffer is zeroed (uninitialised memory may hold NaN
 bit patterns, and a NaN survives any additive mask). After that, a row beyond the current position holds zeros
