@@ -352,25 +352,37 @@ def test_decoding_to_the_last_row_of_the_cache_equals_copy(device, small_cache_f
     assert len(copy.token_ids) == 300 - 2 * CHUNK + 1  # every row of the cache, then the token after the last
 
 
-def test_a_failed_run_ends_that_answer_and_the_next_one_is_right(device, ax_folder, tiny_hf, axengine, monkeypatch):
+REFUSALS = [  # (device, the C function that refuses once, the call it refuses, its status)
+    ("board", "AX_ENGINE_RunGroupIOSync", 40, 0x80060001),  # a run in the first answer's decode
+    ("card", "axclrtEngineExecute", 40, 0x80060001),
+    ("card", "axclrtMemcpy", 30, 0x80030002),  # a row copied on the card (device to device)
+]
+
+
+@pytest.mark.parametrize(("where", "name", "nth", "status"), REFUSALS)
+def test_a_step_the_device_refuses_ends_that_answer_and_the_next_one_is_right(
+    where, name, nth, status, ax_folder, tiny_hf, axengine, monkeypatch
+):
+    monkeypatch.setattr(axengine, "AVAILABLE", [PROVIDERS[where]])
     copy = open_pipeline(ax_folder, tiny_hf, "copy")
     request = copy.prepare("Where was this photo taken?")
     expected = greedy(copy, request)
     copy.close()
-    if device == "board":
-        lib, name = importlib.import_module("axengine._axe_capi").engine_lib, "AX_ENGINE_RunGroupIOSync"
-    else:
-        lib, name = importlib.import_module("axengine._axclrt_capi").axclrt_lib, "axclrtEngineExecute"
-    real, runs = getattr(lib, name), {"n": 0}
+    capi = importlib.import_module("axengine._axe_capi" if where == "board" else "axengine._axclrt_capi")
+    lib = capi.engine_lib if where == "board" else capi.axclrt_lib
+    real, calls = getattr(lib, name), {"n": 0}
 
-    def fails_once(*args):
-        runs["n"] += 1
-        return 0x80060001 if runs["n"] == 40 else real(*args)  # a decode step of the first answer
+    def refuses_once(*args):
+        if name != "axclrtMemcpy" or args[3] == lib.AXCL_MEMCPY_DEVICE_TO_DEVICE:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                return status
+        return real(*args)
 
-    monkeypatch.setattr(lib, name, fails_once)
+    monkeypatch.setattr(lib, name, refuses_once)
     pipeline = open_pipeline(ax_folder, tiny_hf, "resident")
     try:
-        with pytest.raises(BackendError, match="failed with status 0x80060001"):
+        with pytest.raises(BackendError, match=f"failed with status 0x{status:08x}"):
             greedy(pipeline, request)
         assert greedy(pipeline, request) == expected
     finally:
@@ -433,32 +445,6 @@ def test_auto_fits_its_self_check_into_a_small_cache(device, tiny_onnx, tiny_hf,
     pipeline = open_pipeline(folder, tiny_hf, "auto")
     try:
         assert pipeline.backend.npu_io == "resident"
-    finally:
-        pipeline.close()
-
-
-def test_a_card_copy_that_fails_ends_only_that_answer(ax_folder, tiny_hf, axengine, monkeypatch):
-    monkeypatch.setattr(axengine, "AVAILABLE", [PROVIDERS["card"]])
-    copy = open_pipeline(ax_folder, tiny_hf, "copy")
-    request = copy.prepare("Where was this photo taken?")
-    expected = greedy(copy, request)
-    copy.close()
-    lib = importlib.import_module("axengine._axclrt_capi").axclrt_lib
-    real, copies = lib.axclrtMemcpy, {"n": 0}
-
-    def fails_once(target, source, count, kind):
-        if kind == lib.AXCL_MEMCPY_DEVICE_TO_DEVICE:
-            copies["n"] += 1
-            if copies["n"] == 30:
-                return 0x80030002
-        return real(target, source, count, kind)
-
-    monkeypatch.setattr(lib, "axclrtMemcpy", fails_once)
-    pipeline = open_pipeline(ax_folder, tiny_hf, "resident")
-    try:
-        with pytest.raises(BackendError, match="axclrtMemcpy failed with status 0x80030002"):
-            greedy(pipeline, request)
-        assert greedy(pipeline, request) == expected
     finally:
         pipeline.close()
 
