@@ -49,6 +49,11 @@ def open_pipeline(folder: Path, hf: Path, npu_io: str) -> Pipeline:
     return Pipeline.open(folder, hf_dir=hf, npu_io=npu_io)
 
 
+def npu_io_lines(caplog) -> list[str]:
+    """The log lines that say which path the NPU's layers took, and why."""
+    return [r.getMessage() for r in caplog.records if "npu_io" in r.getMessage()]
+
+
 def greedy(pipeline: Pipeline, request: Request, steps: int = STEPS) -> list[int]:
     settings = GenerationSettings(max_new_tokens=steps, ignore_eos=True)
     return [s.token for s in pipeline.steps(request, settings, Timings())]
@@ -216,7 +221,7 @@ def test_a_runtime_that_differs_falls_back_to_copy_with_one_line(
     pipeline = open_pipeline(ax_folder, tiny_hf, "resident")
     try:
         assert pipeline.backend.npu_io == "copy"
-        lines = [r.getMessage() for r in caplog.records if "npu_io" in r.getMessage()]
+        lines = npu_io_lines(caplog)
         assert len(lines) == 1 and named in lines[0] and "decoding with copy" in lines[0], lines
         assert "pyaxengine" in lines[0]
         assert len(greedy(pipeline, pipeline.prepare("Describe the image.", [media_dir / "square.png"]), 4)) == 4
@@ -230,7 +235,7 @@ def test_auto_takes_resident_after_its_self_check(device, ax_folder, tiny_hf, ax
     pipeline = open_pipeline(ax_folder, tiny_hf, "auto")
     try:
         assert pipeline.backend.npu_io == "resident"
-        assert any("npu_io auto: decoding with the K/V cache resident" in r.getMessage() for r in caplog.records)
+        assert any("npu_io auto: decoding with the K/V cache resident" in line for line in npu_io_lines(caplog))
     finally:
         pipeline.close()
 
@@ -250,7 +255,7 @@ def test_auto_falls_back_when_the_device_disagrees(ax_folder, tiny_hf, axengine,
     pipeline = open_pipeline(ax_folder, tiny_hf, "auto")
     try:
         assert pipeline.backend.npu_io == "copy"
-        lines = [r.getMessage() for r in caplog.records if "npu_io" in r.getMessage()]
+        lines = npu_io_lines(caplog)
         assert len(lines) == 1 and "self-check disagrees" in lines[0], lines
     finally:
         pipeline.close()
@@ -432,7 +437,7 @@ def test_a_set_up_the_card_refuses_falls_back_to_copy(ax_folder, tiny_hf, axengi
         pipeline = open_pipeline(ax_folder, tiny_hf, npu_io)
         try:
             assert pipeline.backend.npu_io == "copy"
-            lines = [r.getMessage() for r in caplog.records if "npu_io" in r.getMessage()]
+            lines = npu_io_lines(caplog)
             assert len(lines) == 1 and "setting the resident path up failed" in lines[0], lines
             assert len(greedy(pipeline, pipeline.prepare("Where was this photo taken?"), 4)) == 4
         finally:

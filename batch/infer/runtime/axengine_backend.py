@@ -272,29 +272,20 @@ class AxBackend(Backend):
     def _resident_layers(self, npu_io: str) -> ResidentLayers | None:
         """The resident path, or None (with one log line saying why) when it cannot be trusted here."""
         version = f"pyaxengine {pyaxengine_version()}"
+
+        def copy_instead(why: str) -> None:
+            log.warning("model.npu_io %s: %s; decoding with copy", npu_io, why)
+
         try:
             expected = self._self_check() if npu_io == "auto" else None  # run() first, before the buffers are taken
         except (BackendError, RuntimeError) as exc:
-            log.warning("model.npu_io auto: the self-check failed through copy (%s); decoding with copy", exc)
-            return None
+            return copy_instead(f"the self-check failed through copy ({exc}, {version})")
         try:
             resident = ResidentLayers(self._layers, self.chunk_len)
         except RuntimeMismatch as exc:
-            log.warning(
-                "model.npu_io %s: %s differs from what the resident path needs (%s); decoding with copy",
-                npu_io,
-                version,
-                exc,
-            )
-            return None
+            return copy_instead(f"{version} differs from what the resident path needs ({exc})")
         except (BackendError, RuntimeError) as exc:  # a C call the set-up made failed on this device
-            log.warning(
-                "model.npu_io %s: setting the resident path up failed (%s, %s); decoding with copy",
-                npu_io,
-                exc,
-                version,
-            )
-            return None
+            return copy_instead(f"setting the resident path up failed ({exc}, {version})")
         if expected is not None:
             try:
                 problem = _disagreement(expected, self._self_check(resident))
@@ -302,13 +293,9 @@ class AxBackend(Backend):
                 problem = f"{type(exc).__name__}: {exc}"
             if problem:
                 resident.close()
-                log.warning(
-                    "model.npu_io auto: the resident path's self-check disagrees with copy on this device "
-                    "(%s, %s); decoding with copy",
-                    problem,
-                    version,
+                return copy_instead(
+                    f"the resident path's self-check disagrees with copy on this device ({problem}, {version})"
                 )
-                return None
         log.info("model.npu_io %s: decoding with the K/V cache resident in the NPU's buffers (%s)", npu_io, version)
         return resident
 
