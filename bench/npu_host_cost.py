@@ -2,7 +2,8 @@
 
     python bench/npu_host_cost.py EXPORT_DIR HF_DIR [--steps 16] [--context 100]
 
-EXPORT_DIR is a real-shape `vlbatch export` (the double runs its graphs on onnxruntime); the double declares the
+EXPORT_DIR is a real-shape `vlbatch export` (the double runs its graphs on onnxruntime, with decoder layers of the
+NPU files' contract written from HF_DIR's weights when the export's own are format 3's); the double declares the
 published InternVL3-2B axmodel shapes (KV cache 2559 x 256 bf16 per layer, 128-token chunks, 9 chunks) and
 emulates the memory the runtime drives: a board's cached CMM buffers (AxEngineExecutionProvider) and an AXCL
 card's device memory (AXCLRTExecutionProvider). For each provider and `model.npu_io` it prints, per decoded token:
@@ -30,10 +31,13 @@ sys.path[:0] = [str(REPO / "tests" / "doubles"), str(REPO / "tests")]
 
 import axengine  # noqa: E402  (the double)
 from axmodel_folder import build_axmodel_folder  # noqa: E402
+from format2 import write_format2  # noqa: E402
 
 from batch.infer.pipeline import Pipeline, Request  # noqa: E402
+from batch.infer.runtime.onnx_backend import read_manifest  # noqa: E402
 from batch.infer.settings import GenerationSettings  # noqa: E402
 from batch.infer.timings import Timings  # noqa: E402
+from batch.model.export.manifest import FIRST_HEAD_MAJOR_VERSION  # noqa: E402
 
 PROVIDERS = {"board": "AxEngineExecutionProvider", "card": "AXCLRTExecutionProvider"}
 COLUMNS = ("copied", "flushed", "invalidated", "h2d", "d2h", "d2d")
@@ -92,7 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     _time_runs()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_axmodel_folder(args.export_dir, Path(tmp), chunk=128, prefill_chunks=9, kv=2559)
+        export_dir = args.export_dir
+        if read_manifest(export_dir)["version"] >= FIRST_HEAD_MAJOR_VERSION:  # layers of the NPU files' contract
+            export_dir = write_format2(args.hf_dir, export_dir, Path(tmp) / "npu-contract")
+        folder = build_axmodel_folder(export_dir, Path(tmp) / "ax", chunk=128, prefill_chunks=9, kv=2559)
         rows = []
         for where, provider in PROVIDERS.items():
             results = {

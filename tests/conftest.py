@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from format2 import write_format2
 from synthetic import write_media
 
 from batch.model.export.exporter import export
@@ -49,6 +50,21 @@ def tiny_onnx(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_onnx")
     export(tiny_hf, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32_cache(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny export with a float32 K/V history (the default is fp16)."""
+    out = tmp_path_factory.mktemp("tiny_onnx_fp32_cache")
+    export(tiny_hf, out, kv_cache="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_npu(tiny_hf: Path, tiny_onnx_fp32_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny export with decoder layers of the NPU files' contract (format 2's: a token-major history and
+    `indices`), from which the axengine double's model folders are built."""
+    return write_format2(tiny_hf, tiny_onnx_fp32_cache, tmp_path_factory.mktemp("tiny_onnx_npu") / "export")
 
 
 @pytest.fixture(scope="session")

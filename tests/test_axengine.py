@@ -25,8 +25,8 @@ STEPS = 32
 
 
 @pytest.fixture(scope="module")
-def ax_folder(tiny_onnx: Path, tmp_path_factory) -> Path:
-    return build_axmodel_folder(tiny_onnx, tmp_path_factory.mktemp("ax"), CHUNK, PREFILL_CHUNKS, KV)
+def ax_folder(tiny_onnx_npu: Path, tmp_path_factory) -> Path:
+    return build_axmodel_folder(tiny_onnx_npu, tmp_path_factory.mktemp("ax"), CHUNK, PREFILL_CHUNKS, KV)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from format2 import write_format2
 from spool_env import SpoolEnv
 
 from batch.errors import ModelFolderError, VlbatchError
@@ -83,16 +84,15 @@ def stopping(pipeline, requests):
 
 
 def rows_seen(monkeypatch, backend) -> list[int]:
-    """Records how many rows each batched decode step of layer 0 carried."""
+    """Records how many rows each batched decode step carried."""
     seen: list[int] = []
-    original = backend.decode_rows
+    original = backend.decode_rows_layers
 
-    def spy(layer, hidden, positions, mask, cache):
-        if layer == 0:
-            seen.append(hidden.shape[0])
-        return original(layer, hidden, positions, mask, cache)
+    def spy(hidden, positions, mask, cache):
+        seen.append(hidden.shape[0])
+        return original(hidden, positions, mask, cache)
 
-    monkeypatch.setattr(backend, "decode_rows", spy)
+    monkeypatch.setattr(backend, "decode_rows_layers", spy)
     return seen
 
 
@@ -176,14 +176,28 @@ def test_a_row_cache_packs_rows_and_grows_by_steps():
         cache.add(full)
 
 
-def test_an_export_of_format_1_still_loads_and_decodes_one_answer_at_a_time(tiny_onnx, tmp_path):
-    old = tmp_path / "old"
-    old.mkdir()
-    for f in tiny_onnx.iterdir():
-        (old / f.name).symlink_to(f)
-    manifest = json.loads((tiny_onnx / MANIFEST).read_text())
-    (old / MANIFEST).unlink()
-    (old / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+def test_an_export_of_format_2_still_loads_and_answers_as_its_format_3_export_does(
+    tiny_hf, tiny_onnx_fp32_cache, tmp_path
+):
+    old = Pipeline.open(write_format2(tiny_hf, tiny_onnx_fp32_cache, tmp_path / "old"))
+    new = Pipeline.open(tiny_onnx_fp32_cache)
+    try:
+        assert (old.backend.format_version, old.backend.head_major, new.backend.head_major) == (2, False, True)
+        assert old.backend.max_rows == new.backend.max_rows > 1
+        questions = ["Hi", "Describe a quiet harbour at dawn. " * 12, "Name three colours."]  # one of 3 chunks
+        work = [(old.prepare(q), GenerationSettings(max_new_tokens=10, ignore_eos=True)) for q in questions]
+        assert max(len(r.ids) for r, _ in work) > 2 * old.backend.chunk_len
+        for rows in (1, 3):
+            theirs = [a.token_ids for a in answer_all(old, work, rows)]
+            assert theirs == [a.token_ids for a in answer_all(new, work, rows)]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_an_export_of_format_1_still_loads_and_decodes_one_answer_at_a_time(tiny_hf, tiny_onnx_fp32_cache, tmp_path):
+    old = write_format2(tiny_hf, tiny_onnx_fp32_cache, tmp_path / "old", version=1)
+    manifest = json.loads((old / MANIFEST).read_text())
     p = Pipeline.open(old)
     try:
         assert p.backend.max_rows == 1 and DecodeBatch(p, 4).rows == 1

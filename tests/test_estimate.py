@@ -409,9 +409,9 @@ def test_builtin_cpu_figures_apply_before_any_answer_is_stored(env, hand_cpu_rat
 
 
 def test_an_axmodel_folder_gets_the_published_npu_figures_computed_not_measured(
-    env, tiny_onnx, tiny_hf, tmp_path, axengine, tiny_shape_is_reference
+    env, tiny_onnx_npu, tiny_hf, tmp_path, axengine, tiny_shape_is_reference
 ):
-    folder = build_axmodel_folder(tiny_onnx, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
+    folder = build_axmodel_folder(tiny_onnx_npu, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
     env.model = folder
     env.write_config()
     config_text = env.config_path.read_text().replace("model:\n", f"model:\n  hf_dir: {tiny_hf}\n")
@@ -439,8 +439,8 @@ def test_an_axmodel_folder_gets_the_published_npu_figures_computed_not_measured(
     assert "rates   computed, not measured here: computed from the published AX650N timings" in text
 
 
-def test_an_axmodel_folder_calibrates_through_axengine_in_whole_chunks(env, tiny_onnx, tiny_hf, tmp_path, axengine):
-    env.model = build_axmodel_folder(tiny_onnx, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
+def test_an_axmodel_folder_calibrates_through_axengine_in_whole_chunks(env, tiny_onnx_npu, tiny_hf, tmp_path, axengine):
+    env.model = build_axmodel_folder(tiny_onnx_npu, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
     env.write_config()
     env.config_path.write_text(env.config_path.read_text().replace("model:\n", f"model:\n  hf_dir: {tiny_hf}\n"))
     job_file = plan(env, "ask.yaml", "prompt: Hello?\n")
@@ -452,8 +452,8 @@ def test_an_axmodel_folder_calibrates_through_axengine_in_whole_chunks(env, tiny
     assert report["calibration"]["machine"]["threads"] is None and report["jobs"][0]["seconds"]["total"] > 0
 
 
-def test_a_published_axmodel_folder_is_estimated_without_axengine(env, tiny_onnx, tiny_hf, tmp_path, monkeypatch):
-    built = build_axmodel_folder(tiny_onnx, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
+def test_a_published_axmodel_folder_is_estimated_without_axengine(env, tiny_onnx_npu, tiny_hf, tmp_path, monkeypatch):
+    built = build_axmodel_folder(tiny_onnx_npu, tmp_path / "ax", chunk=128, prefill_chunks=5, kv=1023)
     folder = shutil.move(built, tmp_path / "ax" / "InternVL3-2B_axmodel_chunk_128")
     monkeypatch.setitem(sys.modules, "axengine", None)  # as on a PC without the NPU runtime
     env.model = Path(folder)

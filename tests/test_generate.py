@@ -10,7 +10,7 @@ from batch.infer.generate import Timings, num_chunks
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.infer.vit_cache import VitCache
-from batch.model.attention_mask import MASKED, decode_mask, prefill_mask
+from batch.model.attention_mask import MASKED, chunk_mask, decode_mask, prefill_mask
 from batch.model.export.exporter import export
 
 
@@ -29,14 +29,13 @@ def ids(n: int, seed: int = 0) -> Request:
 def test_chunk_count_is_ceil_with_no_empty_chunk(pipeline, monkeypatch, n, chunks):
     assert num_chunks(n, 128) == chunks
     starts: list[tuple[int, int]] = []
-    original = pipeline.backend.prefill_chunk
+    original = pipeline.backend.prefill_layers
 
-    def spy(layer, hidden, start, cache):
-        if layer == 0:
-            starts.append((start, hidden.shape[1]))
-        return original(layer, hidden, start, cache)
+    def spy(hidden, start, cache):
+        starts.append((start, hidden.shape[1]))
+        return original(hidden, start, cache)
 
-    monkeypatch.setattr(pipeline.backend, "prefill_chunk", spy)
+    monkeypatch.setattr(pipeline.backend, "prefill_layers", spy)
     list(pipeline.steps(ids(n), GenerationSettings(max_new_tokens=1), Timings()))
     assert [s for s, _ in starts] == [128 * c for c in range(chunks)]
     assert sum(length for _, length in starts) == n and all(length > 0 for _, length in starts)
@@ -48,6 +47,9 @@ def test_masks():
     assert (m[3, :132] == 0).all()  # padding rows stay causal and finite
     d = decode_mask(pos=3, cols=8)[0, 0]
     assert d.tolist() == [0, 0, 0, MASKED, MASKED, MASKED, MASKED, 0]
+    # format 3: a history 6 wide of which 3 positions are filled, then a chunk of 2
+    c = chunk_mask(start=3, n=2, width=6)[0]
+    assert c.tolist() == [[0, 0, 0, MASKED, MASKED, MASKED, 0, MASKED], [0, 0, 0, MASKED, MASKED, MASKED, 0, 0]]
 
 
 def test_stops_at_end_of_turn_and_leaves_it_out(pipeline):

@@ -35,8 +35,8 @@ PROVIDERS = {"board": "AxEngineExecutionProvider", "card": "AXCLRTExecutionProvi
 
 
 @pytest.fixture(scope="module")
-def ax_folder(tiny_onnx: Path, tmp_path_factory) -> Path:
-    return build_axmodel_folder(tiny_onnx, tmp_path_factory.mktemp("ax"), CHUNK, PREFILL_CHUNKS, KV)
+def ax_folder(tiny_onnx_npu: Path, tmp_path_factory) -> Path:
+    return build_axmodel_folder(tiny_onnx_npu, tmp_path_factory.mktemp("ax"), CHUNK, PREFILL_CHUNKS, KV)
 
 
 @pytest.fixture(params=list(PROVIDERS))
@@ -337,9 +337,9 @@ def test_the_host_cost_benchmark_compares_both_paths_on_both_devices(tiny_onnx, 
 
 
 @pytest.fixture(scope="module")
-def small_cache_folder(tiny_onnx: Path, tmp_path_factory) -> Path:
+def small_cache_folder(tiny_onnx_npu: Path, tmp_path_factory) -> Path:
     """128-token chunks, 2 of them, and a 300-row cache: a 256-token prompt leaves 44 rows to decode into."""
-    return build_axmodel_folder(tiny_onnx, tmp_path_factory.mktemp("ax300"), CHUNK, 2, 300)
+    return build_axmodel_folder(tiny_onnx_npu, tmp_path_factory.mktemp("ax300"), CHUNK, 2, 300)
 
 
 def test_decoding_to_the_last_row_of_the_cache_equals_copy(device, small_cache_folder, tiny_hf, axengine):
@@ -445,8 +445,8 @@ def test_a_set_up_the_card_refuses_falls_back_to_copy(ax_folder, tiny_hf, axengi
     assert axengine.memory.errors == []
 
 
-def test_auto_fits_its_self_check_into_a_small_cache(device, tiny_onnx, tiny_hf, axengine, tmp_path):
-    folder = build_axmodel_folder(tiny_onnx, tmp_path, CHUNK, 1, CHUNK + 1)  # one chunk, one row to decode into
+def test_auto_fits_its_self_check_into_a_small_cache(device, tiny_onnx_npu, tiny_hf, axengine, tmp_path):
+    folder = build_axmodel_folder(tiny_onnx_npu, tmp_path, CHUNK, 1, CHUNK + 1)  # one chunk, one row to decode into
     pipeline = open_pipeline(folder, tiny_hf, "auto")
     try:
         assert pipeline.backend.npu_io == "resident"

@@ -21,7 +21,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 STEPS = 32
-TOLERANCE = 1e-3
+# max |logit diff| against transformers: a float32 K/V history holds 1e-3 and every greedy token; the default fp16
+# history moves the tiny model's logits by up to about 2e-2, so its greedy token may differ only where
+# transformers' best two tokens lie closer than twice that
+TOLERANCE = {"float32": 1e-3, "float16": 3e-2}
 QUESTION = "Please describe the photo in detail."
 
 
@@ -34,9 +37,10 @@ def reference(tiny_native: Path):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_onnx: Path):
-    p = Pipeline.open(tiny_onnx, backend="onnxruntime")
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def pipeline(request, tiny_onnx: Path, tiny_onnx_fp32_cache: Path):
+    p = Pipeline.open(tiny_onnx_fp32_cache if request.param == "fp32" else tiny_onnx, backend="onnxruntime")
+    assert p.backend.cache_dtype == {"fp32": np.float32, "fp16": np.float16}[request.param]
     yield p
     p.close()
 
@@ -53,7 +57,7 @@ def reference_logits(model, ids: np.ndarray, pixels: np.ndarray | None, forced: 
     return torch.stack(rows).numpy()
 
 
-def run_both(pipeline: Pipeline, reference, request: Request) -> tuple[float, list[int], list[int]]:
+def run_both(pipeline: Pipeline, reference, request: Request) -> tuple[float, list[int], list[int], np.ndarray]:
     settings = GenerationSettings(max_new_tokens=STEPS + 1, ignore_eos=True)
     steps = list(pipeline.steps(request, settings, Timings()))
     ours = np.stack([s.logits for s in steps])
@@ -61,14 +65,22 @@ def run_both(pipeline: Pipeline, reference, request: Request) -> tuple[float, li
     theirs = reference_logits(reference, request.ids, request.pixels, tokens[:-1])
     assert ours.shape == theirs.shape
     diff = float(np.abs(ours - theirs).max())
-    return diff, tokens, [int(t) for t in theirs.argmax(-1)]
+    best_two = np.sort(theirs, axis=-1)[:, -2:]
+    return diff, tokens, [int(t) for t in theirs.argmax(-1)], best_two[:, 1] - best_two[:, 0]
 
 
 def check(pipeline: Pipeline, reference, request: Request, record) -> None:
-    diff, ours, theirs = run_both(pipeline, reference, request)
+    diff, ours, theirs, margins = run_both(pipeline, reference, request)
     record(diff, len(request.ids))
-    assert diff <= TOLERANCE, f"max |logit diff| {diff:.2e}"
-    assert ours == theirs
+    history = pipeline.backend.cache_dtype.name
+    tolerance = TOLERANCE[history]
+    assert diff <= tolerance, f"max |logit diff| {diff:.2e} ({history} K/V history)"
+    if history == "float32":
+        assert ours == theirs
+    else:
+        clear = margins > 2 * tolerance
+        assert clear.mean() > 0.8, "too few steps with a clear greedy token to compare"
+        assert np.array(ours)[clear].tolist() == np.array(theirs)[clear].tolist()
     assert len(set(ours[1:])) >= 8, f"degenerate greedy output: {ours}"
 
 

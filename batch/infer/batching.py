@@ -150,8 +150,7 @@ def decode_rows_step(backend: Backend, embeddings: np.ndarray, tokens: list[int]
     """Feed each row in use its next token at its own position; returns the (rows, vocab) next-token logits."""
     x = np.asarray(embeddings[tokens], dtype=np.float32)[:, None]
     positions, mask = cache.prepare_step()
-    for layer in range(backend.num_layers):
-        x = backend.decode_rows(layer, x, positions, mask, cache)
+    x = backend.decode_rows_layers(x, positions, mask, cache)
     cache.advance()
     return backend.logits_rows(x)
 

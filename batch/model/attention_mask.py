@@ -25,3 +25,11 @@ def decode_mask(pos: int, cols: int, dtype: type = np.float32) -> np.ndarray:
     mask[..., :pos] = 0.0
     mask[..., -1] = 0.0
     return mask
+
+
+def chunk_mask(start: int, n: int, width: int, dtype: type = np.float32) -> np.ndarray:
+    """(1, n, width + n) mask for n tokens at positions start .. start+n-1 over a history `width` positions wide
+    (exports of format 3): the history's positions below `start` and the chunk's own tokens causally."""
+    history = np.broadcast_to(np.where(np.arange(width) < start, 0.0, MASKED), (n, width))
+    own = np.where(np.arange(n)[None, :] <= np.arange(n)[:, None], 0.0, MASKED)
+    return np.concatenate([history, own], axis=1).astype(dtype)[None]

@@ -19,8 +19,11 @@ def _write(path: Path, onnx_file: Path, groups: list[dict[str, Any]]) -> None:
 
 
 def build_axmodel_folder(onnx_dir: Path, root: Path, chunk: int = 128, prefill_chunks: int = 3, kv: int = 1023) -> Path:
-    """Write root/model_axmodel (layers, post, embeddings) and root/vit_axmodel; returns the model folder."""
+    """Write root/model_axmodel (layers, post, embeddings) and root/vit_axmodel; returns the model folder.
+
+    `onnx_dir`'s decoder layers must have the NPU files' contract (an export of format 2, tests/format2.py)."""
     manifest = read_manifest(onnx_dir)
+    assert manifest["version"] <= 2, f"{onnx_dir}: format 3 layers do not have the NPU contract"
     spec = manifest["spec"]
     hidden, kv_dim = spec["text"]["hidden_size"], spec["text"]["num_kv_heads"] * spec["text"]["head_dim"]
     size = spec["vision"]["image_size"]

@@ -71,6 +71,12 @@ class Backend(ABC):
         """Run `layer` for one token of each row in use: (count, 1, hidden) at `positions`; writes their K/V."""
         raise NotImplementedError(f"{self.name} decodes one answer at a time")
 
+    def decode_rows_layers(self, hidden: np.ndarray, positions: np.ndarray, mask: np.ndarray, cache: RowCache):
+        """Every layer for one token of each row in use (decode_rows layer by layer); a runtime may share work."""
+        for layer in range(self.num_layers):
+            hidden = self.decode_rows(layer, hidden, positions, mask, cache)
+        return hidden
+
     def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
         """(count, 1, hidden) last states -> (count, vocab) float32 logits."""
         raise NotImplementedError(f"{self.name} decodes one answer at a time")

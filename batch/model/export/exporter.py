@@ -28,7 +28,7 @@ except ImportError as exc:  # the CPU runtime (extra `cpu`) and the NPU board in
 
 from batch.model.checkpoint import Checkpoint
 from batch.model.export.graphs import decoder_layer_graph, post_graph, vit_graph
-from batch.model.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from batch.model.export.manifest import CACHE_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST
 from batch.model.modelspec import ModelSpec
 
 DEFAULT_CHUNK = 128
@@ -67,6 +67,7 @@ def export(
     weights: str = "fp32",
     vit_weights: str = "fp32",
     prefill_weights: str = "same",
+    kv_cache: str = "fp16",
 ) -> Path:
     """Export `hf_dir` into `out_dir`; returns the manifest path.
 
@@ -79,6 +80,8 @@ def export(
     prompts, dynamically quantized like the int8 ViT (about 1.6x faster prefill than int4 on an AVX-512 VNNI
     CPU, at 1.3 GB more memory for a 2B model), kept only if each layer's update of a check prompt stays within
     PREFILL_INT8_MIN_COSINE of fp32's; the lowest cosine is recorded in the manifest.
+    `kv_cache`: the K/V history's dtype, fp16 (half the bytes a decode step reads at long contexts; the logits
+    move by about 1e-3 of their range) or fp32 (what the oracle tests compare with transformers at 1e-3).
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
@@ -86,6 +89,8 @@ def export(
         raise ValueError(f"vit_weights must be one of {', '.join(VIT_FORMATS)}, got {vit_weights!r}")
     if prefill_weights not in PREFILL_FORMATS:
         raise ValueError(f"prefill_weights must be one of {', '.join(PREFILL_FORMATS)}, got {prefill_weights!r}")
+    if kv_cache not in CACHE_DTYPES:
+        raise ValueError(f"kv_cache must be one of {', '.join(CACHE_DTYPES)}, got {kv_cache!r}")
     ckpt = Checkpoint(hf_dir)
     ckpt.check_complete()
     spec = ckpt.spec
@@ -106,10 +111,10 @@ def export(
     layers, prefill_layers = [], []
     check = None
     if prefill_weights == "int8":
-        check = _PrefillCheck(_check_prompt(spec, ckpt, out_dir / "vit.onnx"), spec.text.kv_dim)
+        check = _PrefillCheck(_check_prompt(spec, ckpt, out_dir / "vit.onnx"), spec, kv_cache)
     for i in range(spec.text.num_layers):
         step(f"layer {i + 1}/{spec.text.num_layers}")
-        graph = decoder_layer_graph(spec, i, ckpt.tensor)
+        graph = decoder_layer_graph(spec, i, ckpt.tensor, kv_cache)
         if check is not None:  # before save(), whose weight-only quantizer rewrites the graph in place
             prefill_layers.append(f"llm_prefill_{i:02d}.onnx")
             check.add_layer(graph, out_dir / prefill_layers[-1])
@@ -134,6 +139,7 @@ def export(
         "prefill_chunk": chunk,
         "kv_capacity": min(kv_capacity, spec.text.max_position_embeddings),
         "weights": weights,
+        "kv_cache": kv_cache,
         **vit_facts,
         **prefill_facts,
         "files": {"vit": "vit.onnx", "layers": layers, "post": "post.onnx", "embed": "embed_tokens.npy"},
@@ -249,18 +255,23 @@ class _PrefillCheck:
     """Carries the check prompt through the fp32 decoder layers, one layer as it is exported, and writes each
     layer's int8 prefill form if its update of the prompt stays within PREFILL_INT8_MIN_COSINE of fp32's."""
 
-    def __init__(self, prompt: np.ndarray, kv_dim: int) -> None:
-        from batch.model.attention_mask import prefill_mask
+    def __init__(self, prompt: np.ndarray, spec: ModelSpec, kv_cache: str) -> None:
+        from batch.model.attention_mask import chunk_mask
+        from batch.model.rotary import inverse_frequencies, rotary_tables
 
         n = prompt.shape[1]
         self.hidden = prompt
         self.lowest = 1.0
-        empty = np.zeros((1, 0, kv_dim), np.float32)
+        t = spec.text
+        empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), CACHE_DTYPES[kv_cache])
+        cos, sin = rotary_tables(inverse_frequencies(t), np.arange(n))
         self._fixed = {
             "K_cache": empty,
             "V_cache": empty,
-            "indices": np.arange(n, dtype=np.uint32)[None],
-            "mask": prefill_mask(0, n, n, n),
+            "mask": chunk_mask(0, n, 0),
+            "cos": cos,
+            "sin": sin,
+            "rope_rows": np.arange(n, dtype=np.int64)[None],
         }
 
     def add_layer(self, graph: onnx.ModelProto, target: Path) -> None:

@@ -1,10 +1,11 @@
 """The three ONNX graphs of the CPU layout: ViT+projector, one decoder layer, and the post (norm + lm_head).
 
-They mirror the NPU files' contract (see docs/models.md): a decoder layer takes the K/V history
-rows, the positions (`indices`), the chunk's hidden states (`input`) and an additive `mask` over
-history + chunk, and returns the chunk's new K/V rows and hidden states. On the CPU all lengths are
-dynamic, activations are float32, and the decoder layers and the post graph take a leading rows dimension: one row
-for a prompt chunk (the NPU's shape), several for a batched decode step.
+As the NPU files do (see docs/models.md), a decoder layer takes the K/V history, the chunk's hidden states
+(`input`) and an additive `mask` over history + chunk, and returns the chunk's new K/V rows and hidden states. The
+CPU layer keeps its history in the form that serves a CPU (format 3 of the export): head-major and 16-bit, with
+the rotary tables fed in once per step (see decoder_layer_graph). All lengths are dynamic, activations are float32,
+and the decoder layers and the post graph take a leading rows dimension: one row for a prompt chunk, several for
+a batched decode step.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import numpy as np
 import onnx
 
 from batch.errors import ModelFolderError
+from batch.model.export.manifest import CACHE_DTYPES
 from batch.model.export.onnx_builder import CONTRIB_DOMAIN, GraphBuilder
 from batch.model.modelspec import ModelSpec
 
 Weights = Callable[[str], np.ndarray]
-
-LAYER_INPUTS = ("K_cache", "V_cache", "indices", "input", "mask")
-LAYER_OUTPUTS = ("K_out", "V_out", "output")
 
 
 def _norm(g: GraphBuilder, x: str, prefix: str, w: Weights, kind: str, eps: float) -> str:
@@ -98,94 +97,96 @@ def vit_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:
     return g.build()
 
 
-def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights) -> onnx.ModelProto:
-    """One Qwen2 decoder layer over B rows of S new tokens each, over P history rows per row (all dynamic).
+def decoder_layer_graph(spec: ModelSpec, layer: int, w: Weights, cache_dtype: str = "fp16") -> onnx.ModelProto:
+    """One Qwen2 decoder layer over B rows of S new tokens each, over a history `width` positions wide (all dynamic).
 
-    A prompt chunk is one row of S tokens; a batched decode step is B rows of one token, each at its own position
-    (`indices`) with its own history and mask. Every projection runs on all B*S tokens at once, so a decode step of
-    B rows reads each weight once.
+    A prompt chunk is one row of S tokens; a batched decode step is B rows of one token, each with its own history,
+    mask and rotary rows. Every projection runs on all B*S tokens at once, so a decode step of B rows reads each
+    weight once; q, k and v are one product, as are gate and up.
+
+    The K/V history is head-major, (B, kv_heads, width, head_dim), in `cache_dtype`: each KV head's rows lie
+    together, so each head scores its own group's queries against them as they are; a 16-bit history is read at 2
+    bytes per value and widened to float32 for the arithmetic. The positions past a row's length are masked
+    (`mask`, (B, S, width + S)). The rotary tables come in as inputs (`cos`, `sin`, one row per token, and
+    `rope_rows`, the row of each (b, s)): computed once per step, not once per layer.
     """
     t = spec.text
     hid, nh, nkv, d = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
-    group = nh // nkv
+    kv_dim = t.kv_dim
+    cache = CACHE_DTYPES[cache_dtype]
     p = f"language_model.model.layers.{layer}."
+    a, m = p + "self_attn.", p + "mlp."
     g = GraphBuilder(f"qwen2_layer_{layer}")
-    k_hist = g.input("K_cache", np.float32, ["rows", "history", t.kv_dim])
-    v_hist = g.input("V_cache", np.float32, ["rows", "history", t.kv_dim])
-    indices = g.input("indices", np.uint32, ["rows", "chunk"])
+    k_hist = g.input("K_cache", cache, ["rows", nkv, "width", d])
+    v_hist = g.input("V_cache", cache, ["rows", nkv, "width", d])
     x = g.input("input", np.float32, ["rows", "chunk", hid])
     mask = g.input("mask", np.float32, ["rows", "chunk", "total"])
-
-    # rotary tables, one row per token (B*S, d/2); onnxruntime's RotaryEmbedding rotates the halves of each head
-    # (rotate_half, not interleaved), token (b, s) with table row b*S+s (its position_ids)
-    inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    inv_freq = (inv_freq / t.rope_scaling_factor).astype(np.float32)
-    pos = g.reshape(g.op("Cast", [indices], to=onnx.TensorProto.FLOAT), [-1, 1])  # (B*S, 1)
-    angles = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq)])  # (B*S, d/2)
-    cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
-    tokens = g.op("Range", [g.const(0), g.op("Size", [indices]), g.const(1)])
-    table_rows = g.op("Reshape", [tokens, g.op("Shape", [indices])])  # (B, S): b*S+s
-
-    def rope(states: str) -> str:
-        return g.op("RotaryEmbedding", [states, table_rows, cos, sin], domain=CONTRIB_DOMAIN, interleaved=0)
+    cos = g.input("cos", np.float32, ["tokens", d // 2])
+    sin = g.input("sin", np.float32, ["tokens", d // 2])
+    rope_rows = g.input("rope_rows", np.int64, ["rows", "chunk"])
 
     h = g.rms_norm(x, p + "input_layernorm", w(p + "input_layernorm.weight"), t.rms_norm_eps)
-    a = p + "self_attn."
-    q = g.linear(h, a + "q_proj", w(a + "q_proj.weight"), w(a + "q_proj.bias"))
-    k = g.linear(h, a + "k_proj", w(a + "k_proj.weight"), w(a + "k_proj.bias"))
-    v = g.linear(h, a + "v_proj", w(a + "v_proj.weight"), w(a + "v_proj.bias"))
-    q = rope(q)  # (B, S, nh*d)
-    k_new = rope(k)  # (B, S, kv_dim)
-    g.output(k_new, "K_out", np.float32, ["rows", "chunk", t.kv_dim])
-    g.output(v, "V_out", np.float32, ["rows", "chunk", t.kv_dim])
+    qkv_weight = np.concatenate([w(a + f"{n}_proj.weight") for n in "qkv"])
+    qkv_bias = np.concatenate([w(a + f"{n}_proj.bias") for n in "qkv"])
+    qkv = g.linear(h, a + "qkv_proj", qkv_weight, qkv_bias)
+    q, k, v = g.ops("Split", [qkv, g.const([nh * d, kv_dim, kv_dim])], 3, axis=-1)
 
-    attn = _attention(g, q, k_hist, v_hist, k_new, v, mask, nkv, group, d)  # (B, S, hidden)
-    x = g.op("Add", [x, g.linear(attn, a + "o_proj", w(a + "o_proj.weight"))])
+    def rope(states: str) -> str:  # rotate_half (not interleaved), token (b, s) with table row rope_rows[b, s]
+        return g.op("RotaryEmbedding", [states, rope_rows, cos, sin], domain=CONTRIB_DOMAIN, interleaved=0)
 
-    h = g.rms_norm(x, p + "post_attention_layernorm", w(p + "post_attention_layernorm.weight"), t.rms_norm_eps)
-    m = p + "mlp."
-    gate = g.silu(g.linear(h, m + "gate_proj", w(m + "gate_proj.weight")))
-    up = g.linear(h, m + "up_proj", w(m + "up_proj.weight"))
-    down = g.linear(g.op("Mul", [gate, up]), m + "down_proj", w(m + "down_proj.weight"))
+    def heads(states: str, count: int) -> str:  # (B, S, count*d) -> (B, count, S, d)
+        return g.transpose(g.reshape(states, [0, 0, count, d]), [0, 2, 1, 3])
+
+    k_new, v_new = heads(rope(k), nkv), heads(v, nkv)
+    if cache == np.float32:
+        g.output(k_new, "K_out", cache, ["rows", nkv, "chunk", d])
+        g.output(v_new, "V_out", cache, ["rows", nkv, "chunk", d])
+    else:  # stored in 16 bits; the arithmetic stays float32 (the history widened as it is read)
+        g.output(g.cast(k_new, cache), "K_out", cache, ["rows", nkv, "chunk", d])
+        g.output(g.cast(v_new, cache), "V_out", cache, ["rows", nkv, "chunk", d])
+        k_hist, v_hist = g.cast(k_hist, np.float32), g.cast(v_hist, np.float32)
+
+    # each KV head's group of query heads, S rows each: (B, kv_heads, group*S, d)
+    q_groups = g.reshape(heads(rope(q), nh), [0, nkv, -1, d])
+    attn = _attention(g, q_groups, (k_hist, v_hist), (k_new, v_new), mask, nkv, nh, d)
+    attn = g.reshape(g.transpose(g.reshape(attn, [0, nh, -1, d]), [0, 2, 1, 3]), [0, 0, nh * d])
+    attn = g.linear(attn, a + "o_proj", w(a + "o_proj.weight"))
+
+    # the residual sum and the second norm in one kernel
+    post_norm = g.weight(p + "post_attention_layernorm.weight", w(p + "post_attention_layernorm.weight"))
+    h, _, _, x = g.ops(
+        "SkipSimplifiedLayerNormalization", [attn, x, post_norm], 4, domain=CONTRIB_DOMAIN, epsilon=t.rms_norm_eps
+    )
+    gate_up = g.linear(h, m + "gate_up_proj", np.concatenate([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]))
+    inter = t.intermediate_size
+    gate, up = g.ops("Split", [gate_up, g.const([inter, inter])], 2, axis=-1)
+    down = g.linear(g.op("Mul", [g.silu(gate), up]), m + "down_proj", w(m + "down_proj.weight"))
     g.output(g.op("Add", [x, down]), "output", np.float32, ["rows", "chunk", hid])
     return g.build()
 
 
 def _attention(
-    g: GraphBuilder, q: str, k_hist: str, v_hist: str, k_new: str, v_new: str, mask: str, nkv: int, group: int, d: int
+    g: GraphBuilder, q: str, history: tuple[str, str], chunk: tuple[str, str], mask: str, nkv: int, nh: int, d: int
 ) -> str:
-    """Grouped-query attention of each row over its own history + chunk, reading the history where it lies.
+    """Each KV head's queries (B, kv_heads, group*S, d) over its history (B, kv_heads, width, d) and the chunk's
+    own rows (B, kv_heads, S, d): (B, kv_heads, group*S, d).
 
-    Each query head is spread into a row of width kv_dim holding its values in its KV group's slice and zeros
-    elsewhere, so scores against all KV heads at once are one product per row with the (P, kv_dim) history as it
-    is (FusedMatMul with transB: no transpose, no concatenation with the new rows); the values come back the same
-    way and each head keeps its own group's slice. Only the small score and probability rows are ever concatenated
-    or split, so a decode step costs no copy of the cache.
+    Each head's group is scored in one product against its own rows only, reading the history where it lies;
+    scores against the history and against the chunk are two products (no concatenation of the cache with the new
+    rows), and only the small score and probability rows are joined and split.
     """
-    kv_dim, heads = nkv * d, nkv * group
-    onehot = np.eye(nkv, dtype=np.float32).reshape(1, 1, nkv, 1, nkv, 1)  # (1, 1, g, 1, slot, 1)
-    spread = g.weight("attn.group_onehot", onehot)
-    q6 = g.op("Unsqueeze", [g.reshape(q, [0, 0, nkv, group, d]), g.const([4])])  # (B, S, g, group, 1, d)
-    q_rows = g.reshape(g.op("Mul", [q6, spread]), [0, -1, kv_dim])  # (B, S*heads, kv_dim)
+    (k_hist, v_hist), (k_new, v_new) = history, chunk
     scale = float(d**-0.5)
 
     def scores_over(keys: str) -> str:
-        return g.op("FusedMatMul", [q_rows, keys], domain=CONTRIB_DOMAIN, transB=1, alpha=scale)
+        return g.op("FusedMatMul", [q, keys], domain=CONTRIB_DOMAIN, transB=1, alpha=scale)
 
-    past, now = scores_over(k_hist), scores_over(k_new)  # (B, S*heads, P), (B, S*heads, S)
-    joined = g.op("Concat", [past, now], axis=2)  # (B, S*heads, T) with T = P+S
-    total = g.op("Shape", [joined], start=2, end=3)
-    scores = g.op("Reshape", [joined, g.op("Concat", [g.const([0, -1, heads]), total], axis=0)])  # (B, S, heads, T)
-    scores = g.op("Add", [scores, g.op("Unsqueeze", [mask, g.const([2])])])  # mask (B, S, T) -> (B, S, 1, T)
-    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.op("Concat", [g.const([0, -1]), total], axis=0)])
-    history = g.op("Shape", [k_hist], start=1, end=2)
-    p_past, p_now = g.ops(
-        "Split", [probs, g.op("Concat", [history, g.op("Shape", [k_new], start=1, end=2)], axis=0)], 2, axis=2
-    )
-    out = g.op("Add", [g.op("MatMul", [p_past, v_hist]), g.op("MatMul", [p_now, v_new])])  # (B, S*heads, kv_dim)
-    out = g.op("Mul", [g.reshape(out, [0, -1, nkv, group, nkv, d]), spread])
-    out = g.op("ReduceSum", [out, g.const([4])], keepdims=0)  # (B, S, g, group, d): each head's own group
-    return g.reshape(out, [0, 0, heads * d])
+    joined = g.op("Concat", [scores_over(k_hist), scores_over(k_new)], axis=3)  # (B, nkv, group*S, T)
+    scores = g.op("Add", [g.reshape(joined, [0, nh, -1, 0]), g.op("Unsqueeze", [mask, g.const([1])])])  # (B, nh, S, T)
+    probs = g.reshape(g.op("Softmax", [scores], axis=-1), [0, nkv, -1, 0])
+    sizes = g.op("Concat", [g.op("Shape", [k_hist], start=2, end=3), g.op("Shape", [k_new], start=2, end=3)], axis=0)
+    p_past, p_now = g.ops("Split", [probs, sizes], 2, axis=3)
+    return g.op("Add", [g.op("MatMul", [p_past, v_hist]), g.op("MatMul", [p_now, v_new])])
 
 
 def post_graph(spec: ModelSpec, w: Weights) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's own operators (RotaryEmbedding
 
 _ELEM = {
     np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.uint32): TensorProto.UINT32,
 }
@@ -71,6 +72,9 @@ class GraphBuilder:
         outs = [f"{op_type.lower()}_{next(self._ids)}" for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
         return outs
+
+    def cast(self, x: str, dtype: type) -> str:
+        return self.op("Cast", [x], to=_ELEM[np.dtype(dtype)])
 
     def reshape(self, x: str, shape: list[int]) -> str:
         return self.op("Reshape", [x, self.const(shape)])
