@@ -1,5 +1,5 @@
 """`python -m batch` runs the vlbatch command line."""
 
-from batch.cli import main
+from batch.cli import command
 
-main()
+command()

@@ -21,6 +21,7 @@ import click
 
 from batch.config import Config, ConfigError, check_config, find_config, load_config
 from batch.errors import VlbatchError
+from batch.huge_pages import restart_with_huge_pages
 from batch.infer.generate import GenerationResult
 from batch.service import logs
 from batch.service.spool.states import JobState
@@ -122,9 +123,21 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
     Drop job files into the spool inbox and run `vlbatch watch` (or `vlbatch run` from cron); every
     answer and its timings land in SQLite. `vlbatch ask` answers one question directly.
     """
+    if _started_as_command and ctx.invoked_subcommand in _MODEL_COMMANDS:
+        restart_with_huge_pages()  # once, before any model or thread: see batch/huge_pages.py
     reads_database = ctx.invoked_subcommand in _DATABASE_COMMANDS
     logs.setup(log_level or ("info" if reads_database else "warning"))
     ctx.obj = config_path
+
+
+_started_as_command = False  # set by command(): main() called in-process (tests, scripts) never restarts
+
+
+def command() -> None:
+    """The `vlbatch` command and `python -m batch`: main(), whose model commands may restart once for huge pages."""
+    global _started_as_command
+    _started_as_command = True
+    main()
 
 
 def _config(ctx: click.Context) -> Config:
@@ -327,8 +340,23 @@ def timing_table(result: GenerationResult) -> str:
     "than int4, 1.3 GB more memory for a 2B model), kept only if each layer's update of a check prompt stays "
     "within cosine 0.99 of fp32's; decode steps keep --weights.",
 )
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["fp16", "fp32"]),
+    default="fp16",
+    show_default=True,
+    help="The K/V history's dtype: fp16 reads half the bytes per decode step at long contexts; fp32 keeps the "
+    "logits within 1e-3 of transformers' (the oracle tests' export).",
+)
 def export(
-    hf_dir: Path, out_dir: Path, kv_capacity: int, chunk: int, weights: str, vit_weights: str, prefill_weights: str
+    hf_dir: Path,
+    out_dir: Path,
+    kv_capacity: int,
+    chunk: int,
+    weights: str,
+    vit_weights: str,
+    prefill_weights: str,
+    kv_cache: str,
 ) -> None:
     """Export a Hugging Face InternVL folder (HF_DIR) into ONNX graphs for the CPU runtime (OUT_DIR)."""
     from tqdm import tqdm
@@ -353,6 +381,7 @@ def export(
             weights=weights,
             vit_weights=vit_weights,
             prefill_weights=prefill_weights,
+            kv_cache=kv_cache,
         )
         bar.update()
     click.echo(f"exported to {manifest.parent}")

@@ -26,6 +26,7 @@ import yaml
 
 from batch import strict_yaml
 from batch.errors import VlbatchError
+from batch.huge_pages import OFF_SWITCH
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.model.export.manifest import MAX_ROWS
 
@@ -245,7 +246,9 @@ ENV_ALIASES = {
     "VLBATCH_BACKEND": "VLBATCH_MODEL_BACKEND",
     "VLBATCH_DATABASE": "VLBATCH_SPOOL_DATABASE",
 }
-_NOT_SETTINGS = (ENV_VAR,)  # VLBATCH_* names that are not settings: the config file itself
+# VLBATCH_* names that are not settings: the config file itself, and the huge pages switch (read at start-up,
+# before any configuration: batch/huge_pages.py)
+_NOT_SETTINGS = (ENV_VAR, OFF_SWITCH)
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
