@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from peer_llamacpp import decode_token, load_cpu_backend, prompt_tokens  # noqa: E402
 
+from batch.huge_pages import TUNABLE, environment, thp_mode  # noqa: E402
+
 
 def serve_vlbatch(model_dir: Path, threads: int) -> None:
     from batch.infer.generate import decode_one_token, prefill
@@ -88,7 +90,9 @@ def _serve(decode) -> None:  # noqa: ANN001 - a callable taking the context and 
 class Runner:
     def __init__(self, kind: str, path: Path, args: argparse.Namespace) -> None:
         command = [sys.executable, __file__, str(path), str(path), "--serve", kind, "--threads", str(args.threads)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # vlbatch's worker starts as the `vlbatch` model commands restart themselves: with huge pages where wanted
+        env = environment() if kind == "vlbatch" else None
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._reply()
 
     def _reply(self) -> dict:
@@ -140,6 +144,9 @@ def main() -> int:
 
     info = machine()
     print(f"machine: {info['cpu']} ({info['cpu_features']}), {args.threads} threads")
+    huge = TUNABLE in environment().get("GLIBC_TUNABLES", "")
+    asked = "asked for" if huge else "not asked for"
+    print(f"vlbatch's worker: huge pages {asked} (THP mode {thp_mode()}), as the vlbatch model commands run")
     print(f"{args.model_dir.name} against llama.cpp {args.gguf.name}: {args.tokens} tokens per round")
     ours, theirs = Runner("vlbatch", args.model_dir, args), Runner("llamacpp", args.gguf, args)
     table = []

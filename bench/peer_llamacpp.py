@@ -5,12 +5,14 @@
 
 Writes GGUF_DIR/model-f16.gguf from the InternVL folder's language model (the `gguf` package's writer; the
 folder's own tokenizer.json: its byte-level BPE vocabulary, merges and special tokens at their ids, padded to
-the embedding's rows), quantizes it with `llama_model_quantize`, and prints one JSON object with prefill
-tokens/s per prompt length and decode tokens/s for each quantization, and the CPU variant it ran. llama.cpp's
-own converter refuses a made-up tokenizer ("BPE pre-tokenizer was not recognized"), hence this writer; with the
-real vocabulary llama.cpp tokenizes text, and the <img> and </img> that its mtmd library puts around an image,
-as vlbatch does (bench/peer_mtmd.py uses the same file). The prompt's token ids are drawn within the vocabulary,
-so every preset runs (tiny included).
+the embedding's rows), quantizes it with `llama_model_quantize`, and prints one JSON object: the CPU variant it
+ran and, per quantization and per --prompt-tokens length in turn, the prefill tokens/s of that prompt
+(`prefill_N_tok_s`) and the decode speed of --decode-tokens tokens fed right after it (`decode_after_N_tok_s`,
+`decode_after_N_ms_per_token`: decode at that context); `decode_tok_s` and `decode_ms_per_token` repeat the
+figures after the last length. llama.cpp's own converter refuses a made-up tokenizer ("BPE pre-tokenizer was
+not recognized"), hence this writer; with the real vocabulary llama.cpp tokenizes text, and the <img> and </img>
+that its mtmd library puts around an image, as vlbatch does (bench/peer_mtmd.py uses the same file). The
+prompt's token ids are drawn within the vocabulary, so every preset runs (tiny included).
 
 `make bench` builds llama.cpp with every CPU variant as its own library (GGML_BACKEND_DL with
 GGML_CPU_ALL_VARIANTS): AVX2-only, AVX-512 with and without VNNI and BF16, AVX-VNNI, AMX on x86-64; armv8.x
@@ -30,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -245,6 +248,27 @@ def cached_gguf(hf_dir: Path, gguf_dir: Path, quant: str, threads: int) -> Path:
     return path
 
 
+def context_figures(llm: Any, lengths: list[int], decode_tokens: int) -> dict[str, float]:
+    """For each prompt length in turn: its prefill from an empty cache, then decode_tokens tokens fed after it.
+
+    Keys `prefill_N_tok_s`, `decode_after_N_tok_s` and `decode_after_N_ms_per_token`: decode at each context.
+    """
+    vocab_size = llm.n_vocab()
+    figures: dict[str, float] = {}
+    for n in lengths:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt_tokens(n, vocab_size))
+        figures[f"prefill_{n}_tok_s"] = n / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(decode_tokens):
+            llm.eval([decode_token(i, vocab_size)])
+        seconds = time.perf_counter() - t
+        figures[f"decode_after_{n}_ms_per_token"] = seconds / decode_tokens * 1e3
+        figures[f"decode_after_{n}_tok_s"] = decode_tokens / seconds
+    return figures
+
+
 def gguf_name(path: Path) -> str:
     """general.name of a GGUF file ('' if it has none)."""
     import gguf
@@ -258,7 +282,9 @@ def main() -> None:
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("gguf_dir", type=Path)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 400])
+    parser.add_argument(
+        "--prompt-tokens", type=int, nargs="+", default=[128, 400], help="prompt lengths, each prefilled, then decoded"
+    )
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--quants", nargs="+", default=["Q4_0", "Q8_0"], choices=["Q4_0", "Q8_0"])
     parser.add_argument("--cpu-variant", help="run this CPU variant (default: the best this CPU runs, AMX aside)")
@@ -269,6 +295,7 @@ def main() -> None:
 
     import llama_cpp
 
+    lengths = list(dict.fromkeys(args.prompt_tokens))  # each once, in the order given
     result: dict[str, object] = {"cpu_variant": variant, "cpu_variant_scores": scores}
     for name in args.quants:
         path = cached_gguf(args.hf_dir, args.gguf_dir, name, args.threads)
@@ -277,24 +304,15 @@ def main() -> None:
             model_path=str(path),
             n_threads=args.threads,
             n_threads_batch=args.threads,
-            n_ctx=4096,
+            n_ctx=max(4096, max(lengths) + args.decode_tokens),
             n_batch=512,
             verbose=False,
         )
         figures: dict[str, float] = {"load_s": time.perf_counter() - started}
-        vocab_size = llm.n_vocab()
-        for n in args.prompt_tokens:
-            tokens = prompt_tokens(n, vocab_size)
-            llm.reset()
-            t = time.perf_counter()
-            llm.eval(tokens)
-            figures[f"prefill_{n}_tok_s"] = n / (time.perf_counter() - t)
-        t = time.perf_counter()
-        for i in range(args.decode_tokens):
-            llm.eval([decode_token(i, vocab_size)])
-        seconds = time.perf_counter() - t
-        figures["decode_ms_per_token"] = seconds / args.decode_tokens * 1e3
-        figures["decode_tok_s"] = args.decode_tokens / seconds
+        figures.update(context_figures(llm, lengths, args.decode_tokens))
+        last = lengths[-1]
+        figures["decode_ms_per_token"] = figures[f"decode_after_{last}_ms_per_token"]
+        figures["decode_tok_s"] = figures[f"decode_after_{last}_tok_s"]
         result[name] = figures
         del llm
     print(json.dumps(result))

@@ -12,6 +12,15 @@ and photos per hour, next to the same arithmetic from the published AX650N figur
 peers run afterwards, one subprocess each, on the same weights, prompts and thread count: transformers (torch
 fp32) and llama.cpp (Q4_0, Q8_0); the ratios close the report.
 
+Decode at each case's context: vlbatch decodes --decode-tokens tokens after each case's own prompt, and llama.cpp
+is given prompts of the same lengths (128 tokens and the token counts of the 1-image, 4-image and video prompts as
+the first export's run measured them; text token ids, since decode's cost follows the context's length, not what
+filled it) and decodes as many tokens after each. A table, "decode tokens/s at each case's context", shows a row
+per case (with its prompt tokens), a column per export and per llama.cpp quantization, and the int4 export's
+ratio over Q4_0 (int4+int8's when there is no int4 export, else the first export's); a failed llama.cpp is a
+FAILED column with its cause and no ratio. The JSON report holds it as `decode_at_contexts`. The comparison's
+llama.cpp decode and prefill are at the 1-image prompt's length, as vlbatch's are.
+
 The photo case (--peers mtmd) captions the same --photos synthetic 4:3 photos with the same prompt and
 --caption-tokens new tokens (end-of-turn ignored) at --photo-max-tiles, through vlbatch's worker (one `vlbatch
 run` of the first --weights export, bench/photos_per_hour.py) and through llama.cpp's own image pipeline (libmtmd
@@ -228,9 +237,23 @@ def planning_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def case_prompt_tokens(report: dict[str, Any]) -> list[int]:
+    """The prompt token counts of the cases, in case order and each once, as the first export's run saw them."""
+    cases = report[report["weights"][0]]["cases"]
+    return list(dict.fromkeys(int(r["prompt_tokens"]) for r in cases.values()))
+
+
 def peers(
-    names: list[str], models: Path, preset: str, threads: int, decode_tokens: int, cases: Path, timeout_s: float
+    names: list[str],
+    models: Path,
+    preset: str,
+    threads: int,
+    decode_tokens: int,
+    cases: Path,
+    timeout_s: float,
+    prompt_tokens: list[int],
 ) -> dict[str, PeerOutcome]:
+    """Each peer of --peers in its own subprocess; llama.cpp prefills, and decodes after, every prompt_tokens."""
     out: dict[str, PeerOutcome] = {}
     if "transformers" in names:
         native = models / f"{preset}-native"
@@ -241,15 +264,91 @@ def peers(
         out["transformers"] = run_peer("transformers", command, timeout_s, install_hint=PEER_INSTALL)
     if "llamacpp" in names:
         command = [sys.executable, str(REPO / "bench" / "peer_llamacpp.py"), str(models / f"{preset}-hf")]
-        command += [str(models / f"{preset}-gguf"), "--threads", str(threads), "--prompt-tokens", "128", "400"]
-        command += ["--decode-tokens", str(decode_tokens)]
+        command += [str(models / f"{preset}-gguf"), "--threads", str(threads)]
+        command += ["--prompt-tokens", *map(str, prompt_tokens), "--decode-tokens", str(decode_tokens)]
         out["llamacpp"] = run_peer("llamacpp", command, timeout_s, install_hint=PEER_INSTALL)
     return out
 
 
+LLAMA_QUANTS = ("Q4_0", "Q8_0")
+
+
+def ratio_export(weights: list[str]) -> str:
+    """The export set against llama.cpp Q4_0 per context: int4, else int4+int8 (int4 decode layers too), else the
+    first."""
+    return next((w for w in ("int4", INT8_ARITHMETIC) if w in weights), weights[0])
+
+
+def decode_at_contexts(report: dict[str, Any], llama: PeerOutcome | None, decode_tokens: int) -> dict[str, Any]:
+    """Decode tokens/s at each case's context: per case (its prompt tokens), every export's own figure, llama.cpp's
+    decode after a prompt of that length per quantization, and the ratio_export's ratio over Q4_0.
+
+    `ratio` (what over what) is None, and so is every row's, unless llama.cpp gave Q4_0 figures; a failed
+    llama.cpp is named in `llamacpp_failed`. A context llama.cpp has no figure for (a run with other lengths) is
+    None, and so is that row's ratio.
+    """
+    exports = [w for w in report["weights"] if report.get(w)]
+    figures = llama.figures if llama is not None else None
+    theirs = figures or {}
+    quants = [q for q in LLAMA_QUANTS if isinstance(theirs.get(q), dict)]
+    ours = f"vlbatch {ratio_export(exports)}"
+    ratio = {"of": ours, "over": "llama.cpp Q4_0"} if "Q4_0" in quants else None
+    rows = []
+    for case, first in report[exports[0]]["cases"].items():
+        n = first["prompt_tokens"]
+        speeds: dict[str, float | None] = {
+            f"vlbatch {w}": report[w]["cases"].get(case, {}).get("decode_tok_s") for w in exports
+        }
+        for quant in quants:
+            speeds[f"llama.cpp {quant}"] = theirs[quant].get(f"decode_after_{n}_tok_s")
+        a, b = speeds.get(ours), speeds.get("llama.cpp Q4_0")
+        rows.append({"case": case, "prompt_tokens": n, "decode_tok_s": speeds, "ratio": a / b if a and b else None})
+    out: dict[str, Any] = {"decode_tokens": decode_tokens, "columns": list(rows[0]["decode_tok_s"]) if rows else []}
+    out |= {"ratio": ratio, "rows": rows}
+    if theirs.get("cpu_variant"):
+        out["llamacpp_cpu_variant"] = theirs["cpu_variant"]
+    if llama is not None and figures is None:
+        out["llamacpp_failed"] = llama.failure or "no figures"
+    return out
+
+
+def decode_context_table(table: dict[str, Any]) -> list[str]:
+    """decode_at_contexts as text: a row per case, a column per export and llama.cpp quantization, the ratio last;
+    a failed llama.cpp is a FAILED column and a line with its cause, and no ratio."""
+    failed = table.get("llamacpp_failed")
+    heads = [*table["columns"], *(["llama.cpp"] if failed is not None else [])]
+    ratio = table["ratio"]
+    if ratio is not None:
+        heads.append(f"{ratio['of'].removeprefix('vlbatch ')} / {ratio['over'].removeprefix('llama.cpp ')}")
+    widths = [max(9, len(h)) for h in heads]
+    variant = f"; llama.cpp's CPU variant {table['llamacpp_cpu_variant']}" if table.get("llamacpp_cpu_variant") else ""
+    lines = [
+        f"decode tokens/s at each case's context ({table['decode_tokens']} tokens decoded after each prompt{variant})",
+        f"{'case':<16} {'tokens':>6}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True)),
+    ]
+    for row in table["rows"]:
+        cells = ["-" if v is None else f"{v:.2f}" for v in row["decode_tok_s"].values()]
+        cells += ["FAILED"] if failed is not None else []
+        if ratio is not None:
+            cells.append("-" if row["ratio"] is None else f"x{row['ratio']:.2f}")
+        lines.append(
+            f"{row['case']:<16} {row['prompt_tokens']:>6}  "
+            + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        )
+    if failed is not None:
+        lines.append(f"llama.cpp FAILED: {failed}; no ratio against it")
+    return lines
+
+
 def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list[str]:
-    """Decode, prefill, ViT and TTFT side by side, with vlbatch's ratio over each peer that gave figures."""
+    """Decode, prefill, ViT and TTFT side by side, with vlbatch's ratio over each peer that gave figures.
+
+    vlbatch's decode and prefill are its 1-image case's; llama.cpp's are after and of a prompt of that length
+    (decode after its last prompt, and prefill of 400 tokens, from a peer run without that length).
+    """
     rows: list[tuple[str, str, float | None]] = []
+    measured = [w for w in report["weights"] if report.get(w)]
+    one_image = report[measured[0]]["cases"]["1 image"]["prompt_tokens"] if measured else None
     for weights in report["weights"]:
         r = report.get(weights)
         if r:
@@ -272,8 +371,12 @@ def comparison(report: dict[str, Any], outcomes: dict[str, PeerOutcome]) -> list
         for quant, figures in llama.figures.items():
             if isinstance(figures, dict) and "decode_tok_s" in figures:
                 who = f"llama.cpp {quant}" + (f" ({variant})" if variant else "")
-                rows.append((who, "decode tok/s", figures["decode_tok_s"]))
-                rows.append((who, "prefill tok/s", figures["prefill_400_tok_s"]))
+                rows.append(
+                    (who, "decode tok/s", figures.get(f"decode_after_{one_image}_tok_s", figures["decode_tok_s"]))
+                )
+                prefill = figures.get(f"prefill_{one_image}_tok_s", figures.get("prefill_400_tok_s"))
+                if prefill is not None:
+                    rows.append((who, "prefill tok/s", prefill))
     elif llama is not None:
         failed.append(("llama.cpp", llama.failure or "no figures"))
     mtmd = outcomes.get("mtmd")
@@ -434,7 +537,14 @@ def main() -> int:
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
         outcomes = peers(
-            args.peers, args.models, args.preset, args.threads, args.decode_tokens, cases, args.peer_timeout
+            args.peers,
+            args.models,
+            args.preset,
+            args.threads,
+            args.decode_tokens,
+            cases,
+            args.peer_timeout,
+            case_prompt_tokens(report),
         )
         if "mtmd" in args.peers:
             print(f"photo case: {args.photos} photos, max_tiles {args.photo_max_tiles}, {args.photo_rounds} rounds")
@@ -448,9 +558,11 @@ def main() -> int:
                 args,
             )
     report["peers"] = {name: o.figures if o.ok else {"failed": o.failure} for name, o in outcomes.items()}
+    report["decode_at_contexts"] = decode_at_contexts(report, outcomes.get("llamacpp"), args.decode_tokens)
     print("\n".join(planning_table(report)))
     if "photo_case" in report:
         print("\n".join(photo_table(report["photo_case"], outcomes["mtmd"])))
+    print("\n".join(decode_context_table(report["decode_at_contexts"])))
     print("\n".join(comparison(report, outcomes)))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

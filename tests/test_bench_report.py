@@ -1,10 +1,13 @@
 """The benchmark cannot hide a failed peer: it shows FAILED with the cause in words, prints no ratio against
 it and exits 1 unless --allow-missing-peers; causes come from real processes (signals, exits, time-outs).
 The llama.cpp peers' inputs fit every preset: prompt ids within the vocabulary, the GGUF vocabulary the model's
-own tokenizer (so mtmd's <img> and </img> are its special tokens)."""
+own tokenizer (so mtmd's <img> and </img> are its special tokens). Decode is compared at each case's context:
+llama.cpp decodes after a prompt as long as each case's, and the table sets the figures of equal length side
+by side."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,9 +24,17 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from peer_llamacpp import decode_token, gguf_vocabulary, prompt_tokens  # noqa: E402
 from peers import PeerOutcome, failure_cause, run_peer  # noqa: E402
-from run_bench import photo_table  # noqa: E402
+from run_bench import (  # noqa: E402
+    case_prompt_tokens,
+    comparison,
+    decode_at_contexts,
+    decode_context_table,
+    photo_table,
+    ratio_export,
+)
 
 from batch.model.tiny_tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402
+from batch.model.tinymodel import make_model  # noqa: E402
 
 
 def _script(tmp_path: Path, body: str) -> list[str]:
@@ -125,6 +137,149 @@ def test_the_photo_case_shows_both_sides_every_round_and_the_median_ratio() -> N
     assert not any("median" in line for line in failed)
 
 
+CASE_TOKENS = {"0 images": 128, "1 image": 400, "4 images": 1206, "video 8 frames": 2273}
+SIGILL = "SIGILL: illegal instruction, the library was built for a CPU feature this machine lacks"
+
+
+def _export(decode: list[float]) -> dict[str, object]:
+    """An export's figures as bench_export reports them, reduced to what the decode tables read."""
+    cases = {
+        name: {"prompt_tokens": n, "decode_tok_s": speed, "prefill_ms": 1000.0, "ttft_ms": 2000.0}
+        for (name, n), speed in zip(CASE_TOKENS.items(), decode, strict=True)
+    }
+    return {"cases": cases, "prefill_tok_s": 400.0, "vit_ms_per_tile": 1800.0}
+
+
+def _bench_report() -> dict[str, Any]:
+    return {
+        "weights": ["int4+int8", "int4", "fp32"],
+        "int4+int8": _export([28.0, 26.0, 22.0, 18.0]),
+        "int4": _export([27.0, 25.0, 21.0, 17.0]),
+        "fp32": _export([4.9, 4.7, 4.4, 4.0]),
+    }
+
+
+def _llama(decode: dict[int, float], last: float) -> dict[str, float]:
+    """A quantization's figures as bench/peer_llamacpp.py prints them: per prompt length, then the last's again."""
+    out = {f"prefill_{n}_tok_s": 80.0 + n / 100 for n in decode}
+    out |= {f"decode_after_{n}_tok_s": speed for n, speed in decode.items()}
+    out |= {f"decode_after_{n}_ms_per_token": 1e3 / speed for n, speed in decode.items()}
+    return out | {"decode_tok_s": last, "decode_ms_per_token": 1e3 / last}
+
+
+def _llama_outcome() -> PeerOutcome:
+    q4 = _llama({128: 30.0, 400: 25.0, 1206: 20.0, 2273: 17.0}, last=17.0)
+    q8 = _llama({128: 17.0, 400: 16.0, 1206: 14.0}, last=14.0)  # no run after the video's length
+    return PeerOutcome(
+        "llamacpp", {"cpu_variant": "zen4", "cpu_variant_scores": {"zen4": 1984}, "Q4_0": q4, "Q8_0": q8}
+    )
+
+
+def test_llama_cpp_is_given_the_prompt_length_of_every_case_once() -> None:
+    report = _bench_report()
+    assert case_prompt_tokens(report) == [128, 400, 1206, 2273]
+    report["int4+int8"]["cases"]["4 images"]["prompt_tokens"] = 400
+    assert case_prompt_tokens(report) == [128, 400, 2273]
+
+
+def test_decode_at_each_case_context_sets_every_export_beside_llama_cpp_at_the_same_length() -> None:
+    table = decode_at_contexts(_bench_report(), _llama_outcome(), decode_tokens=64)
+    assert json.loads(json.dumps(table)) == table  # the JSON report's decode_at_contexts
+    assert table["columns"] == [
+        "vlbatch int4+int8",
+        "vlbatch int4",
+        "vlbatch fp32",
+        "llama.cpp Q4_0",
+        "llama.cpp Q8_0",
+    ]
+    assert table["ratio"] == {"of": "vlbatch int4", "over": "llama.cpp Q4_0"}
+    assert table["decode_tokens"] == 64 and table["llamacpp_cpu_variant"] == "zen4"
+    assert "llamacpp_failed" not in table
+    assert [(r["case"], r["prompt_tokens"]) for r in table["rows"]] == list(CASE_TOKENS.items())
+    video = table["rows"][3]
+    assert video["decode_tok_s"] == {
+        "vlbatch int4+int8": 18.0,
+        "vlbatch int4": 17.0,
+        "vlbatch fp32": 4.0,
+        "llama.cpp Q4_0": 17.0,
+        "llama.cpp Q8_0": None,  # llama.cpp did not decode after a prompt of this length
+    }
+    assert [r["ratio"] for r in table["rows"]] == pytest.approx([27 / 30, 25 / 25, 21 / 20, 17 / 17])
+
+    lines = decode_context_table(table)
+    assert (
+        lines[0]
+        == "decode tokens/s at each case's context (64 tokens decoded after each prompt; llama.cpp's CPU variant zen4)"
+    )
+    assert lines[1].split() == [
+        "case", "tokens", "vlbatch", "int4+int8", "vlbatch", "int4", "vlbatch", "fp32",
+        "llama.cpp", "Q4_0", "llama.cpp", "Q8_0", "int4", "/", "Q4_0",
+    ]  # fmt: skip
+    assert lines[2].split() == ["0", "images", "128", "28.00", "27.00", "4.90", "30.00", "17.00", "x0.90"]
+    assert lines[5].split() == ["video", "8", "frames", "2273", "18.00", "17.00", "4.00", "17.00", "-", "x1.00"]
+    assert len(lines) == 6
+
+
+def test_decode_at_each_case_context_shows_a_failed_llama_cpp_and_no_ratio() -> None:
+    table = decode_at_contexts(_bench_report(), PeerOutcome("llamacpp", None, SIGILL), decode_tokens=64)
+    assert table["llamacpp_failed"] == SIGILL and table["ratio"] is None
+    assert table["columns"] == ["vlbatch int4+int8", "vlbatch int4", "vlbatch fp32"]
+    assert all(r["ratio"] is None for r in table["rows"])
+    lines = decode_context_table(table)
+    assert lines[1].split()[-1] == "llama.cpp" and "/" not in lines[1]
+    assert lines[3].split() == ["1", "image", "400", "26.00", "25.00", "4.70", "FAILED"]
+    assert lines[-1] == f"llama.cpp FAILED: {SIGILL}; no ratio against it"
+    assert not any(re.search(r" x[0-9]", line) for line in lines)
+    # without the llama.cpp peer: vlbatch's exports alone, nothing failed, no ratio
+    alone = decode_at_contexts(_bench_report(), None, decode_tokens=64)
+    assert alone["ratio"] is None and "llamacpp_failed" not in alone and len(alone["columns"]) == 3
+    assert decode_context_table(alone)[2].split() == ["0", "images", "128", "28.00", "27.00", "4.90"]
+
+
+def test_the_ratio_is_the_int4_export_s_else_int4_int8_s_else_the_first() -> None:
+    assert ratio_export(["int4+int8", "int4", "fp32"]) == "int4"
+    assert ratio_export(["fp32", "int4+int8"]) == "int4+int8"
+    assert ratio_export(["fp32", "int8"]) == "fp32"
+    report = {"weights": ["fp32"], "fp32": _export([4.9, 4.7, 4.4, 4.0])}
+    table = decode_at_contexts(report, _llama_outcome(), decode_tokens=64)
+    assert table["ratio"] == {"of": "vlbatch fp32", "over": "llama.cpp Q4_0"}
+    assert decode_context_table(table)[1].split()[-3:] == ["fp32", "/", "Q4_0"]
+
+
+def test_the_comparison_takes_llama_cpp_s_figures_at_the_one_image_prompt_s_length() -> None:
+    lines = comparison(_bench_report(), {"llamacpp": _llama_outcome()})
+    rows = [line.split() for line in lines]
+    assert ["llama.cpp", "Q4_0", "(zen4)", "decode", "tok/s", "25.00"] in rows  # after 400 tokens, not 2273
+    assert ["llama.cpp", "Q4_0", "(zen4)", "prefill", "tok/s", "84.00"] in rows
+    assert "vlbatch int4+int8 vs llama.cpp Q4_0 (zen4): decode tok/s x1.04" in lines  # 26 / 25
+    # the figures of a peer run without that length: its decode after its last prompt and its 400-token prefill
+    old = {"Q4_0": {"prefill_128_tok_s": 50.0, "prefill_400_tok_s": 80.0, "decode_tok_s": 20.0}}
+    lines = comparison({**_bench_report(), "weights": ["int4+int8"]}, {"llamacpp": PeerOutcome("llamacpp", old)})
+    assert "vlbatch int4+int8 vs llama.cpp Q4_0: decode tok/s x1.30" in lines
+    assert "vlbatch int4+int8 vs llama.cpp Q4_0: prefill tok/s x5.00" in lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_the_llama_cpp_peer_decodes_after_every_prompt_length(tmp_path: Path) -> None:
+    hf = make_model(tmp_path / "hf", preset="tiny")
+    command = [sys.executable, str(REPO / "bench" / "peer_llamacpp.py"), str(hf), str(tmp_path / "gguf")]
+    command += ["--threads", "1", "--quants", "Q4_0", "--prompt-tokens", "64", "300", "64", "--decode-tokens", "3"]
+    outcome = run_peer("llamacpp", command, timeout_s=300)
+    assert outcome.figures is not None, outcome.failure
+    q4 = outcome.figures["Q4_0"]
+    assert set(q4) == {
+        "load_s",
+        *(f"prefill_{n}_tok_s" for n in (64, 300)),
+        *(f"decode_after_{n}_{unit}" for n in (64, 300) for unit in ("tok_s", "ms_per_token")),
+        "decode_tok_s",
+        "decode_ms_per_token",
+    }
+    for n in (64, 300):
+        assert q4[f"decode_after_{n}_tok_s"] * q4[f"decode_after_{n}_ms_per_token"] == pytest.approx(1e3)
+    assert q4["decode_tok_s"] == q4["decode_after_300_tok_s"]  # the last length's, as before
+
+
 @pytest.fixture(scope="module")
 def crashing_llama_cpp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A llama_cpp package that dies of SIGILL on import, as a build for a CPU feature this machine lacks does."""
@@ -172,6 +327,17 @@ def test_run_bench_shows_a_crashed_peer_as_failed_and_exits_1(
     assert set(report["fp32"]["photos"]) == {"photo max_tiles 6", "photo max_tiles 1"}
     assert report["fp32"]["photos"]["photo max_tiles 6"]["tiles"] == 7  # 4:3 at max 6: a 3x2 grid and the thumbnail
     assert report["fp32"]["photos"]["photo max_tiles 1"]["tiles"] == 1
+    # decode at each case's context: the cases' own prompt lengths, llama.cpp FAILED and no ratio
+    contexts = report["decode_at_contexts"]
+    cases = report["fp32"]["cases"]
+    assert [(r["case"], r["prompt_tokens"]) for r in contexts["rows"]] == [
+        (name, r["prompt_tokens"]) for name, r in cases.items()
+    ]
+    assert [r["decode_tok_s"] for r in contexts["rows"]] == [
+        {"vlbatch fp32": r["decode_tok_s"]} for r in cases.values()
+    ]
+    assert contexts["llamacpp_failed"] == cause and contexts["ratio"] is None
+    assert f"llama.cpp FAILED: {cause}; no ratio against it" in proc.stdout
     assert set(report["ax650n_photos"]) == {"chunk_128", "chunk_128_2048"}
     assert report["ax650n_photos"]["chunk_128_2048"]["photo max_tiles 6"]["tiles"] == 7  # 1944 tokens fit 2176
     assert report["ax650n_photos"]["chunk_128"]["photo max_tiles 6"]["tiles"] == 1  # lowered to fit 1152
