@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 STEPS = 32
 # max |logit diff| against transformers: a float32 K/V history holds 1e-3 and every greedy token; the default fp16
-# history moves the tiny model's logits by up to about 2e-2, so its greedy token may differ only where
+# history moves the tiny model's logits (within +-16) by up to about 2e-2, so its greedy token may differ only where
 # transformers' best two tokens lie closer than twice that
 TOLERANCE = {"float32": 1e-3, "float16": 3e-2}
 QUESTION = "Please describe the photo in detail."

@@ -81,7 +81,8 @@ def export(
     CPU, at 1.3 GB more memory for a 2B model), kept only if each layer's update of a check prompt stays within
     PREFILL_INT8_MIN_COSINE of fp32's; the lowest cosine is recorded in the manifest.
     `kv_cache`: the K/V history's dtype, fp16 (half the bytes a decode step reads at long contexts; the logits
-    move by about 1e-3 of their range) or fp32 (what the oracle tests compare with transformers at 1e-3).
+    move by up to about 0.1-1% of their range) or fp32 (within 1e-3 of transformers' logits, as the oracle tests
+    hold it).
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
