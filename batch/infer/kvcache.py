@@ -59,10 +59,11 @@ class RowCache:
         self.count = 0
 
     def _buffers(self, num_layers: int, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every layer's K and V buffers, views of one block (one large allocation: huge pages where the process
-        has them, see batch/huge_pages.py), each contiguous."""
-        block = np.zeros((2, num_layers, self.rows, *self._lead, width, self._last), self.dtype)
-        return list(block[0]), list(block[1])
+        """Every layer's K and V buffers, `width` positions wide (one allocation per buffer: one block for all of
+        them was no faster in paired runs, and each widening allocates afresh)."""
+        shape = (self.rows, *self._lead, width, self._last)
+        k = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
+        return k, [np.zeros(shape, self.dtype) for _ in range(num_layers)]
 
     @property
     def width(self) -> int:
