@@ -65,9 +65,7 @@ class ModelConfig:
     providers: tuple[str, ...] = ()  # axengine execution providers, in order; [] = the runtime's default
     device_id: int | None = None  # axengine device (an AXCL card) the providers run on; null = the default
     npu_io: str = "copy"  # axengine decoder layers: copy (run() feeds the whole K/V cache), resident, auto
-    batch: int = (
-        DEFAULT_BATCH  # answers decoded together (onnxruntime exports of format 2 on; the NPU decodes one)
-    )
+    batch: int = DEFAULT_BATCH  # answers decoded together (onnxruntime exports of format 2 on; the NPU decodes one)
     url: str | None = None  # backend openai: the server, e.g. http://127.0.0.1:8080 (its /v1 API)
     name: str | None = None  # backend openai: the served model to ask; null = the server's only model
     api_key_env: str | None = None  # backend openai: the variable holding the API key (never stored or logged)
