@@ -59,8 +59,7 @@ class RowCache:
         self.count = 0
 
     def _buffers(self, num_layers: int, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every layer's K and V buffers, `width` positions wide (one allocation per buffer: one block for all of
-        them was no faster in paired runs, and each widening allocates afresh)."""
+        """Every layer's K and V buffers, `width` positions wide, one allocation each."""
         shape = (self.rows, *self._lead, width, self._last)
         k = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
         return k, [np.zeros(shape, self.dtype) for _ in range(num_layers)]
