@@ -24,3 +24,10 @@ def rotary_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarr
     angles = np.asarray(positions, np.float32).reshape(-1, 1) * inv_freq[None, :]  # float32, as transformers
     wide = angles.astype(np.float64)
     return np.cos(wide).astype(np.float32), np.sin(wide).astype(np.float32)
+
+
+def rotary_inputs(inv_freq: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """A format 3 layer's rotary inputs for tokens at `positions` (B, S): `cos` and `sin`, one row per token, and
+    `rope_rows` (B, S), the row of each token."""
+    cos, sin = rotary_tables(inv_freq, positions.ravel())
+    return {"cos": cos, "sin": sin, "rope_rows": np.arange(positions.size, dtype=np.int64).reshape(positions.shape)}

@@ -29,7 +29,7 @@ from batch.model.export.manifest import (
 )
 from batch.model.modelspec import ModelSpec
 from batch.model.ort_options import session_options
-from batch.model.rotary import inverse_frequencies, rotary_tables
+from batch.model.rotary import inverse_frequencies, rotary_inputs, rotary_tables
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -138,8 +138,7 @@ class OnnxBackend(Backend):
 
     def _step_inputs(self, positions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """The inputs every layer of a format 3 step shares: the mask, and the rotary tables of `positions` (B, S)."""
-        cos, sin = rotary_tables(self._inv_freq, positions.ravel())
-        return {"mask": mask, "cos": cos, "sin": sin, "rope_rows": np.arange(positions.size).reshape(positions.shape)}
+        return {"mask": mask, **rotary_inputs(self._inv_freq, positions)}
 
     def _run_chunk(self, session: Any, layer: int, hidden: np.ndarray, start: int, cache: Any, shared: dict) -> Any:
         """One layer over a chunk at `start` (either format); writes its K/V rows, returns its output states."""
@@ -280,9 +279,7 @@ class _DecodeBinding:
         cache.reserve(pos + 1)
         if cache.width != self.width:
             self._bind_all(cache)
-        self.mask[0, 0, :pos] = 0.0
-        self.mask[0, 0, pos : self.width] = MASKED
-        self.mask[0, 0, self.width] = 0.0
+        self.mask[...] = chunk_mask(pos, 1, self.width)
         cos, sin = rotary_tables(self.backend._inv_freq, np.array([pos]))
         self.cos[...], self.sin[...] = cos, sin
         self.hidden[0][...] = hidden

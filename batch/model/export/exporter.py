@@ -258,21 +258,18 @@ class _PrefillCheck:
 
     def __init__(self, prompt: np.ndarray, spec: ModelSpec, kv_cache: str) -> None:
         from batch.model.attention_mask import chunk_mask
-        from batch.model.rotary import inverse_frequencies, rotary_tables
+        from batch.model.rotary import inverse_frequencies, rotary_inputs
 
         n = prompt.shape[1]
         self.hidden = prompt
         self.lowest = 1.0
         t = spec.text
         empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), CACHE_DTYPES[kv_cache])
-        cos, sin = rotary_tables(inverse_frequencies(t), np.arange(n))
         self._fixed = {
             "K_cache": empty,
             "V_cache": empty,
             "mask": chunk_mask(0, n, 0),
-            "cos": cos,
-            "sin": sin,
-            "rope_rows": np.arange(n, dtype=np.int64)[None],
+            **rotary_inputs(inverse_frequencies(t), np.arange(n)[None]),
         }
 
     def add_layer(self, graph: onnx.ModelProto, target: Path) -> None:
