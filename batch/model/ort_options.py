@@ -1,10 +1,15 @@
-"""onnxruntime session options for this process: every session on one shared thread pool.
+"""onnxruntime session options for this process: every session on one shared thread pool and one shared memory arena.
 
 The CPU backend runs ~30 sessions one after another per decode step. With a pool each, the pools must not spin
 between runs (30 spinning pools starve each other), so every operator that runs in parallel first wakes a
 sleeping thread; one pool shared by every session spins between them instead (decode through the worker:
 25.9 -> 29.0 tokens/s on a 2-core Zen 4). Once that pool exists onnxruntime refuses sessions with pools of their
 own, so every session of the process (the exporter's checks, tests' doubles) takes its options from here.
+Likewise each session would keep its own arena for the tensors between its nodes, so a decode step's ~30 sessions
+would spread those over ~30 regions of memory, each cold in the CPU's caches by the time its session runs again;
+one arena for the process hands every session the buffers the last one freed, still in cache (decode 6-7% faster
+after 128 and after 2,200 tokens of context, paired runs on the same CPU), and holds the largest session's
+tensors once rather than every session's.
 On an x86-64 CPU without VNNI the options also ask for onnxruntime's exact int8 kernels (see int8_pairs_saturate).
 """
 
@@ -37,13 +42,27 @@ def _shared_pool(threads: int) -> int:
     return _shared_pool_threads
 
 
+@functools.cache
+def _register_shared_arena() -> None:
+    """Register this process's one CPU arena, once; sessions asking for the environment's allocators share it.
+    Where one is registered already (by other code in this process), the sessions share that one instead."""
+    import onnxruntime as ort
+
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    try:
+        ort.create_and_register_allocator(memory, None)
+    except Exception as error:  # registered already in this process
+        log.debug("onnxruntime's shared CPU arena not registered here: %s", error)
+
+
 def usable_cpus() -> int:
     """The cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def session_options(threads: int | None = None) -> Any:
-    """onnxruntime options for a session of this process: every session runs on the one shared thread pool.
+    """onnxruntime options for a session of this process: every session runs on the one shared thread pool and
+    allocates from the one shared arena.
 
     `threads`: the pool's size if this session makes it (None: every usable core); asking for another size
     once it exists is logged, not an error.
@@ -56,6 +75,8 @@ def session_options(threads: int | None = None) -> Any:
     if threads and pool and pool != threads:
         log.warning("onnxruntime threads: %d asked for, but this process shares one pool of %d", threads, pool)
     options.use_per_session_threads = False
+    _register_shared_arena()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     if int8_pairs_saturate():
         # onnxruntime's exact u8 x u8 kernels instead (slower; on a VNNI CPU it would cost 1.7x per ViT tile)
         options.add_session_config_entry("session.x64quantprecision", "1")
