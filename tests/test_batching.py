@@ -15,7 +15,7 @@ from spool_env import SpoolEnv
 from batch.errors import ModelFolderError, VlbatchError
 from batch.infer.batching import DecodeBatch, Finished, batch_limit
 from batch.infer.generate import Timings, decode_one_token, prefill
-from batch.infer.kvcache import KVCache, RowCache
+from batch.infer.kvcache import AnswerCache, KVCache, RowCache
 from batch.infer.pipeline import Pipeline, Request
 from batch.infer.runtime.onnx_backend import OnnxBackend
 from batch.infer.settings import GenerationSettings
@@ -174,6 +174,57 @@ def test_a_row_cache_packs_rows_and_grows_by_steps():
     assert cache.width == 200  # capped at the capacity
     with pytest.raises(IndexError, match="all 3 rows"):
         cache.add(full)
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_widening_keeps_every_rows_positions_where_they_were_and_zeros_the_rest(heads):
+    """Widening moves rows apart inside their store, or into a new store once it is full: every row's positions
+    keep their values, and every position past a row's length reads zero, at every width on the way."""
+    rng = np.random.default_rng(7)
+    cache = RowCache(num_layers=2, rows=3, kv_dim=4, capacity=1000, dtype=np.float16, heads=heads)
+    lengths = [5, 30, 70]
+    for n in lengths:  # three answers' prompts, each its own values
+        single = AnswerCache(2, 2, 2, 1000, np.float16) if heads else KVCache(2, 1000, 4, np.float16)
+        if heads:
+            single.reserve(n)
+        for layer in range(2):
+            single.k[layer][0, ..., :n, :] = rng.standard_normal(single.k[layer][0, ..., :n, :].shape)
+            single.v[layer][0, ..., :n, :] = rng.standard_normal(single.v[layer][0, ..., :n, :].shape)
+        single.length = n
+        cache.add(single)
+    cache.remove(1)  # the last row moves into its place; its own place is free again, its values still there
+    del lengths[1]
+    expected = [[(layer[r, ..., : lengths[r], :].copy()) for layer in cache.k + cache.v] for r in range(2)]
+    stores = list(cache._stores)
+    widths = []
+    for _ in range(900):  # the rows grow one position per step, past several widths, new stores and the capacity
+        cache.prepare_step()
+        cache.advance()
+        widths.append(cache.width)
+    assert sorted(set(widths)) == [*range(128, 1000, 64), 1000]  # in steps of 64, then the capacity
+    assert all(new is not old for new, old in zip(cache._stores, stores, strict=True))  # replaced on the way
+    for r in range(2):
+        for buffer, before in zip(cache.k + cache.v, expected[r], strict=True):
+            np.testing.assert_array_equal(buffer[r, ..., : lengths[r], :], before)
+            assert not buffer[r, ..., lengths[r] :, :].any()  # never written: zero, not another row's values
+    assert not any(buffer[2].any() for buffer in cache.k + cache.v)  # the free row: zero, as a new row expects
+
+
+def test_a_freed_row_reads_zero_after_the_rows_widen_in_place():
+    cache = RowCache(num_layers=1, rows=3, kv_dim=4, capacity=1000)
+    for n, fill in ((10, 1.0), (20, 2.0), (150, 3.0)):
+        single = KVCache(1, 1000, 4)
+        single.k[0][0, :n] = single.v[0][0, :n] = fill
+        single.length = n
+        cache.add(single)
+    store = cache._stores[0]
+    cache.remove(0)  # the last row moves into the first place; the freed place keeps its values until widened
+    while cache.width < 256:
+        cache.prepare_step()
+        cache.advance()
+    assert cache._stores[0] is store  # widened in place
+    assert (cache.k[0][0, :150] == 3.0).all() and (cache.k[0][1, :20] == 2.0).all()
+    assert not cache.k[0][0, 150:].any() and not cache.k[0][1, 20:].any() and not cache.k[0][2].any()
 
 
 def test_an_export_of_format_2_still_loads_and_answers_as_its_format_3_export_does(

@@ -35,9 +35,14 @@ class RowCache:
     (rows, kv_heads, width, head_dim) where `heads` is given; row r at positions 0 upwards.
 
     The rows in use are packed at the front (`count`), so the history a decode step reads is a prefix view of each
-    buffer, never a copy. `width` grows in steps of GROW positions as the longest row needs (a copy then); a row
-    shorter than the width sees the rest masked. Each row holds up to `capacity` positions, as a KVCache does.
-    Positions are the second-last axis in both layouts.
+    buffer, never a copy. `width` grows in steps of GROW positions as the longest row needs; a row shorter than the
+    width sees the rest masked (zeros). Each row holds up to `capacity` positions, as a KVCache does. Positions are
+    the second-last axis in both layouts.
+
+    Each buffer is a view of a larger store. Widening spreads the rows' runs of positions apart inside that store
+    (a move within memory already in use), instead of a new allocation each time, whose fresh pages cost more than
+    the copy itself (about 50 ms per step after 2,200 positions of a 2B model, 0.8 ms per token); only when the
+    store is full is a new one made, twice as wide.
     """
 
     GROW = 64
@@ -54,19 +59,19 @@ class RowCache:
         self.rows, self.kv_dim, self.capacity, self.dtype = rows, kv_dim, capacity, np.dtype(dtype)
         self._lead = (heads,) if heads else ()  # the axes between rows and positions
         self._last = kv_dim // heads if heads else kv_dim
-        self.k, self.v = self._buffers(num_layers, 0)
+        self._runs = rows * (heads or 1)  # runs of positions per buffer: one per row (and KV head)
+        self._stores = [np.zeros(0, self.dtype) for _ in range(2 * num_layers)]  # every layer's K, then every V
+        self.width = 0
+        self.k, self.v = self._views()
         self.lengths = np.zeros(rows, np.int64)  # positions each row holds
         self.count = 0
 
-    def _buffers(self, num_layers: int, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every layer's K and V buffers, `width` positions wide, one allocation each."""
-        shape = (self.rows, *self._lead, width, self._last)
-        k = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
-        return k, [np.zeros(shape, self.dtype) for _ in range(num_layers)]
-
-    @property
-    def width(self) -> int:
-        return self.k[0].shape[-2] if self.k else 0
+    def _views(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every layer's K and V buffers, `width` positions wide: prefix views of the stores."""
+        shape = (self.rows, *self._lead, self.width, self._last)
+        views = [store[: self._runs * self.width * self._last].reshape(shape) for store in self._stores]
+        half = len(views) // 2
+        return views[:half], views[half:]
 
     def _fit(self, length: int) -> None:
         """Widen every buffer to hold `length` positions (rounded up to GROW, at most capacity)."""
@@ -74,11 +79,33 @@ class RowCache:
             return
         if length > self.capacity:
             raise IndexError(f"KV cache full: positions up to {length - 1}, capacity {self.capacity}")
-        width = min(self.capacity, -(-length // self.GROW) * self.GROW)
-        k, v = self._buffers(len(self.k), width)
-        for old, new in zip(self.k + self.v, k + v, strict=True):
-            new[: self.count, ..., : old.shape[-2], :] = old[: self.count]
-        self.k, self.v = k, v
+        old, width = self.width, min(self.capacity, -(-length // self.GROW) * self.GROW)
+        used = self.count * (self._runs // self.rows)  # runs that hold rows in use; the rest stay zero
+        for i, store in enumerate(self._stores):
+            if store.size < self._runs * width * self._last:
+                store = self._stores[i] = self._moved(store, old, width, used)
+            else:
+                self._spread(store, old, width, used)
+        self.width = width
+        self.k, self.v = self._views()
+
+    def _moved(self, store: np.ndarray, old: int, width: int, used: int) -> np.ndarray:
+        """A new store twice as wide as `width` (at most capacity) holding the used runs of `store`."""
+        wider = np.zeros(self._runs * min(self.capacity, 2 * width) * self._last, self.dtype)
+        last = self._last
+        runs = store[: used * old * last].reshape(used, old, last)
+        wider[: self._runs * width * last].reshape(self._runs, width, last)[:used, :old] = runs
+        return wider
+
+    def _spread(self, store: np.ndarray, old: int, width: int, used: int) -> None:
+        """Move the used runs of `store` from `old` positions apart to `width` apart, in place, and zero the rest."""
+        last = self._last
+        for run in range(used - 1, 0, -1):  # the last first: each lands past the runs not yet moved
+            start = run * width * last
+            store[start : start + old * last] = store[run * old * last : (run + 1) * old * last]
+        for run in range(used):
+            store[(run * width + old) * last : (run + 1) * width * last] = 0
+        store[used * width * last : self._runs * width * last] = 0
 
     def add(self, cache: KVCache | RowCache) -> int:
         """Take in a prefilled single-answer cache (a KVCache, or an AnswerCache of this layout) as the next row;
