@@ -5,17 +5,23 @@
 
 Decoding reads every weight from memory once per token, so on a shared machine its speed follows whatever else
 uses the memory bus, and two runs minutes apart (as in bench/run_bench.py, where the peers run last) can differ
-by 10-15%. Here both runtimes are loaded once, each in its own process. For each context in --context (a
-comma-separated list) both prefill the same prompt of that many tokens, then decode --tokens tokens from it in
-turn: vlbatch, llama.cpp, llama.cpp, vlbatch, ... (the idle one waits on a pipe, using no CPU). Each round gives
-both figures seconds apart; the script prints every round, the median of the per-round ratios per context, and a
-table of the contexts with each runtime's decode at that context against its decode at the first (smallest)
-one. Build the GGUF file with `make bench` (bench/peer_llamacpp.py writes models/real-shape-gguf/) first.
+by 10-15%. Here both runtimes are loaded once, each in its own process, and each prefills the same prompt of
+every context in --context (a comma-separated list) once and keeps it (vlbatch its K/V cache, llama.cpp its
+saved state). Every decode starts a new answer from it, as prefill left it: vlbatch's history then widens as the
+answer grows, as it does for a user, not from where an earlier round left it.
+
+Each round visits every context, forwards in odd rounds and backwards in even ones, and at each decodes --tokens
+tokens with one runtime, then the other (who goes first alternates; the idle one waits on a pipe, using no CPU).
+So each round gives both runtimes' figures at every context within a minute or so: the ratio of the two runtimes
+at a context, and each runtime's decode at a context against its own at the first (smallest) one, are taken
+within the round, and the script prints every round and the medians of those per-round ratios. Build the GGUF
+file with `make bench` (bench/peer_llamacpp.py writes models/real-shape-gguf/) first.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -40,15 +46,17 @@ def serve_vlbatch(model_dir: Path, threads: int) -> None:
     pipeline = Pipeline.open(model_dir, threads=threads)
     backend, embeddings = pipeline.backend, pipeline.embeddings
     vocab = embeddings.shape[0]
-    state: dict = {}
+    prompts: dict[int, object] = {}  # context -> its prompt's cache as prefill left it (never decoded from)
+    answer: list = []
 
-    def decode(context: int, tokens: int) -> None:
-        if state.get("context") != context:
-            state["cache"] = cache = backend.new_cache()
-            prefill(backend, np.asarray(embeddings[prompt_tokens(context, vocab)], dtype=np.float32), cache)
-            state["context"] = context
-        cache = state["cache"]
-        cache.length = context  # each round decodes from the same context, over the rows the last one wrote
+    def decode(context: int, tokens: int, fresh: bool) -> None:
+        if fresh:  # a new answer: a copy of the prompt's cache, as wide as prefill left it
+            if context not in prompts:
+                prompts[context] = prompt = backend.new_cache()
+                prefill(backend, np.asarray(embeddings[prompt_tokens(context, vocab)], dtype=np.float32), prompt)
+            answer[:] = [copy.deepcopy(prompts[context])]
+        cache = answer[0]
+        cache.length = context
         for i in range(tokens):
             decode_one_token(backend, embeddings[decode_token(i, vocab)][None, None].astype(np.float32), cache)
 
@@ -63,13 +71,16 @@ def serve_llamacpp(gguf: Path, threads: int) -> None:
         model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=4096, n_batch=512, verbose=False
     )
     vocab = llm.n_vocab()
-    state: dict = {}
+    prompts: dict[int, llama_cpp.LlamaState] = {}  # context -> the state right after its prompt
 
-    def decode(context: int, tokens: int) -> None:
-        if state.get("context") != context:
-            llm.reset()
-            llm.eval(prompt_tokens(context, vocab))
-            state["context"] = context
+    def decode(context: int, tokens: int, fresh: bool) -> None:
+        if fresh:  # a new answer: the state as prefill left it
+            if context in prompts:
+                llm.load_state(prompts[context])
+            else:
+                llm.reset()
+                llm.eval(prompt_tokens(context, vocab))
+                prompts[context] = llm.save_state()
         llm.n_tokens = context  # eval() drops the cache rows from here on
         for i in range(tokens):
             llm.eval([decode_token(i, vocab)])
@@ -77,13 +88,13 @@ def serve_llamacpp(gguf: Path, threads: int) -> None:
     _serve(decode)
 
 
-def _serve(decode) -> None:  # noqa: ANN001 - a callable taking the context and the token count
+def _serve(decode) -> None:  # noqa: ANN001 - a callable taking the context, the token count and `fresh`
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
-        decode(ask["context"], 4)  # the context's prefill, and first touches of what its decode reads
+        decode(ask["context"], 4, fresh=True)  # a new answer from the context's prompt, and first touches
         started = time.perf_counter()
-        decode(ask["context"], ask["tokens"])
+        decode(ask["context"], ask["tokens"], fresh=False)  # from the same context again, timed
         print(json.dumps({"ms_per_token": (time.perf_counter() - started) / ask["tokens"] * 1e3}), flush=True)
 
 
@@ -149,37 +160,32 @@ def main() -> int:
     print(f"vlbatch's worker: huge pages {asked} (THP mode {thp_mode()}), as the vlbatch model commands run")
     print(f"{args.model_dir.name} against llama.cpp {args.gguf.name}: {args.tokens} tokens per round")
     ours, theirs = Runner("vlbatch", args.model_dir, args), Runner("llamacpp", args.gguf, args)
-    table = []
-    for context in args.context:
-        rates: dict[str, list[float]] = {"vlbatch": [], "llama.cpp": []}
-        for i in range(args.rounds):
-            pair = [("vlbatch", ours), ("llama.cpp", theirs)]
-            for name, runner in pair if i % 2 == 0 else pair[::-1]:
-                rates[name].append(runner.decode(context, args.tokens))
-            a, b = rates["vlbatch"][-1], rates["llama.cpp"][-1]
-            print(f"context {context}, round {i + 1}: vlbatch {a:5.1f} tokens/s, llama.cpp {b:5.1f}, x{a / b:.2f}")
-        ratios = np.array(rates["vlbatch"]) / np.array(rates["llama.cpp"])
-        print(
-            f"context {context}: vlbatch / llama.cpp decode median x{np.median(ratios):.2f} "
-            f"(rounds from x{ratios.min():.2f} to x{ratios.max():.2f})",
-            flush=True,
-        )
-        table.append((context, rates, ratios))
+    runners = {"vlbatch": ours, "llama.cpp": theirs}
+    rates = {context: {name: [] for name in runners} for context in args.context}
+    for i in range(args.rounds):
+        for j, context in enumerate(args.context if i % 2 == 0 else args.context[::-1]):
+            names = list(runners) if (i + j) % 2 == 0 else list(runners)[::-1]
+            for name in names:
+                rates[context][name].append(runners[name].decode(context, args.tokens))
+            a, b = rates[context]["vlbatch"][-1], rates[context]["llama.cpp"][-1]
+            print(f"round {i + 1}, context {context}: vlbatch {a:5.1f} tokens/s, llama.cpp {b:5.1f}, x{a / b:.2f}")
+        print(flush=True)
     ours.close()
     theirs.close()
-    first = table[0][1]
+    first = args.context[0]
     print(
-        f"\n| context | rounds | vlbatch tokens/s | llama.cpp tokens/s | median ratio | lowest round | "
-        f"vlbatch vs {table[0][0]} | llama.cpp vs {table[0][0]} |"
+        f"| context | rounds | vlbatch tokens/s | llama.cpp tokens/s | median ratio | lowest round | "
+        f"vlbatch vs {first:,} | llama.cpp vs {first:,} |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for context, rates, ratios in table:
-        ours_rate, theirs_rate = rates["vlbatch"], rates["llama.cpp"]
-        own = np.median(ours_rate) / np.median(first["vlbatch"])
-        peer = np.median(theirs_rate) / np.median(first["llama.cpp"])
+    for context in args.context:
+        ours_rate, theirs_rate = (np.array(rates[context][name]) for name in runners)
+        ratios = ours_rate / theirs_rate
+        own = np.median(ours_rate / np.array(rates[first]["vlbatch"]))  # within each round, then the median
+        peer = np.median(theirs_rate / np.array(rates[first]["llama.cpp"]))
         print(
-            f"| {context:,} | {len(ratios)} | {min(ours_rate):.1f}-{max(ours_rate):.1f} | "
-            f"{min(theirs_rate):.1f}-{max(theirs_rate):.1f} | x{np.median(ratios):.2f} | x{ratios.min():.2f} | "
+            f"| {context:,} | {len(ratios)} | {ours_rate.min():.1f}-{ours_rate.max():.1f} | "
+            f"{theirs_rate.min():.1f}-{theirs_rate.max():.1f} | x{np.median(ratios):.2f} | x{ratios.min():.2f} | "
             f"{own:.0%} | {peer:.0%} |"
         )
     return 0
