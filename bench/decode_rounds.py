@@ -10,12 +10,14 @@ every context in --context (a comma-separated list) once and keeps it (vlbatch i
 saved state). Every decode starts a new answer from it, as prefill left it: vlbatch's history then widens as the
 answer grows, as it does for a user, not from where an earlier round left it.
 
-Each round visits every context, forwards in odd rounds and backwards in even ones, and at each decodes --tokens
-tokens with one runtime, then the other (who goes first alternates; the idle one waits on a pipe, using no CPU).
-So each round gives both runtimes' figures at every context within a minute or so: the ratio of the two runtimes
-at a context, and each runtime's decode at a context against its own at the first (smallest) one, are taken
-within the round, and the script prints every round and the medians of those per-round ratios. Build the GGUF
-file with `make bench` (bench/peer_llamacpp.py writes models/real-shape-gguf/) first.
+An uncounted first pass decodes from every context with both (a worker's first answers run slower while its
+memory settles). Each round then visits every context, forwards in odd rounds and backwards in even ones, and at
+each decodes --tokens tokens with one runtime, then the other (who goes first alternates; the idle one waits on
+a pipe, using no CPU). So each round gives both runtimes' figures at every context within a minute or so: the
+ratio of the two runtimes at a context, and each runtime's decode at a context against its own at the first
+(smallest) one, are taken within the round, and the script prints every round and the medians of those
+per-round ratios. Build the GGUF file with `make bench` (bench/peer_llamacpp.py writes models/real-shape-gguf/)
+first.
 """
 
 from __future__ import annotations
@@ -161,6 +163,9 @@ def main() -> int:
     print(f"{args.model_dir.name} against llama.cpp {args.gguf.name}: {args.tokens} tokens per round")
     ours, theirs = Runner("vlbatch", args.model_dir, args), Runner("llamacpp", args.gguf, args)
     runners = {"vlbatch": ours, "llama.cpp": theirs}
+    for context in args.context:  # every prompt prefilled, and a first answer from each, before any round counts
+        for runner in runners.values():
+            runner.decode(context, args.tokens)
     rates = {context: {name: [] for name in runners} for context in args.context}
     for i in range(args.rounds):
         for j, context in enumerate(args.context if i % 2 == 0 else args.context[::-1]):
