@@ -83,7 +83,7 @@ class RowCache:
         used = self.count * (self._runs // self.rows)  # runs that hold rows in use; the rest stay zero
         for i, store in enumerate(self._stores):
             if store.size < self._runs * width * self._last:
-                store = self._stores[i] = self._moved(store, old, width, used)
+                self._stores[i] = self._moved(store, old, width, used)
             else:
                 self._spread(store, old, width, used)
         self.width = width
