@@ -2,13 +2,15 @@
 
 An export of format 3 keeps each answer's K/V history head-major in its manifest's `kv_cache` dtype (AnswerCache,
 RowCache with heads) and takes the rotary tables as inputs, computed once per step; one answer's decode steps run
-through onnxruntime's IOBinding (_DecodeBinding). Exports of formats 1 and 2 run as they were written: a float32
-token-major history (KVCache) and the positions as `indices`.
+through onnxruntime's IOBinding (_DecodeBinding). Where the history is fp16 and this machine has the fused
+attention (native_attention.py), each layer's attention is that one node. Exports of formats 1 and 2 run as they
+were written: a float32 token-major history (KVCache) and the positions as `indices`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import numpy as np
 from batch.errors import BackendError, ModelFolderError
 from batch.infer.kvcache import AnswerCache, KVCache, RowCache
 from batch.infer.runtime.base import Backend
+from batch.infer.runtime.native_attention import fused_options, layer_session
+from batch.infer.runtime.native_attention import library as fused_library
 from batch.model.attention_mask import MASKED, chunk_mask, decode_mask, prefill_mask
 from batch.model.export.manifest import (
     CACHE_DTYPES,
@@ -30,6 +34,8 @@ from batch.model.export.manifest import (
 from batch.model.modelspec import ModelSpec
 from batch.model.ort_options import session_options
 from batch.model.rotary import inverse_frequencies, rotary_inputs, rotary_tables
+
+log = logging.getLogger(__name__)
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -99,6 +105,9 @@ class OnnxBackend(Backend):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         self.spec = ModelSpec.from_dict(manifest["spec"])
+        self.format_version = int(manifest["version"])
+        self.head_major = self.format_version >= FIRST_HEAD_MAJOR_VERSION
+        self.cache_dtype = np.dtype(CACHE_DTYPES[manifest.get("kv_cache", "fp32")] if self.head_major else np.float32)
         options = session_options(threads)
 
         def session(name: str) -> Any:
@@ -106,22 +115,34 @@ class OnnxBackend(Backend):
                 str(self.folder / name), sess_options=options, providers=["CPUExecutionProvider"]
             )
 
+        # a 16-bit history is read by the fused attention where this machine has it (native_attention.py)
+        library = fused_library() if self.head_major and self.cache_dtype == np.float16 else None
+        fused = fused_options(session_options(threads), library) if library is not None else None
+        fused_count = 0
+
+        def layer(name: str) -> Any:
+            nonlocal fused_count
+            made, was_fused = layer_session(self.folder / name, options, fused)
+            fused_count += was_fused
+            return made
+
         files = manifest["files"]
         self._vit = session(files["vit"])
-        self._layers = [session(name) for name in files["layers"]]
+        self._layers = [layer(name) for name in files["layers"]]
         # prompts run through layers of their own where the export made them (int8 arithmetic, faster on long
         # chunks); decode steps always run through the decode layers
-        self._prefill_layers = [session(name) for name in files.get("prefill_layers", [])] or self._layers
+        self._prefill_layers = [layer(name) for name in files.get("prefill_layers", [])] or self._layers
         self._post = session(files["post"])
         self.num_layers = len(self._layers)
+        self.fused_attention = fused_count > 0
+        if library is not None:
+            total = len(files["layers"]) + len(files.get("prefill_layers", []))
+            log.info("fused attention in %d of %d layer graphs", fused_count, total)
         self.chunk_len = int(manifest["prefill_chunk"])
         self.kv_capacity = int(manifest["kv_capacity"])
         self.prefill_capacity = prefill_capacity(manifest)
         self._kv_dim = self.spec.text.kv_dim
         self.max_rows = max_rows(manifest)
-        self.format_version = int(manifest["version"])
-        self.head_major = self.format_version >= FIRST_HEAD_MAJOR_VERSION
-        self.cache_dtype = np.dtype(CACHE_DTYPES[manifest.get("kv_cache", "fp32")] if self.head_major else np.float32)
         self._inv_freq = inverse_frequencies(self.spec.text)
 
     def vit(self, pixels: np.ndarray) -> np.ndarray:

@@ -1,0 +1,187 @@
+"""The fused attention library: native/fused_attention.c compiled on this machine, once, into vlbatch's cache folder,
+and the decoder layer sessions that run it (see batch/infer/runtime/fused_layer.py for the graph it goes into).
+
+The C file is an onnxruntime custom operator, so it compiles against onnxruntime's C API header,
+onnxruntime_c_api.h, which the onnxruntime wheel does not ship. It is taken from Debian's libonnxruntime-dev
+1.21.0 package (the C API of onnxruntime 1.21: every later onnxruntime serves it), fetched once from
+deb.debian.org and checked against the package's SHA-256. The library lands in
+$XDG_CACHE_HOME/vlbatch/native/<hash of source, header and compiler> (default ~/.cache/vlbatch/native).
+
+It is used where all of this holds: Linux on x86-64 with AVX-512F, F16C and FMA; a C compiler (`cc`, or $CC);
+the header fetched once; a format 3 export with an fp16 history; and VLBATCH_FUSED_ATTENTION is not 0. Anywhere
+else the layers run their own attention as exported, with the same results to float32 rounding, and the reason
+is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import io
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OFF_SWITCH = "VLBATCH_FUSED_ATTENTION"
+SOURCE = Path(__file__).with_name("native") / "fused_attention.c"
+HEADER = "onnxruntime_c_api.h"
+HEADER_PACKAGE = (
+    "https://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+    "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08",
+)
+FETCH_TIMEOUT_S = 30
+COMPILE_TIMEOUT_S = 120
+
+
+class NativeUnavailable(Exception):
+    """Why the fused attention library cannot be had here."""
+
+
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/vlbatch/native (~/.cache/vlbatch/native)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vlbatch" / "native"
+
+
+def _members(archive: bytes) -> dict[str, bytes]:
+    """The files of an `ar` archive (a .deb): name -> contents."""
+    if not archive.startswith(b"!<arch>\n"):
+        raise NativeUnavailable("the header package is not an ar archive")
+    members, at = {}, 8
+    while at + 60 <= len(archive):
+        name, size = archive[at : at + 16].decode().strip().rstrip("/"), int(archive[at + 48 : at + 58])
+        members[name] = archive[at + 60 : at + 60 + size]
+        at += 60 + size + size % 2
+    return members
+
+
+def header_from_package(package: bytes, sha256: str) -> bytes:
+    """onnxruntime_c_api.h out of a libonnxruntime-dev .deb whose SHA-256 is `sha256`."""
+    if hashlib.sha256(package).hexdigest() != sha256:
+        raise NativeUnavailable("the header package's SHA-256 is not the one expected")
+    data = next((body for name, body in _members(package).items() if name.startswith("data.tar")), None)
+    if data is None:
+        raise NativeUnavailable("the header package holds no data.tar")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith(f"/onnxruntime/{HEADER}"):
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    return extracted.read()
+    raise NativeUnavailable(f"the header package holds no {HEADER}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
+        handle.write(data)
+    os.replace(handle.name, path)
+
+
+def include_dir(root: Path) -> Path:
+    """The folder holding onnxruntime_c_api.h: fetched into `root`/include the first time."""
+    folder = root / "include"
+    if not (folder / HEADER).is_file():
+        url, sha256 = HEADER_PACKAGE
+        log.info("fetching onnxruntime's C API header (%s)", url)
+        try:
+            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
+                package = response.read()
+        except OSError as error:
+            raise NativeUnavailable(f"onnxruntime's C API header could not be fetched from {url}: {error}") from error
+        _atomic_write(folder / HEADER, header_from_package(package, sha256))
+    return folder
+
+
+def _compiler() -> tuple[str, str]:
+    """The C compiler (`cc`, or $CC) and its version line."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise NativeUnavailable(f"no C compiler ({compiler}) on PATH")
+    try:
+        run = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise NativeUnavailable(f"the C compiler {compiler} did not answer: {error}") from error
+    return compiler, (run.stdout.splitlines() or [""])[0]
+
+
+def build(root: Path) -> Path:
+    """The compiled library under `root`, compiled first where this source, header and compiler have none."""
+    include = include_dir(root)
+    compiler, version = _compiler()
+    key = hashlib.sha256(SOURCE.read_bytes() + (include / HEADER).read_bytes() + version.encode()).hexdigest()[:16]
+    library = root / key / "libvlbatch_attention.so"
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    partial = library.with_name(f".{library.name}.{os.getpid()}")
+    command = [compiler, "-O3", "-std=c11", "-shared", "-fPIC", "-I", str(include), "-o", str(partial), str(SOURCE)]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        partial.unlink(missing_ok=True)
+        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
+    if run.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {run.stderr.strip()[-500:]}")
+    os.replace(partial, library)
+    return library
+
+
+def cpu_supported(library: Path) -> bool:
+    """Whether this CPU has what the library's kernels use (AVX-512F, F16C, FMA), as the library itself asks."""
+    return bool(ctypes.CDLL(str(library)).vlb_supported())
+
+
+@functools.cache
+def library() -> Path | None:
+    """The fused attention library for this process, or None (the reason logged once) where it cannot run."""
+    if os.environ.get(OFF_SWITCH, "").strip().lower() in ("0", "false", "no", "off"):
+        log.info("fused attention off (%s=%s)", OFF_SWITCH, os.environ[OFF_SWITCH])
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        log.info("fused attention: not built on %s %s (x86-64 Linux only)", platform.system(), platform.machine())
+        return None
+    try:
+        path = build(cache_root())
+    except NativeUnavailable as error:
+        log.warning("fused attention unavailable, the layers run their own attention: %s", error)
+        return None
+    if not cpu_supported(path):
+        log.info("fused attention: this CPU lacks AVX-512F, F16C or FMA; the layers run their own attention")
+        return None
+    return path
+
+
+def fused_options(options: Any, fused: Path) -> Any:
+    """`options` with the fused attention library registered: for the layer sessions whose graphs hold it."""
+    options.register_custom_ops_library(str(fused))
+    return options
+
+
+def layer_session(path: Path, options: Any, fused: Any | None) -> tuple[Any, bool]:
+    """An onnxruntime session of the decoder layer at `path`, and whether its attention is the fused one: so where
+    `fused` (options with the library registered, see fused_options) is given and the graph has the attention
+    fused_layer knows; otherwise the graph as exported, with `options`."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if fused is not None:
+        import onnx
+
+        from batch.infer.runtime.fused_layer import fuse_attention
+
+        model = onnx.load(str(path))
+        if fuse_attention(model):
+            return ort.InferenceSession(model.SerializeToString(), sess_options=fused, providers=providers), True
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers), False
