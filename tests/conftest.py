@@ -10,6 +10,7 @@ import pytest
 from format2 import write_format2
 from synthetic import write_media
 
+from batch.infer.runtime import native_attention
 from batch.model.export.exporter import export
 from batch.model.tinymodel import convert_to_native, make_model
 
@@ -18,8 +19,24 @@ EXAMPLE_MEDIA = REPO.parent / "shared" / "media"
 DOUBLES = REPO / "tests" / "doubles"
 
 
+@pytest.fixture(scope="session")
+def fused_attention_root(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The fused attention library built once for the whole run (its header fetched once), in a folder of its own;
+    None where it cannot be built here (no compiler, no network for the header, not x86-64 Linux)."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        return None
+    root = tmp_path_factory.mktemp("fused-attention")
+    try:
+        native_attention.build(root)
+    except native_attention.NativeUnavailable:
+        return None
+    return root
+
+
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused_attention_root: Path | None) -> Path:
     """Every test runs in its own temp folder with no VLBATCH_* variable from the caller's shell."""
     for name in list(os.environ):
         if name.startswith("VLBATCH_"):
@@ -30,6 +47,13 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg-config"))
     # nor a preview or calibration cached by an earlier run
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    # except the fused attention library, built once for the run (each test would fetch and compile it again);
+    # where it cannot be built, no test tries
+    if fused_attention_root is not None:
+        (tmp_path / "xdg-cache" / "vlbatch").mkdir(parents=True)
+        (tmp_path / "xdg-cache" / "vlbatch" / "native").symlink_to(fused_attention_root)
+    else:
+        monkeypatch.setenv(native_attention.OFF_SWITCH, "0")
     return tmp_path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 DOMAIN = "com.vlbatch"
 OP = "FusedAttention"
 _ENDS = ("q", "K_cache", "V_cache", "k", "v", "mask")
@@ -20,9 +21,9 @@ def _attention(graph: Any) -> dict[str, Any] | None:
     """The attention of a format 3 layer: its inputs (q, K_cache, V_cache, k, v, mask: tensor names), its output,
     its scale and its nodes; None where the graph has no attention of that shape."""
     producer = {out: node for node in graph.node for out in node.output}
-    inputs = {value.name for value in graph.input}
-    if not {"K_cache", "V_cache", "mask"} <= inputs:
-        return None
+    inputs = {value.name: value.type.tensor_type.elem_type for value in graph.input}
+    if inputs.get("K_cache") != FLOAT16 or inputs.get("V_cache") != FLOAT16 or "mask" not in inputs:
+        return None  # the operator reads a 16-bit history only
 
     def source(name: str) -> str:  # the graph input behind a Cast, if any
         node = producer.get(name)

@@ -133,7 +133,7 @@ def build(root: Path) -> Path:
         raise NativeUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
     if run.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {run.stderr.strip()[-500:]}")
+        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {run.stderr.strip()[:800]}")  # its first error
     os.replace(partial, library)
     return library
 

@@ -67,8 +67,9 @@ TARGET INLINE float dot(const float *a, const float *b, int chunks) {
 }
 
 /* exp(x) for the x <= 0 of a softmax once its maximum is taken off: Cody-Waite reduction to r in [-ln2/2, ln2/2],
- * a degree-6 polynomial, scaled by 2^n (about 1 ulp); below -87 it gives ~1e-38, which sums to nothing */
+ * a degree-6 polynomial, scaled by 2^n (about 1 ulp); exactly 0 below -87, as a masked position's weight is */
 TARGET INLINE __m512 exp_nonpositive(__m512 x) {
+    __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -81,7 +82,7 @@ TARGET INLINE __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_scalef_ps(live, p, n);
 }
 
 /* row[0 .. n-1] <- softmax(row) */
