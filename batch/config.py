@@ -27,6 +27,7 @@ import yaml
 from batch import strict_yaml
 from batch.errors import VlbatchError
 from batch.huge_pages import OFF_SWITCH
+from batch.infer.runtime.native_attention import CACHE_VARIABLE as NATIVE_CACHE
 from batch.infer.runtime.native_attention import OFF_SWITCH as FUSED_ATTENTION_SWITCH
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.model.export.manifest import MAX_ROWS
@@ -248,8 +249,9 @@ ENV_ALIASES = {
     "VLBATCH_DATABASE": "VLBATCH_SPOOL_DATABASE",
 }
 # VLBATCH_* names that are not settings: the config file itself, the huge pages switch (read at start-up, before
-# any configuration: batch/huge_pages.py) and the fused attention's (read as a model loads: native_attention.py)
-_NOT_SETTINGS = (ENV_VAR, OFF_SWITCH, FUSED_ATTENTION_SWITCH)
+# any configuration: batch/huge_pages.py), and the fused attention's switch and folder (read as a model loads:
+# batch/infer/runtime/native_attention.py)
+_NOT_SETTINGS = (ENV_VAR, OFF_SWITCH, FUSED_ATTENTION_SWITCH, NATIVE_CACHE)
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from peer_llamacpp import decode_token, load_cpu_backend, prompt_tokens  # noqa: E402
 
 from batch.huge_pages import TUNABLE, environment, thp_mode  # noqa: E402
+from batch.infer.runtime import native_attention  # noqa: E402
 
 
 def serve_vlbatch(model_dir: Path, threads: int) -> None:
@@ -62,7 +63,7 @@ def serve_vlbatch(model_dir: Path, threads: int) -> None:
         for i in range(tokens):
             decode_one_token(backend, embeddings[decode_token(i, vocab)][None, None].astype(np.float32), cache)
 
-    _serve(decode)
+    _serve(decode, fused_attention=bool(getattr(backend, "fused_attention", False)))
 
 
 def serve_llamacpp(gguf: Path, threads: int) -> None:
@@ -90,8 +91,8 @@ def serve_llamacpp(gguf: Path, threads: int) -> None:
     _serve(decode)
 
 
-def _serve(decode) -> None:  # noqa: ANN001 - a callable taking the context, the token count and `fresh`
-    print(json.dumps({"ready": True}), flush=True)
+def _serve(decode, **about: object) -> None:  # noqa: ANN001 - decode takes the context, token count and `fresh`
+    print(json.dumps({"ready": True, **about}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
         decode(ask["context"], 4, fresh=True)  # a new answer from the context's prompt, and first touches
@@ -106,7 +107,7 @@ class Runner:
         # vlbatch's worker starts as the `vlbatch` model commands restart themselves: with huge pages where wanted
         env = environment() if kind == "vlbatch" else None
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self._reply()
+        self.about = self._reply()  # what the worker says of itself when ready
 
     def _reply(self) -> dict:
         assert self.process.stdout is not None
@@ -162,6 +163,8 @@ def main() -> int:
     print(f"vlbatch's worker: huge pages {asked} (THP mode {thp_mode()}), as the vlbatch model commands run")
     print(f"{args.model_dir.name} against llama.cpp {args.gguf.name}: {args.tokens} tokens per round")
     ours, theirs = Runner("vlbatch", args.model_dir, args), Runner("llamacpp", args.gguf, args)
+    fused = "on" if ours.about.get("fused_attention") else f"off (see {native_attention.__name__})"
+    print(f"vlbatch's worker: fused attention {fused}")
     runners = {"vlbatch": ours, "llama.cpp": theirs}
     for context in args.context:  # every prompt prefilled, and a first answer from each, before any round counts
         for runner in runners.values():

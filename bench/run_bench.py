@@ -176,10 +176,12 @@ def bench_export(
             f"TTFT {r['ttft_ms'] / 1e3:6.1f} s  {r['seconds_per_photo']:6.1f} s/photo",
             flush=True,
         )
+    fused = bool(getattr(pipeline.backend, "fused_attention", False))
     pipeline.close()
     one = results["1 image"]
     return {
         "load_s": load_s,
+        "fused_attention": fused,  # the layers' attention as one native node (batch/infer/runtime/native_attention.py)
         "vit_ms_per_tile": one["vit_ms"],
         "prefill_tok_s": one["prompt_tokens"] / (one["prefill_ms"] / 1e3),
         "cases": results,

@@ -50,8 +50,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused_attention_ro
     # except the fused attention library, built once for the run (each test would fetch and compile it again);
     # where it cannot be built, no test tries
     if fused_attention_root is not None:
-        (tmp_path / "xdg-cache" / "vlbatch").mkdir(parents=True)
-        (tmp_path / "xdg-cache" / "vlbatch" / "native").symlink_to(fused_attention_root)
+        monkeypatch.setenv(native_attention.CACHE_VARIABLE, str(fused_attention_root))
     else:
         monkeypatch.setenv(native_attention.OFF_SWITCH, "0")
     return tmp_path

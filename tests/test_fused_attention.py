@@ -230,11 +230,11 @@ def test_without_a_compiler_the_layers_run_their_own_attention_and_the_log_says_
     if fused_attention_root is None:
         pytest.skip("the header cannot be fetched here")
     # a fresh cache holding the header but no library, and no compiler to build one
-    include = tmp_path / "xdg-cache" / "vlbatch" / "native"
-    include.unlink()
-    (include / "include").mkdir(parents=True)
+    root = tmp_path / "native"
+    (root / "include").mkdir(parents=True)
     header = fused_attention_root / "include" / native_attention.HEADER
-    (include / "include" / native_attention.HEADER).write_bytes(header.read_bytes())
+    (root / "include" / native_attention.HEADER).write_bytes(header.read_bytes())
+    monkeypatch.setenv(native_attention.CACHE_VARIABLE, str(root))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
         fused, tokens, _ = greedy(tiny_onnx, 40, 4)
@@ -267,7 +267,8 @@ def test_a_compile_error_is_reported_with_the_compilers_words(fused_attention_ro
 def test_unknown_variable_check_knows_the_switch():
     from batch.config import unknown_env_variables
 
-    assert unknown_env_variables({native_attention.OFF_SWITCH: "0", "VLBATCH_NO_SUCH": "1"}) == ["VLBATCH_NO_SUCH"]
+    known = {native_attention.OFF_SWITCH: "0", native_attention.CACHE_VARIABLE: "/srv/cache"}
+    assert unknown_env_variables({**known, "VLBATCH_NO_SUCH": "1"}) == ["VLBATCH_NO_SUCH"]
 
 
 def test_masked_positions_weigh_nothing(library):

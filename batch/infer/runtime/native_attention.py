@@ -5,7 +5,8 @@ The C file is an onnxruntime custom operator, so it compiles against onnxruntime
 onnxruntime_c_api.h, which the onnxruntime wheel does not ship. It is taken from Debian's libonnxruntime-dev
 1.21.0 package (the C API of onnxruntime 1.21: every later onnxruntime serves it), fetched once from
 deb.debian.org and checked against the package's SHA-256. The library lands in
-$XDG_CACHE_HOME/vlbatch/native/<hash of source, header and compiler> (default ~/.cache/vlbatch/native).
+$XDG_CACHE_HOME/vlbatch/native/<hash of source, header and compiler> (default ~/.cache/vlbatch/native), or
+under $VLBATCH_NATIVE_CACHE where that is set.
 
 It is used where all of this holds: Linux on x86-64 with AVX-512F, F16C and FMA; a C compiler (`cc`, or $CC);
 the header fetched once; a format 3 export with an fp16 history; and VLBATCH_FUSED_ATTENTION is not 0. Anywhere
@@ -33,6 +34,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 OFF_SWITCH = "VLBATCH_FUSED_ATTENTION"
+CACHE_VARIABLE = "VLBATCH_NATIVE_CACHE"  # where the library is built, instead of the default below
 SOURCE = Path(__file__).with_name("native") / "fused_attention.c"
 HEADER = "onnxruntime_c_api.h"
 HEADER_PACKAGE = (
@@ -48,7 +50,9 @@ class NativeUnavailable(Exception):
 
 
 def cache_root() -> Path:
-    """$XDG_CACHE_HOME/vlbatch/native (~/.cache/vlbatch/native)."""
+    """$VLBATCH_NATIVE_CACHE, else $XDG_CACHE_HOME/vlbatch/native (~/.cache/vlbatch/native)."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vlbatch" / "native"
 
