@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+from batch.infer.runtime.onnx_messages import EXTERNAL, FLOAT, FLOAT16, message_classes
+
 DOMAIN = "com.vlbatch"
 OP = "FusedAttention"
 _ENDS = ("q", "K_cache", "V_cache", "k", "v", "mask")
@@ -73,20 +74,27 @@ def _attention(graph: Any) -> dict[str, Any] | None:
 
 
 def fuse_attention(model: Any) -> bool:
-    """Put one FusedAttention node in place of the attention of a format 3 layer `model` (an onnx.ModelProto,
-    changed in place); False, and the model untouched, where it has no attention this recognises."""
-    from onnx import helper
-
+    """Put one FusedAttention node in place of the attention of a format 3 layer `model` (a ModelProto of
+    onnx_messages, changed in place); False, and the model untouched, where it has no attention this recognises or
+    its weights lie in files beside it (the edited graph is handed to onnxruntime as bytes, with no folder)."""
+    if any(init.data_location == EXTERNAL for init in model.graph.initializer):
+        return False
     found = _attention(model.graph)
     if found is None:
         return False
+    messages = message_classes()
     graph = model.graph
     removed = found["nodes"]
     join = next(index for index, node in enumerate(graph.node) if found["output"] in node.output)
     kept = [node for node in graph.node if not any(node is gone for gone in removed)]
     position = sum(1 for node in graph.node[:join] if not any(node is gone for gone in removed))
-    fused = helper.make_node(
-        OP, [found["ends"][name] for name in _ENDS], [found["output"]], domain=DOMAIN, scale=found["scale"]
+    fused = messages["NodeProto"](
+        input=[found["ends"][name] for name in _ENDS],
+        output=[found["output"]],
+        name="fused_attention",
+        op_type=OP,
+        domain=DOMAIN,
+        attribute=[messages["AttributeProto"](name="scale", f=found["scale"], type=FLOAT)],
     )
     # where the join was: every input of the attention is made before it, every reader of its output after it
     del graph.node[:]
@@ -96,5 +104,5 @@ def fuse_attention(model: Any) -> bool:
     for init in unused:
         graph.initializer.remove(init)
     if not any(entry.domain == DOMAIN for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        model.opset_import.add(domain=DOMAIN, version=1)
     return True

@@ -181,11 +181,10 @@ def layer_session(path: Path, options: Any, fused: Any | None) -> tuple[Any, boo
 
     providers = ["CPUExecutionProvider"]
     if fused is not None:
-        import onnx
-
         from batch.infer.runtime.fused_layer import fuse_attention
+        from batch.infer.runtime.onnx_messages import load_model
 
-        model = onnx.load(str(path))
+        model = load_model(path.read_bytes())
         if fuse_attention(model):
             return ort.InferenceSession(model.SerializeToString(), sess_options=fused, providers=providers), True
     return ort.InferenceSession(str(path), sess_options=options, providers=providers), False
