@@ -299,3 +299,28 @@ def test_masked_positions_weigh_nothing(library):
     junk = session.run(None, {"q": q, "K": junk_keys, "V": junk_values, "k": own, "v": own, "mask": mask})[0]
     assert np.abs(clean - reference(q, keys, values, own, own, mask)).max() < 1e-5
     assert np.array_equal(clean, junk)
+
+
+def test_a_fused_graph_onnxruntime_refuses_loads_as_exported(library, tiny_onnx, monkeypatch, caplog):
+    from batch.infer.runtime import fused_layer
+
+    real = fused_layer.fuse_attention
+
+    def broken(model) -> bool:  # the node's type unknown to onnxruntime, as a library from another build might be
+        done = real(model)
+        next(node for node in model.graph.node if node.op_type == OP).op_type = "NoSuchAttention"
+        return done
+
+    monkeypatch.setattr(fused_layer, "fuse_attention", broken)
+    with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
+        fused, tokens, _ = greedy(tiny_onnx, 40, 4)
+    assert not fused and len(tokens) == 4
+    assert "its fused attention did not load, the layer runs its own" in caplog.text
+
+
+def test_a_library_onnxruntime_refuses_is_not_used(tmp_path, caplog):
+    not_a_library = tmp_path / "libvlbatch_attention.so"
+    not_a_library.write_text("not ELF\n")
+    with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
+        assert native_attention.fused_options(session_options(), not_a_library) is None
+    assert "onnxruntime refused" in caplog.text

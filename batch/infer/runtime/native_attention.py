@@ -167,16 +167,22 @@ def library() -> Path | None:
     return path
 
 
-def fused_options(options: Any, fused: Path) -> Any:
-    """`options` with the fused attention library registered: for the layer sessions whose graphs hold it."""
-    options.register_custom_ops_library(str(fused))
+def fused_options(options: Any, fused: Path) -> Any | None:
+    """`options` with the fused attention library registered, for the layer sessions whose graphs hold it; None
+    (the reason logged) where onnxruntime refuses the library."""
+    try:
+        options.register_custom_ops_library(str(fused))
+    except Exception as error:  # onnxruntime's own errors: its Fail, InvalidArgument, ... (RuntimeError kin)
+        log.warning("fused attention unavailable, onnxruntime refused %s: %s", fused, error)
+        return None
     return options
 
 
 def layer_session(path: Path, options: Any, fused: Any | None) -> tuple[Any, bool]:
     """An onnxruntime session of the decoder layer at `path`, and whether its attention is the fused one: so where
     `fused` (options with the library registered, see fused_options) is given and the graph has the attention
-    fused_layer knows; otherwise the graph as exported, with `options`."""
+    fused_layer knows; otherwise the graph as exported, with `options`. A fused graph onnxruntime will not load is
+    logged and the graph as exported is loaded instead."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -186,5 +192,8 @@ def layer_session(path: Path, options: Any, fused: Any | None) -> tuple[Any, boo
 
         model = load_model(path.read_bytes())
         if fuse_attention(model):
-            return ort.InferenceSession(model.SerializeToString(), sess_options=fused, providers=providers), True
+            try:
+                return ort.InferenceSession(model.SerializeToString(), sess_options=fused, providers=providers), True
+            except Exception as error:  # onnxruntime's own errors, as above
+                log.warning("%s: its fused attention did not load, the layer runs its own: %s", path.name, error)
     return ort.InferenceSession(str(path), sess_options=options, providers=providers), False
