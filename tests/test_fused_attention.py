@@ -200,6 +200,7 @@ def greedy(folder: Path, prompt_tokens: int, steps: int) -> tuple[bool, list[int
 
 @pytest.mark.parametrize("prompt_tokens", [1, 129, 700])
 def test_answers_are_the_same_with_the_fused_attention(library, tiny_onnx, monkeypatch, prompt_tokens):
+    monkeypatch.setenv(native_attention.OFF_SWITCH, "1")  # asked for: the tiny export's weights are fp32
     fused, tokens, logits = greedy(tiny_onnx, prompt_tokens, 24)
     monkeypatch.setenv(native_attention.OFF_SWITCH, "0")
     native_attention.library.cache_clear()
@@ -248,6 +249,7 @@ def test_without_a_compiler_the_layers_run_their_own_attention_and_the_log_says_
     (root / "include" / native_attention.HEADER).write_bytes(header.read_bytes())
     monkeypatch.setenv(native_attention.CACHE_VARIABLE, str(root))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(native_attention.OFF_SWITCH, "1")
     with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
         fused, tokens, _ = greedy(tiny_onnx, 40, 4)
     assert not fused and len(tokens) == 4
@@ -312,6 +314,7 @@ def test_a_fused_graph_onnxruntime_refuses_loads_as_exported(library, tiny_onnx,
         return done
 
     monkeypatch.setattr(fused_layer, "fuse_attention", broken)
+    monkeypatch.setenv(native_attention.OFF_SWITCH, "1")
     with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
         fused, tokens, _ = greedy(tiny_onnx, 40, 4)
     assert not fused and len(tokens) == 4
@@ -324,3 +327,21 @@ def test_a_library_onnxruntime_refuses_is_not_used(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
         assert native_attention.fused_options(session_options(), not_a_library) is None
     assert "onnxruntime refused" in caplog.text
+
+
+def test_by_default_only_quantized_exports_have_it(monkeypatch):
+    for weights, default in [("fp32", False), ("int8", True), ("int4", True)]:
+        monkeypatch.delenv(native_attention.OFF_SWITCH, raising=False)
+        assert native_attention.wanted(weights) is default
+        for switch, asked in [("1", True), ("on", True), ("0", False), ("no", False)]:
+            monkeypatch.setenv(native_attention.OFF_SWITCH, switch)
+            assert native_attention.wanted(weights) is asked
+
+
+def test_an_int4_export_has_it_unasked(library, tiny_hf, tmp_path):
+    from batch.model.export.exporter import export
+
+    int4 = tmp_path / "int4"
+    export(tiny_hf, int4, weights="int4")
+    fused, tokens, _ = greedy(int4, 40, 4)
+    assert fused and len(tokens) == 4

@@ -9,9 +9,11 @@ $XDG_CACHE_HOME/vlbatch/native/<hash of source, header and compiler> (default ~/
 under $VLBATCH_NATIVE_CACHE where that is set.
 
 It is used where all of this holds: Linux on x86-64 with AVX-512F, F16C and FMA; a C compiler (`cc`, or $CC);
-the header fetched once; a format 3 export with an fp16 history; and VLBATCH_FUSED_ATTENTION is not 0. Anywhere
-else the layers run their own attention as exported, with the same results to float32 rounding, and the reason
-is logged once.
+the header fetched once; a format 3 export with an fp16 history; and `wanted`: by default for exports whose
+decode weights are int8 or int4 (editing a layer's graph as it loads costs about 0.1 s per 25 MB of it: 2.5 s for
+the 28 int4 layers of InternVL3-2B, 22 s for its fp32 ones, whose decode the attention hardly moves);
+VLBATCH_FUSED_ATTENTION=1 asks for it with any weights, 0 never. Anywhere else the layers run their own attention
+as exported, with the same results to float32 rounding, and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ HEADER_PACKAGE = (
 )
 FETCH_TIMEOUT_S = 30
 COMPILE_TIMEOUT_S = 120
+
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def wanted(decode_weights: str) -> bool:
+    """Whether an export whose decode layers hold `decode_weights` (its manifest's `weights`) should have its
+    attention fused: VLBATCH_FUSED_ATTENTION=1 or 0 says so; unset, where the weights are quantized."""
+    switch = os.environ.get(OFF_SWITCH, "").strip().lower()
+    if switch in _ON or switch in _OFF:
+        return switch in _ON
+    return decode_weights != "fp32"
 
 
 class NativeUnavailable(Exception):
@@ -150,7 +164,7 @@ def cpu_supported(library: Path) -> bool:
 @functools.cache
 def library() -> Path | None:
     """The fused attention library for this process, or None (the reason logged once) where it cannot run."""
-    if os.environ.get(OFF_SWITCH, "").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get(OFF_SWITCH, "").strip().lower() in _OFF:
         log.info("fused attention off (%s=%s)", OFF_SWITCH, os.environ[OFF_SWITCH])
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):

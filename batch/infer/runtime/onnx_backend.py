@@ -21,6 +21,7 @@ from batch.infer.kvcache import AnswerCache, KVCache, RowCache
 from batch.infer.runtime.base import Backend
 from batch.infer.runtime.native_attention import fused_options, layer_session
 from batch.infer.runtime.native_attention import library as fused_library
+from batch.infer.runtime.native_attention import wanted as fused_wanted
 from batch.model.attention_mask import MASKED, chunk_mask, decode_mask, prefill_mask
 from batch.model.export.manifest import (
     CACHE_DTYPES,
@@ -116,7 +117,8 @@ class OnnxBackend(Backend):
             )
 
         # a 16-bit history is read by the fused attention where this machine has it (native_attention.py)
-        library = fused_library() if self.head_major and self.cache_dtype == np.float16 else None
+        fits = self.head_major and self.cache_dtype == np.float16
+        library = fused_library() if fits and fused_wanted(manifest.get("weights", "fp32")) else None
         fused = fused_options(session_options(threads), library) if library is not None else None
         fused_count = 0
 
