@@ -28,7 +28,7 @@ from batch import strict_yaml
 from batch.errors import VlbatchError
 from batch.huge_pages import OFF_SWITCH
 from batch.infer.runtime.native_attention import CACHE_VARIABLE as NATIVE_CACHE
-from batch.infer.runtime.native_attention import OFF_SWITCH as FUSED_ATTENTION_SWITCH
+from batch.infer.runtime.native_attention import SWITCH as FUSED_ATTENTION_SWITCH
 from batch.infer.settings import GenerationSettings, MediaSettings
 from batch.model.export.manifest import MAX_ROWS
 

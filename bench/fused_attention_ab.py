@@ -33,7 +33,7 @@ from batch.infer.runtime import native_attention  # noqa: E402
 
 
 def open_side(folder: Path, fused: bool, threads: int) -> Pipeline:
-    os.environ[native_attention.OFF_SWITCH] = "1" if fused else "0"
+    os.environ[native_attention.SWITCH] = "1" if fused else "0"
     native_attention.library.cache_clear()
     pipeline = Pipeline.open(folder, threads=threads)
     if pipeline.backend.fused_attention != fused:

@@ -52,7 +52,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused_attention_ro
     if fused_attention_root is not None:
         monkeypatch.setenv(native_attention.CACHE_VARIABLE, str(fused_attention_root))
     else:
-        monkeypatch.setenv(native_attention.OFF_SWITCH, "0")
+        monkeypatch.setenv(native_attention.SWITCH, "0")
     return tmp_path
 
 

@@ -200,9 +200,9 @@ def greedy(folder: Path, prompt_tokens: int, steps: int) -> tuple[bool, list[int
 
 @pytest.mark.parametrize("prompt_tokens", [1, 129, 700])
 def test_answers_are_the_same_with_the_fused_attention(library, tiny_onnx, monkeypatch, prompt_tokens):
-    monkeypatch.setenv(native_attention.OFF_SWITCH, "1")  # asked for: the tiny export's weights are fp32
+    monkeypatch.setenv(native_attention.SWITCH, "1")  # asked for: the tiny export's weights are fp32
     fused, tokens, logits = greedy(tiny_onnx, prompt_tokens, 24)
-    monkeypatch.setenv(native_attention.OFF_SWITCH, "0")
+    monkeypatch.setenv(native_attention.SWITCH, "0")
     native_attention.library.cache_clear()
     plain, plain_tokens, plain_logits = greedy(tiny_onnx, prompt_tokens, 24)
     assert fused and not plain
@@ -249,7 +249,7 @@ def test_without_a_compiler_the_layers_run_their_own_attention_and_the_log_says_
     (root / "include" / native_attention.HEADER).write_bytes(header.read_bytes())
     monkeypatch.setenv(native_attention.CACHE_VARIABLE, str(root))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv(native_attention.OFF_SWITCH, "1")
+    monkeypatch.setenv(native_attention.SWITCH, "1")
     with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
         fused, tokens, _ = greedy(tiny_onnx, 40, 4)
     assert not fused and len(tokens) == 4
@@ -257,11 +257,11 @@ def test_without_a_compiler_the_layers_run_their_own_attention_and_the_log_says_
 
 
 def test_the_off_switch_and_other_machines_keep_it_off(monkeypatch, caplog):
-    monkeypatch.setenv(native_attention.OFF_SWITCH, "0")
+    monkeypatch.setenv(native_attention.SWITCH, "0")
     with caplog.at_level(logging.INFO, logger="batch.infer.runtime.native_attention"):
         assert native_attention.library() is None
     assert "fused attention off" in caplog.text
-    monkeypatch.delenv(native_attention.OFF_SWITCH)
+    monkeypatch.delenv(native_attention.SWITCH)
     native_attention.library.cache_clear()
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert native_attention.library() is None
@@ -281,7 +281,7 @@ def test_a_compile_error_is_reported_with_the_compilers_words(fused_attention_ro
 def test_unknown_variable_check_knows_the_switch():
     from batch.config import unknown_env_variables
 
-    known = {native_attention.OFF_SWITCH: "0", native_attention.CACHE_VARIABLE: "/srv/cache"}
+    known = {native_attention.SWITCH: "0", native_attention.CACHE_VARIABLE: "/srv/cache"}
     assert unknown_env_variables({**known, "VLBATCH_NO_SUCH": "1"}) == ["VLBATCH_NO_SUCH"]
 
 
@@ -314,7 +314,7 @@ def test_a_fused_graph_onnxruntime_refuses_loads_as_exported(library, tiny_onnx,
         return done
 
     monkeypatch.setattr(fused_layer, "fuse_attention", broken)
-    monkeypatch.setenv(native_attention.OFF_SWITCH, "1")
+    monkeypatch.setenv(native_attention.SWITCH, "1")
     with caplog.at_level(logging.WARNING, logger="batch.infer.runtime.native_attention"):
         fused, tokens, _ = greedy(tiny_onnx, 40, 4)
     assert not fused and len(tokens) == 4
@@ -331,10 +331,10 @@ def test_a_library_onnxruntime_refuses_is_not_used(tmp_path, caplog):
 
 def test_by_default_only_quantized_exports_have_it(monkeypatch):
     for weights, default in [("fp32", False), ("int8", True), ("int4", True)]:
-        monkeypatch.delenv(native_attention.OFF_SWITCH, raising=False)
+        monkeypatch.delenv(native_attention.SWITCH, raising=False)
         assert native_attention.wanted(weights) is default
         for switch, asked in [("1", True), ("on", True), ("0", False), ("no", False)]:
-            monkeypatch.setenv(native_attention.OFF_SWITCH, switch)
+            monkeypatch.setenv(native_attention.SWITCH, switch)
             assert native_attention.wanted(weights) is asked
 
 

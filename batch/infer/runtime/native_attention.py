@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import http.client
 import io
 import logging
 import os
@@ -35,7 +36,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-OFF_SWITCH = "VLBATCH_FUSED_ATTENTION"
+SWITCH = "VLBATCH_FUSED_ATTENTION"  # 1: wanted with any weights, 0: never
 CACHE_VARIABLE = "VLBATCH_NATIVE_CACHE"  # where the library is built, instead of the default below
 SOURCE = Path(__file__).with_name("native") / "fused_attention.c"
 HEADER = "onnxruntime_c_api.h"
@@ -53,7 +54,7 @@ _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 def wanted(decode_weights: str) -> bool:
     """Whether an export whose decode layers hold `decode_weights` (its manifest's `weights`) should have its
     attention fused: VLBATCH_FUSED_ATTENTION=1 or 0 says so; unset, where the weights are quantized."""
-    switch = os.environ.get(OFF_SWITCH, "").strip().lower()
+    switch = os.environ.get(SWITCH, "").strip().lower()
     if switch in _ON or switch in _OFF:
         return switch in _ON
     return decode_weights != "fp32"
@@ -115,7 +116,7 @@ def include_dir(root: Path) -> Path:
         try:
             with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
                 package = response.read()
-        except OSError as error:
+        except (OSError, http.client.HTTPException) as error:
             raise NativeUnavailable(f"onnxruntime's C API header could not be fetched from {url}: {error}") from error
         _atomic_write(folder / HEADER, header_from_package(package, sha256))
     return folder
@@ -164,8 +165,8 @@ def cpu_supported(library: Path) -> bool:
 @functools.cache
 def library() -> Path | None:
     """The fused attention library for this process, or None (the reason logged once) where it cannot run."""
-    if os.environ.get(OFF_SWITCH, "").strip().lower() in _OFF:
-        log.info("fused attention off (%s=%s)", OFF_SWITCH, os.environ[OFF_SWITCH])
+    if os.environ.get(SWITCH, "").strip().lower() in _OFF:
+        log.info("fused attention off (%s=%s)", SWITCH, os.environ[SWITCH])
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         log.info("fused attention: not built on %s %s (x86-64 Linux only)", platform.system(), platform.machine())

@@ -2,9 +2,9 @@
 
 An export of format 3 keeps each answer's K/V history head-major in its manifest's `kv_cache` dtype (AnswerCache,
 RowCache with heads) and takes the rotary tables as inputs, computed once per step; one answer's decode steps run
-through onnxruntime's IOBinding (_DecodeBinding). Where the history is fp16 and this machine has the fused
-attention (native_attention.py), each layer's attention is that one node. Exports of formats 1 and 2 run as they
-were written: a float32 token-major history (KVCache) and the positions as `indices`.
+through onnxruntime's IOBinding (_DecodeBinding). Where the history is fp16, the decode weights are quantized and
+this machine has the fused attention (native_attention.py), each layer's attention is that one node. Exports of
+formats 1 and 2 run as they were written: a float32 token-major history (KVCache) and the positions as `indices`.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class OnnxBackend(Backend):
                 str(self.folder / name), sess_options=options, providers=["CPUExecutionProvider"]
             )
 
-        # a 16-bit history is read by the fused attention where this machine has it (native_attention.py)
+        # a 16-bit history is read by the fused attention where it is wanted and this machine has it
         fits = self.head_major and self.cache_dtype == np.float16
         library = fused_library() if fits and fused_wanted(manifest.get("weights", "fp32")) else None
         fused = fused_options(session_options(threads), library) if library is not None else None
