@@ -34,6 +34,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from batch.cache_home import cache_home
+
 log = logging.getLogger(__name__)
 
 SWITCH = "VLBATCH_FUSED_ATTENTION"  # 1: wanted with any weights, 0: never
@@ -68,8 +70,7 @@ def cache_root() -> Path:
     """$VLBATCH_NATIVE_CACHE, else $XDG_CACHE_HOME/vlbatch/native (~/.cache/vlbatch/native)."""
     if os.environ.get(CACHE_VARIABLE):
         return Path(os.environ[CACHE_VARIABLE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vlbatch" / "native"
+    return cache_home("native")
 
 
 def _members(archive: bytes) -> dict[str, bytes]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from batch.cache_home import cache_home
 from batch.config import ModelConfig
 from batch.errors import VlbatchError
 from batch.infer.generate import decode_one_token, prefill
@@ -148,8 +148,7 @@ def this_machine(model: ModelConfig) -> Machine:
 
 def cache_dir() -> Path:
     """$XDG_CACHE_HOME/vlbatch/calibration (~/.cache/vlbatch/calibration)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vlbatch" / "calibration"
+    return cache_home("calibration")
 
 
 def cache_file(model_id: str, machine: Machine) -> Path:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from batch.cache_home import cache_home
 from batch.errors import MediaError, VlbatchError
 from batch.infer.decode import IsolatedDecoder, MediaDecoder
 from batch.infer.media import media_kind
@@ -137,8 +138,7 @@ def _whole_jpeg_at(dir_fd: int, name: str) -> bool:
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/vlbatch/thumbnails (~/.cache/vlbatch/thumbnails)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vlbatch" / "thumbnails"
+    return cache_home("thumbnails")
 
 
 @dataclass(frozen=True)
