@@ -29,12 +29,12 @@ import platform
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from batch.cache_home import cache_home
+from batch.service.atomic_write import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,17 @@ COMPILE_TIMEOUT_S = 120
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def _switch() -> bool | None:
+    """VLBATCH_FUSED_ATTENTION as set: True (1, on, ...), False (0, off, ...), or None (unset or neither)."""
+    value = os.environ.get(SWITCH, "").strip().lower()
+    return True if value in _ON else False if value in _OFF else None
+
+
 def wanted(decode_weights: str) -> bool:
     """Whether an export whose decode layers hold `decode_weights` (its manifest's `weights`) should have its
     attention fused: VLBATCH_FUSED_ATTENTION=1 or 0 says so; unset, where the weights are quantized."""
-    switch = os.environ.get(SWITCH, "").strip().lower()
-    if switch in _ON or switch in _OFF:
-        return switch in _ON
-    return decode_weights != "fp32"
+    switch = _switch()
+    return decode_weights != "fp32" if switch is None else switch
 
 
 class NativeUnavailable(Exception):
@@ -101,13 +105,6 @@ def header_from_package(package: bytes, sha256: str) -> bytes:
     raise NativeUnavailable(f"the header package holds no {HEADER}")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
-        handle.write(data)
-    os.replace(handle.name, path)
-
-
 def include_dir(root: Path) -> Path:
     """The folder holding onnxruntime_c_api.h: fetched into `root`/include the first time."""
     folder = root / "include"
@@ -119,7 +116,8 @@ def include_dir(root: Path) -> Path:
                 package = response.read()
         except (OSError, http.client.HTTPException) as error:
             raise NativeUnavailable(f"onnxruntime's C API header could not be fetched from {url}: {error}") from error
-        _atomic_write(folder / HEADER, header_from_package(package, sha256))
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / HEADER, header_from_package(package, sha256), durable=False)  # fetched again if lost
     return folder
 
 
@@ -166,7 +164,7 @@ def cpu_supported(library: Path) -> bool:
 @functools.cache
 def library() -> Path | None:
     """The fused attention library for this process, or None (the reason logged once) where it cannot run."""
-    if os.environ.get(SWITCH, "").strip().lower() in _OFF:
+    if _switch() is False:
         log.info("fused attention off (%s=%s)", SWITCH, os.environ[SWITCH])
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
