@@ -1,5 +1,5 @@
-"""The package's floors, lowest first: the shared base (errors, the YAML loader, huge pages), model/, infer/, the
-configuration, service/, the command line; and the NPU path free of CPU-only packages.
+"""The package's floors, lowest first: the shared base (errors, the YAML loader, huge pages, the cache folders),
+model/, infer/, the configuration, service/, the command line; and the NPU path free of CPU-only packages.
 
 A floor may import the floors below it, never those above. Each check runs in a fresh interpreter, so what one import
 pulls in cannot hide behind another test's imports.
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 # every module of the package is in exactly one floor, by its dotted prefix
 FLOORS = {
-    "base": ("batch.errors", "batch.strict_yaml", "batch.huge_pages"),
+    "base": ("batch.errors", "batch.strict_yaml", "batch.huge_pages", "batch.cache_home"),
     "model": ("batch.model",),
     "infer": ("batch.infer",),
     "config": ("batch.config",),

@@ -29,12 +29,12 @@ import platform
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from batch.cache_home import cache_home
-from batch.service.atomic_write import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,19 @@ def header_from_package(package: bytes, sha256: str) -> bytes:
     raise NativeUnavailable(f"the header package holds no {HEADER}")
 
 
+def _write_whole(path: Path, data: bytes) -> None:
+    """`data` to `path` through a temp file beside it, so a reader sees all of it or none (no fsync: a header lost
+    is fetched again). batch.service.atomic_write is the service floor's, above this one (tests/test_layout.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vlbatch-", suffix=".tmp", delete=False) as handle:
+        temp = Path(handle.name)
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def include_dir(root: Path) -> Path:
     """The folder holding onnxruntime_c_api.h: fetched into `root`/include the first time."""
     folder = root / "include"
@@ -116,8 +129,7 @@ def include_dir(root: Path) -> Path:
                 package = response.read()
         except (OSError, http.client.HTTPException) as error:
             raise NativeUnavailable(f"onnxruntime's C API header could not be fetched from {url}: {error}") from error
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / HEADER, header_from_package(package, sha256), durable=False)  # fetched again if lost
+        _write_whole(folder / HEADER, header_from_package(package, sha256))
     return folder
 
 
